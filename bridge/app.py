@@ -1,0 +1,287 @@
+"""The composition root: builds the store, engine, hub, adapters and HTTP routes and runs them.
+
+Start order: store, HTTP (so ``/healthz`` answers while the model loads), engine warm-up, hub,
+adapters, then the relay resumes IM jobs accepted before a crash. Stop order is the reverse, within
+the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from adapters.base import Adapter
+from bridge.config import Settings
+from bridge.errors import error_response, json_errors
+from bridge.health import Readiness, add_health_routes
+from bridge.hub import Hub, HubConfig
+from bridge.metrics import CONTENT_TYPE, Metrics
+from bridge.observers import EngineMetrics, FeishuMetrics
+from bridge.relay import Relay
+from bridge.store import Store, StoreUnavailable, open_store
+from engine import Engine, EngineConfig
+from engine.types import EngineLike
+
+log = structlog.get_logger(__name__)
+
+MAX_BODY_BYTES = 16 * 2**20
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's settings derived from the process settings."""
+    return EngineConfig(
+        model=settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_batch=settings.max_batch,
+        batch_wait_ms=settings.batch_wait_ms,
+        queue_size=settings.queue_size,
+        max_new_tokens=settings.max_new_tokens,
+        job_timeout_s=settings.job_timeout,
+    )
+
+
+def hub_config(settings: Settings) -> HubConfig:
+    """The hub's settings derived from the process settings."""
+    admin = frozenset({settings.admin_token}) if settings.admin_token else frozenset()
+    return HubConfig(
+        tokens=frozenset(settings.token) | admin,
+        admin_tokens=admin,
+        heartbeat_s=settings.heartbeat,
+        heartbeat_timeout_s=settings.heartbeat_timeout,
+    )
+
+
+class BridgeApp:
+    """One bridge process: owns every component and the background tasks that tie them together."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: EngineLike | None = None,
+        store: Store | None = None,
+        adapters: list[Adapter] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.metrics = Metrics()
+        self.store: Store = store or open_store(settings.store)
+        self.engine: EngineLike = engine or Engine(
+            engine_config(settings), observer=EngineMetrics(self.metrics)
+        )
+        self.hub = Hub(hub_config(settings), engine=self.engine, store=self.store, metrics=self.metrics)
+        self.adapters: list[Adapter] = (
+            adapters if adapters is not None else self._build_adapters()
+        )
+        self.relay = Relay(self.store, self.engine, self.hub, self.adapters, clock=clock)
+        self.draining = False
+        self.started_at = clock()
+        self._engine_error: str | None = None
+        self._store_error: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.web = self._build_web()
+        self._runner: web.AppRunner | None = None
+        self.urls: list[str] = []
+
+    # --- construction -------------------------------------------------------------------------
+    def _build_adapters(self) -> list[Adapter]:
+        s = self.settings
+        if s.feishu_mode == "off":
+            return []
+        from adapters.feishu import FeishuAdapter, FeishuConfig
+
+        cfg = FeishuConfig(
+            mode=s.feishu_mode,
+            app_id=s.feishu_app_id,
+            app_secret=s.feishu_app_secret or "",
+            verification_token=s.feishu_verification_token or "",
+            encrypt_key=s.feishu_encrypt_key or "",
+            base_url=s.feishu_base_url,
+        )
+        return [FeishuAdapter(cfg, observer=FeishuMetrics(self.metrics))]
+
+    def _build_web(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+        add_health_routes(app, self.readiness)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/ws", self._ws)
+        for adapter in self.adapters:
+            handler = getattr(adapter, "handle_webhook", None)
+            if handler is not None and getattr(adapter, "mode", "webhook") == "webhook":
+                app.router.add_post(f"/webhooks/{adapter.platform}", self._webhook(adapter))
+        from bridge.dashboard.routes import setup_dashboard
+        from bridge.ops import BridgeOpsSource
+
+        self.ops = BridgeOpsSource(self)
+        setup_dashboard(app, self.ops, self.settings.admin_token)
+        return app
+
+    # --- routes -------------------------------------------------------------------------------
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        status = self.engine.status()
+        self.metrics.engine_queue_depth.set(status.queue_depth)
+        self.metrics.ws_connections.set(len(self.hub.connections()))
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        if self.draining:
+            return error_response(503, "shutting_down", "the bridge is shutting down")
+        return await self.hub.handle(request)
+
+    def _webhook(self, adapter: Adapter) -> Callable[[web.Request], Coroutine[Any, Any, web.Response]]:
+        handle = adapter.handle_webhook  # type: ignore[attr-defined]
+
+        async def route(request: web.Request) -> web.Response:
+            if self.draining:
+                # Feishu re-delivers on a non-200, so nothing accepted is lost.
+                return error_response(503, "shutting_down", "the bridge is shutting down")
+            body = await request.read()
+            result = await handle(dict(request.headers), body)
+            return web.json_response(result.body, status=result.status)
+
+        return route
+
+    async def readiness(self) -> Readiness:
+        """Ready when the model is loaded, the store answers and we are not draining."""
+        reasons: list[str] = []
+        components: dict[str, Any] = {}
+        status = self.engine.status()
+        components["engine"] = {"ready": status.ready, "model": status.model}
+        if not status.ready:
+            reasons.append(self._engine_error or status.reason or "model is loading")
+        try:
+            await asyncio.wait_for(self.store.ping(), 1.5)
+            components["store"] = {"ok": True}
+        except (StoreUnavailable, OSError, TimeoutError) as exc:
+            components["store"] = {"ok": False}
+            reasons.append(f"store unavailable: {exc or type(exc).__name__}")
+        for adapter in self.adapters:
+            st = adapter.status()
+            components[adapter.platform] = st.to_dict() if hasattr(st, "to_dict") else str(st)
+        if self.draining:
+            reasons.append("shutting down")
+        return Readiness(not reasons, reasons, components)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run a background task, keeping a strong reference until it ends."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    async def start(self) -> None:
+        """Open the store, start serving HTTP, then load the model and start the rest."""
+        try:
+            await self.store.open()
+        except StoreUnavailable as exc:
+            # Redis may come later; readiness says why until it does.
+            log.warning("store_unavailable_at_start", store=_safe_url(self.store.url), error=str(exc))
+        await self.hub.start()
+        self._runner = web.AppRunner(self.web, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
+        await site.start()
+        self.urls = _site_urls(self._runner, self.settings.host)
+        self.spawn(self._start_engine(), "engine-start")
+
+    async def _start_engine(self) -> None:
+        try:
+            await self.engine.start()
+        except Exception as exc:
+            self._engine_error = f"model failed to load: {type(exc).__name__}: {exc}"
+            log.error("engine_start_failed", error=self._engine_error)
+            return
+        log.info("engine_ready", model=self.settings.model, status=self.engine.status().model)
+        for adapter in self.adapters:
+            await adapter.start(self.relay.accept)
+        await self.relay.start()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let clients resume elsewhere, drain jobs within the grace period."""
+        grace = self.settings.grace if grace_s is None else grace_s
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + grace
+        log.info("shutdown_begin", grace_s=grace)
+        for adapter in self.adapters:
+            with contextlib.suppress(Exception):
+                await adapter.stop()
+        await self.hub.shutdown(reason="shutdown", grace_s=max(0.5, min(5.0, grace / 2)))
+        await self.relay.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
+        with contextlib.suppress(Exception):
+            await self.engine.stop(grace_s=max(0.0, deadline - asyncio.get_running_loop().time()))
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        with contextlib.suppress(Exception):
+            await self.store.close()
+        log.info("shutdown_done")
+
+
+def _site_urls(runner: web.AppRunner, host: str) -> list[str]:
+    urls = []
+    for addr in runner.addresses:
+        if isinstance(addr, tuple):
+            h, p = addr[0], addr[1]
+            h = f"[{h}]" if ":" in h else h
+            urls.append(f"http://{h}:{p}")
+    return urls or [f"http://{host}"]
+
+
+def _safe_url(url: str) -> str:
+    """A store URL without any password in it."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def serve(settings: Settings) -> int:
+    """Run the bridge until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
+    app = BridgeApp(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+    except OSError as exc:
+        log.error("listen_failed", host=settings.host, port=settings.port, error=str(exc))
+        await app.stop(0)
+        return 1
+    base = app.urls[0]
+    log.info(
+        "bridge_started",
+        urls=app.urls,
+        ws=base.replace("http", "ws", 1) + "/ws",
+        health=base + "/healthz",
+        ready=base + "/readyz",
+        metrics=base + "/metrics",
+        dashboard=(base + "/dashboard") if settings.admin_token else None,
+        webhook=(base + "/webhooks/feishu") if settings.feishu_mode == "webhook" else None,
+        model=settings.model,
+        store=_safe_url(settings.store),
+    )
+    await stop.wait()
+    log.info("signal_received")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    await app.stop()
+    return 0

@@ -1,0 +1,336 @@
+"""Settings of ``bridge serve``: one table of options, read from flags, env, a TOML file and defaults.
+
+Precedence is flag > environment (``BRIDGE_<NAME>``) > ``--config`` file > default. Every value is
+validated here, so a bad one becomes a one-line :class:`ConfigError` instead of a traceback later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the option and never echoes a secret."""
+
+
+def _port(raw: object) -> int:
+    try:
+        value = int(str(raw), 10)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a port number (1-65535)") from None
+    if not 1 <= value <= 65535:
+        raise ValueError(f"{value} is out of range (1-65535)")
+    return value
+
+
+def _host(raw: object) -> str:
+    text = str(raw).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
+        if not set(text) <= allowed or len(text) > 253:
+            raise ValueError(f"{raw!r} is not a host name or IP address") from None
+    return text
+
+
+def _int_range(lo: int, hi: int) -> Callable[[object], int]:
+    def parse(raw: object) -> int:
+        if isinstance(raw, bool):
+            raise ValueError(f"{raw!r} is not an integer")
+        try:
+            value = int(str(raw), 10)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not an integer") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} is out of range ({lo}-{hi})")
+        return value
+
+    return parse
+
+
+def _float_range(lo: float, hi: float) -> Callable[[object], float]:
+    def parse(raw: object) -> float:
+        if isinstance(raw, bool):
+            raise ValueError(f"{raw!r} is not a number")
+        try:
+            value = float(str(raw))
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a number") from None
+        if not lo <= value <= hi or value != value:
+            raise ValueError(f"{value:g} is out of range ({lo:g}-{hi:g})")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        text = str(raw).strip().lower()
+        if text not in options:
+            raise ValueError(f"{raw!r} is not one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def _device(raw: object) -> str:
+    text = str(raw).strip().lower()
+    if text in ("auto", "cpu", "cuda", "mps"):
+        return text
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return text
+    raise ValueError(f"{raw!r} is not auto, cpu, cuda or cuda:N")
+
+
+def _store(raw: object) -> str:
+    text = str(raw).strip()
+    if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
+        return text
+    if text.startswith(("redis://", "rediss://", "unix://")) and len(text.split("://", 1)[1]) > 0:
+        return text
+    if text == "memory://":
+        return text
+    raise ValueError("must be sqlite:///PATH, redis://HOST:PORT/DB or memory://")
+
+
+def _text(raw: object) -> str:
+    text = str(raw)
+    if "\n" in text or "\x00" in text:
+        raise ValueError("must be a single line")
+    return text.strip()
+
+
+def _optional_secret(raw: object) -> str | None:
+    text = str(raw)
+    if "\n" in text or "\x00" in text:
+        raise ValueError("must be a single line")
+    return text.strip() or None
+
+
+def _tokens(raw: object) -> tuple[str, ...]:
+    items: list[str] = []
+    values = raw if isinstance(raw, list | tuple) else [raw]
+    for value in values:
+        for part in str(value).split(","):
+            part = part.strip()
+            if part:
+                if any(ch.isspace() or not ch.isprintable() for ch in part):
+                    raise ValueError("a token must be printable and contain no spaces")
+                if len(part) > 512:
+                    raise ValueError("a token is longer than 512 characters")
+                items.append(part)
+    return tuple(dict.fromkeys(items))
+
+
+def _base_url(raw: object) -> str:
+    text = str(raw).strip().rstrip("/")
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise ValueError(f"{raw!r} is not an http(s) URL")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its flag, parser, default and help line."""
+
+    name: str
+    parse: Callable[[object], Any]
+    default: Any
+    help: str
+    secret: bool = False
+    repeatable: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    @property
+    def env(self) -> str:
+        return "BRIDGE_" + self.name.upper().replace("-", "_")
+
+    @property
+    def attr(self) -> str:
+        return self.name.replace("-", "_")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", _host, "127.0.0.1", "listen address"),
+    Option("port", _port, 8080, "listen port (HTTP and WebSocket)"),
+    Option("model", _text, "tiny", "tiny, a local model folder, or a Hugging Face model id"),
+    Option("device", _device, "auto", "auto, cpu, cuda, cuda:N"),
+    Option("dtype", _choice("auto", "float32", "bfloat16", "float16"), "auto", "model dtype"),
+    Option("max-batch", _int_range(1, 256), 8, "jobs per batched generate call"),
+    Option("batch-wait-ms", _float_range(0, 10_000), 10.0, "how long to gather a batch"),
+    Option("queue-size", _int_range(1, 1_000_000), 256, "pending jobs before 'busy'"),
+    Option("max-new-tokens", _int_range(1, 32_768), 256, "cap on generated tokens per job"),
+    Option("job-timeout", _float_range(0.1, 86_400), 120.0, "seconds before a job fails"),
+    Option("store", _store, "sqlite:///var/bridge.db", "sqlite:///PATH, redis://... or memory://"),
+    Option("heartbeat", _float_range(0.01, 3600), 45.0, "seconds between server pings"),
+    Option("heartbeat-timeout", _float_range(0.01, 3600), 10.0, "seconds to wait for a pong"),
+    Option("token", _tokens, (), "client token for /ws (repeatable)", secret=True, repeatable=True),
+    Option("admin-token", _optional_secret, None, "token for /dashboard and /api/*", secret=True),
+    Option("feishu-mode", _choice("off", "webhook", "longconn"), "off", "off, webhook, longconn"),
+    Option("feishu-app-id", _text, "", "the Feishu bot's App ID"),
+    Option("feishu-app-secret", _optional_secret, None, "the bot's App Secret", secret=True),
+    Option(
+        "feishu-verification-token",
+        _optional_secret,
+        None,
+        "event subscription Verification Token",
+        secret=True,
+    ),
+    Option("feishu-encrypt-key", _optional_secret, None, "event Encrypt Key", secret=True),
+    Option("feishu-base-url", _base_url, "https://open.feishu.cn", "Feishu OpenAPI base URL"),
+    Option("grace", _float_range(0, 600), 10.0, "seconds to drain on SIGTERM/SIGINT"),
+    Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
+    Option("log-format", _choice("auto", "json", "console"), "auto", "log line format"),
+)
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings of one ``bridge serve`` process (see :data:`OPTIONS`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    model: str = "tiny"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
+    queue_size: int = 256
+    max_new_tokens: int = 256
+    job_timeout: float = 120.0
+    store: str = "sqlite:///var/bridge.db"
+    heartbeat: float = 45.0
+    heartbeat_timeout: float = 10.0
+    token: tuple[str, ...] = ()
+    admin_token: str | None = None
+    feishu_mode: str = "off"
+    feishu_app_id: str = ""
+    feishu_app_secret: str | None = field(default=None, repr=False)
+    feishu_verification_token: str | None = field(default=None, repr=False)
+    feishu_encrypt_key: str | None = field(default=None, repr=False)
+    feishu_base_url: str = "https://open.feishu.cn"
+    grace: float = 10.0
+    log_level: str = "info"
+    log_format: str = "auto"
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            opt = OPTIONS_BY_NAME[f.name.replace("_", "-")]
+            if opt.secret and value:
+                value = "***"
+            parts.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(parts)})"
+
+    def public(self) -> dict[str, Any]:
+        """Settings as a dict with secrets masked, safe for logs and the dashboard."""
+        out: dict[str, Any] = {}
+        for opt in OPTIONS:
+            value = getattr(self, opt.attr)
+            out[opt.attr] = ("***" if value else value) if opt.secret else value
+        return out
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        table = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+    # Allow the options either at top level or under [bridge].
+    section = table.get("bridge")
+    if isinstance(section, dict):
+        table = {**{k: v for k, v in table.items() if k != "bridge"}, **section}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("_", "-")
+        if name not in OPTIONS_BY_NAME:
+            raise ConfigError(f"--config: {path}: unknown key {key!r}")
+        if isinstance(value, dict):
+            raise ConfigError(f"--config: {path}: {key} must be a value, not a table")
+        out[name] = value
+    return out
+
+
+def load_settings(
+    flags: Mapping[str, object],
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Merge flags, environment, file and defaults into validated :class:`Settings`.
+
+    Args:
+        flags: option name (``max-batch``) → raw value given on the command line (absent = unset).
+        env: the environment to read ``BRIDGE_*`` variables from (default ``os.environ``).
+        config_file: a TOML file path; ``BRIDGE_CONFIG`` is used when None.
+
+    Raises:
+        ConfigError: a value is invalid or the file cannot be read; the message is one line.
+    """
+    env = os.environ if env is None else env
+    path = config_file or env.get("BRIDGE_CONFIG") or None
+    from_file = _read_toml(path) if path else {}
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw: object
+        if opt.name in flags and flags[opt.name] is not None:
+            raw, origin = flags[opt.name], opt.flag
+        elif opt.env in env:
+            raw, origin = env[opt.env], opt.env
+        elif opt.name in from_file:
+            raw, origin = from_file[opt.name], f"{path}: {opt.name}"
+        else:
+            values[opt.attr] = opt.default
+            continue
+        try:
+            values[opt.attr] = opt.parse(raw)
+        except ValueError as exc:
+            detail = "invalid value" if opt.secret else str(exc)
+            raise ConfigError(f"{origin}: {detail}") from None
+    settings = Settings(**values)
+    _check_combinations(settings)
+    return settings
+
+
+def _check_combinations(s: Settings) -> None:
+    if s.feishu_mode != "off":
+        missing = [
+            name
+            for name, value in (
+                ("--feishu-app-id", s.feishu_app_id),
+                ("--feishu-app-secret", s.feishu_app_secret),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(f"--feishu-mode {s.feishu_mode} needs {' and '.join(missing)}")
+        if s.feishu_mode == "webhook" and not (
+            s.feishu_verification_token or s.feishu_encrypt_key
+        ):
+            raise ConfigError(
+                "--feishu-mode webhook needs --feishu-verification-token or --feishu-encrypt-key"
+            )
+
+
+def option_names() -> Sequence[str]:
+    """All option names, for the CLI and the docs table."""
+    return [o.name for o in OPTIONS]

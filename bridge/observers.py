@@ -1,0 +1,34 @@
+"""Adapters from the engine's and the IM adapters' observer hooks to Prometheus metrics."""
+
+from __future__ import annotations
+
+from bridge.metrics import Metrics
+
+
+class EngineMetrics:
+    """An :class:`engine.types.EngineObserver` that records into :class:`Metrics` (thread-safe)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def on_batch(self, size: int) -> None:
+        self._m.engine_batch_size.observe(size)
+
+    def on_job_end(self, outcome: str, completion_tokens: int, seconds: float) -> None:
+        self._m.engine_requests.labels(outcome=outcome).inc()
+        if completion_tokens:
+            self._m.engine_generated_tokens.inc(completion_tokens)
+        self._m.engine_job_latency.observe(seconds)
+
+    def on_queue_depth(self, depth: int) -> None:
+        self._m.engine_queue_depth.set(depth)
+
+
+class FeishuMetrics:
+    """Counts Feishu events by outcome: accepted, duplicate, rejected."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def on_event(self, outcome: str) -> None:
+        self._m.feishu_events.labels(outcome=outcome).inc()

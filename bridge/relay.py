@@ -1,0 +1,223 @@
+"""The relay: IM messages in, engine jobs through, answers out to the chat and to hub subscribers.
+
+Intake (:meth:`Relay.accept`) records a message durably and dedupes it before the platform gets its
+acknowledgement; processing runs afterwards and marks the inbox entry complete only when the chat has
+its answer. After a crash, :meth:`Relay.start` re-runs every entry still pending; the platform's reply
+idempotency key (derived from the message id) makes a repeated post harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import structlog
+
+from adapters.base import (
+    Adapter,
+    AdapterError,
+    ImageFetchError,
+    InboundMessage,
+    MessageFormatError,
+    ReplyStream,
+)
+from bridge.store import InboxEntry, Store, StoreUnavailable
+from engine.types import Delta, Done, EngineError, EngineLike, Failed, JobEvent, JobRequest
+
+log = structlog.get_logger(__name__)
+
+DEDUPE_TTL_S = 24 * 3600.0  # Feishu re-pushes up to 6 h later; keep keys well past that.
+DEFAULT_PROMPT = "Describe this image."
+TEXT_ONLY_REPLY = (
+    "Send me a photo (optionally with a question in the same post) and I will describe it."
+)
+BAD_IMAGE_REPLY = "Sorry, I could not read that image. Please send a JPEG, PNG, WebP or GIF photo."
+FAILED_REPLY = "Sorry, something went wrong while looking at your image. Please try again."
+BUSY_RETRY_S = 2.0
+MAX_ATTEMPTS = 8
+
+
+class Publisher(Protocol):
+    """Where the relay streams job events for WebSocket subscribers (the hub)."""
+
+    async def publish(self, topic: str, job_id: str, event: JobEvent) -> None: ...
+
+
+class Relay:
+    """Turns accepted IM messages into engine jobs and streams the answers back."""
+
+    def __init__(
+        self,
+        store: Store,
+        engine: EngineLike,
+        hub: Publisher,
+        adapters: Sequence[Adapter],
+        *,
+        clock: Callable[[], float] = time.time,
+        max_concurrency: int = 64,
+    ) -> None:
+        self._store = store
+        self._engine = engine
+        self._hub = hub
+        self._adapters = {a.platform: a for a in adapters}
+        self._clock = clock
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._stopping = False
+        self._recover_task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def entry_id(msg: InboundMessage) -> str:
+        """The inbox id of a message: stable across re-deliveries."""
+        return f"{msg.platform}:{msg.message_id}"
+
+    async def accept(self, msg: InboundMessage) -> bool:
+        """The adapters' sink: record durably, dedupe, schedule; True if new, False if duplicate.
+
+        The inbox entry is written before the dedupe keys are claimed, so a crash between the two
+        steps leaves a pending entry that recovery runs, never a claimed key with nothing behind it.
+
+        Raises:
+            StoreUnavailable: nothing could be recorded; the platform must re-deliver.
+        """
+        entry_id = self.entry_id(msg)
+        entry = InboxEntry(entry_id, msg.to_json().encode(), self._clock())
+        await self._store.inbox_add(entry)
+        claims = [await self._store.claim(key, DEDUPE_TTL_S) for key in msg.dedupe_keys]
+        if not all(claims):
+            log.info("im_duplicate", entry=entry_id, event_id=msg.event_id, claims=claims)
+            return False
+        log.info("im_accepted", entry=entry_id, chat=msg.chat_id, images=len(msg.images))
+        self._schedule(entry)
+        return True
+
+    async def start(self) -> None:
+        """Re-run inbox entries left pending by a previous process."""
+        self._recover_task = asyncio.create_task(self._recover(), name="relay-recover")
+
+    async def _recover(self) -> None:
+        delay = 0.5
+        while not self._stopping:
+            try:
+                pending = await self._store.inbox_pending(limit=1000)
+            except StoreUnavailable as exc:
+                log.warning("relay_recover_store_unavailable", error=str(exc), retry_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            for entry in pending:
+                if entry.entry_id not in self._tasks:
+                    log.info("relay_recovered", entry=entry.entry_id)
+                    self._schedule(entry)
+            return
+
+    def _schedule(self, entry: InboxEntry) -> None:
+        if entry.entry_id in self._tasks or self._stopping:
+            return
+        task = asyncio.create_task(self._run(entry), name=f"relay:{entry.entry_id}")
+        self._tasks[entry.entry_id] = task
+        task.add_done_callback(lambda _t, eid=entry.entry_id: self._tasks.pop(eid, None))
+
+    async def _run(self, entry: InboxEntry) -> None:
+        async with self._slots:
+            try:
+                msg = InboundMessage.from_json(entry.payload)
+            except MessageFormatError as exc:
+                log.error("relay_bad_entry", entry=entry.entry_id, error=str(exc))
+                await self._complete(entry.entry_id)
+                return
+            adapter = self._adapters.get(msg.platform)
+            if adapter is None:
+                log.error("relay_no_adapter", entry=entry.entry_id, platform=msg.platform)
+                return
+            delay = 1.0
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                try:
+                    await self._answer(adapter, msg)
+                    await self._complete(entry.entry_id)
+                    return
+                except (AdapterError, StoreUnavailable, OSError) as exc:
+                    log.warning(
+                        "relay_attempt_failed",
+                        entry=entry.entry_id,
+                        attempt=attempt,
+                        error=str(exc),
+                        retry_s=delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 60.0)
+            log.error("relay_gave_up", entry=entry.entry_id, attempts=MAX_ATTEMPTS)
+
+    async def _complete(self, entry_id: str) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self._store.inbox_complete(entry_id)
+                return
+            except StoreUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _answer(self, adapter: Adapter, msg: InboundMessage) -> None:
+        job_id = f"{msg.platform}:{msg.message_id}"
+        if not msg.images:
+            await adapter.send_text_reply(msg, TEXT_ONLY_REPLY)
+            log.info("relay_text_only", job=job_id)
+            return
+        try:
+            image = await adapter.fetch_image(msg, msg.images[0])
+        except ImageFetchError as exc:
+            log.warning("relay_image_fetch_failed", job=job_id, error=str(exc))
+            await adapter.send_text_reply(msg, BAD_IMAGE_REPLY)
+            await self._hub.publish(msg.topic, job_id, Failed("bad_image", str(exc)))
+            return
+        prompt = msg.text.strip() or DEFAULT_PROMPT
+        handle = await self._submit(JobRequest(job_id=job_id, image=image, prompt=prompt))
+        reply: ReplyStream = await adapter.open_reply(msg)
+        so_far = ""
+        async for event in handle.events():
+            await self._publish(msg.topic, job_id, event)
+            if isinstance(event, Delta):
+                so_far += event.text
+                await reply.update(so_far)
+            elif isinstance(event, Done):
+                await reply.finish(event.text)
+                log.info("relay_answered", job=job_id, tokens=event.usage.completion_tokens)
+            elif isinstance(event, Failed):
+                await reply.fail(BAD_IMAGE_REPLY if event.code == "bad_image" else FAILED_REPLY)
+                log.info("relay_failed", job=job_id, code=event.code)
+
+    async def _submit(self, request: JobRequest) -> Any:
+        while True:
+            try:
+                return self._engine.submit(request)
+            except EngineError as exc:
+                if exc.code != "busy" or self._stopping:
+                    raise AdapterError(f"engine refused the job: {exc.code}") from None
+                await asyncio.sleep(exc.retry_after or BUSY_RETRY_S)
+
+    async def _publish(self, topic: str, job_id: str, event: JobEvent) -> None:
+        try:
+            await self._hub.publish(topic, job_id, event)
+        except Exception as exc:  # a hub problem must never lose the chat's answer
+            log.error("relay_publish_failed", job=job_id, error=repr(exc))
+
+    async def stop(self, grace_s: float) -> None:
+        """Let running answers finish within ``grace_s``; the rest stay pending for next time."""
+        self._stopping = True
+        if self._recover_task is not None:
+            self._recover_task.cancel()
+        tasks = list(self._tasks.values())
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
+        if self._recover_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recover_task
+
