@@ -22,6 +22,7 @@ from bridge.config import Settings
 from bridge.errors import error_response, json_errors
 from bridge.health import Readiness, add_health_routes
 from bridge.hub import Hub, HubConfig
+from bridge.logs import add_tap, remove_tap
 from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.observers import EngineMetrics, FeishuMetrics
 from bridge.relay import Relay
@@ -76,12 +77,15 @@ class BridgeApp:
         self.metrics = Metrics()
         self.store: Store = store or open_store(settings.store)
         self.engine: EngineLike = engine or Engine(
-            engine_config(settings), observer=EngineMetrics(self.metrics)
+            engine_config(settings),
+            observer=EngineMetrics(
+                self.metrics, latency=lambda s: self.ops.chart.record_latency(s)
+            ),
         )
-        self.hub = Hub(hub_config(settings), engine=self.engine, store=self.store, metrics=self.metrics)
-        self.adapters: list[Adapter] = (
-            adapters if adapters is not None else self._build_adapters()
+        self.hub = Hub(
+            hub_config(settings), engine=self.engine, store=self.store, metrics=self.metrics
         )
+        self.adapters: list[Adapter] = adapters if adapters is not None else self._build_adapters()
         self.relay = Relay(self.store, self.engine, self.hub, self.adapters, clock=clock)
         self.draining = False
         self.started_at = clock()
@@ -100,7 +104,7 @@ class BridgeApp:
         from adapters.feishu import FeishuAdapter, FeishuConfig
 
         cfg = FeishuConfig(
-            mode=s.feishu_mode,
+            mode="longconn" if s.feishu_mode == "longconn" else "webhook",
             app_id=s.feishu_app_id,
             app_secret=s.feishu_app_secret or "",
             verification_token=s.feishu_verification_token or "",
@@ -137,7 +141,9 @@ class BridgeApp:
             return error_response(503, "shutting_down", "the bridge is shutting down")
         return await self.hub.handle(request)
 
-    def _webhook(self, adapter: Adapter) -> Callable[[web.Request], Coroutine[Any, Any, web.Response]]:
+    def _webhook(
+        self, adapter: Adapter
+    ) -> Callable[[web.Request], Coroutine[Any, Any, web.Response]]:
         handle = adapter.handle_webhook  # type: ignore[attr-defined]
 
         async def route(request: web.Request) -> web.Response:
@@ -190,8 +196,12 @@ class BridgeApp:
             await self.store.open()
         except StoreUnavailable as exc:
             # Redis may come later; readiness says why until it does.
-            log.warning("store_unavailable_at_start", store=_safe_url(self.store.url), error=str(exc))
+            log.warning(
+                "store_unavailable_at_start", store=_safe_url(self.store.url), error=str(exc)
+            )
         await self.hub.start()
+        add_tap(self.ops.errors.processor)
+        self.ops.chart.start(self.ops.count_connections)
         self._runner = web.AppRunner(self.web, handle_signals=False, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
@@ -224,6 +234,8 @@ class BridgeApp:
         await self.relay.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         with contextlib.suppress(Exception):
             await self.engine.stop(grace_s=max(0.0, deadline - asyncio.get_running_loop().time()))
+        await self.ops.chart.stop()
+        remove_tap(self.ops.errors.processor)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -25,10 +25,14 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser for every sub-command; values stay raw strings and are validated by config."""
-    parser = _Parser(prog="bridge", description="IM bots and WebSocket clients to an in-process VLM.")
+    parser = _Parser(
+        prog="bridge", description="IM bots and WebSocket clients to an in-process VLM."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     serve = sub.add_parser("serve", help="run the service")
-    serve.add_argument("--config", metavar="FILE", help="a TOML file of options (env BRIDGE_CONFIG)")
+    serve.add_argument(
+        "--config", metavar="FILE", help="a TOML file of options (env BRIDGE_CONFIG)"
+    )
     for opt in OPTIONS:
         serve.add_argument(
             opt.flag,

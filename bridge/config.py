@@ -1,4 +1,4 @@
-"""Settings of ``bridge serve``: one table of options, read from flags, env, a TOML file and defaults.
+"""Settings of ``bridge serve``: one table of options, from flags, env, a TOML file, defaults.
 
 Precedence is flag > environment (``BRIDGE_<NAME>``) > ``--config`` file > default. Every value is
 validated here, so a bad one becomes a one-line :class:`ConfigError` instead of a traceback later.
@@ -323,9 +323,7 @@ def _check_combinations(s: Settings) -> None:
         ]
         if missing:
             raise ConfigError(f"--feishu-mode {s.feishu_mode} needs {' and '.join(missing)}")
-        if s.feishu_mode == "webhook" and not (
-            s.feishu_verification_token or s.feishu_encrypt_key
-        ):
+        if s.feishu_mode == "webhook" and not (s.feishu_verification_token or s.feishu_encrypt_key):
             raise ConfigError(
                 "--feishu-mode webhook needs --feishu-verification-token or --feishu-encrypt-key"
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -11,7 +12,7 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn aiohttp's plain-text HTTP errors (404, 405, 413...) into the JSON error shape."""
     try:
         return await handler(request)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -40,6 +40,30 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
+Tap = Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]
+_taps: list[Tap] = []
+
+
+def add_tap(tap: Tap) -> None:
+    """Let ``tap`` see every event after redaction (the dashboard's recent errors)."""
+    _taps.append(tap)
+
+
+def remove_tap(tap: Tap) -> None:
+    """Stop feeding ``tap``."""
+    if tap in _taps:
+        _taps.remove(tap)
+
+
+def _run_taps(logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for tap in list(_taps):
+        try:
+            tap(logger, name, dict(event))
+        except Exception:  # a broken tap must never break logging
+            continue
+    return event
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """Route structlog and the standard library's logging to stdout in one format.
 
@@ -54,6 +78,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
+        _run_taps,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bridge.metrics import Metrics
 
 
 class EngineMetrics:
     """An :class:`engine.types.EngineObserver` that records into :class:`Metrics` (thread-safe)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, latency: Callable[[float], None] | None = None) -> None:
         self._m = metrics
+        self._latency = latency
 
     def on_batch(self, size: int) -> None:
         self._m.engine_batch_size.observe(size)
@@ -19,6 +22,8 @@ class EngineMetrics:
         if completion_tokens:
             self._m.engine_generated_tokens.inc(completion_tokens)
         self._m.engine_job_latency.observe(seconds)
+        if self._latency is not None:
+            self._latency(seconds)
 
     def on_queue_depth(self, depth: int) -> None:
         self._m.engine_queue_depth.set(depth)

@@ -1,15 +1,16 @@
 """The relay: IM messages in, engine jobs through, answers out to the chat and to hub subscribers.
 
-Intake (:meth:`Relay.accept`) records a message durably and dedupes it before the platform gets its
-acknowledgement; processing runs afterwards and marks the inbox entry complete only when the chat has
-its answer. After a crash, :meth:`Relay.start` re-runs every entry still pending; the platform's reply
-idempotency key (derived from the message id) makes a repeated post harmless.
+Intake (:meth:`Relay.accept`) records a message durably and dedupes it before the platform gets
+its acknowledgement; processing runs afterwards and marks the inbox entry complete only when the
+chat has its answer. After a crash, :meth:`Relay.start` re-runs every entry still pending; the
+platform's reply idempotency key (derived from the message id) makes a repeated post harmless.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -119,7 +120,10 @@ class Relay:
             return
         task = asyncio.create_task(self._run(entry), name=f"relay:{entry.entry_id}")
         self._tasks[entry.entry_id] = task
-        task.add_done_callback(lambda _t, eid=entry.entry_id: self._tasks.pop(eid, None))
+        task.add_done_callback(functools.partial(self._forget, entry.entry_id))
+
+    def _forget(self, entry_id: str, _task: asyncio.Task[None]) -> None:
+        self._tasks.pop(entry_id, None)
 
     async def _run(self, entry: InboxEntry) -> None:
         async with self._slots:
@@ -220,4 +224,3 @@ class Relay:
         if self._recover_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recover_task
-

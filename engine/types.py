@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-ErrorCode = Literal["bad_image", "too_large", "busy", "cancelled", "timeout", "internal"]
+ErrorCode = Literal[
+    "bad_image", "too_large", "busy", "cancelled", "timeout", "internal", "bad_request"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +134,7 @@ class EngineStatus:
 
 
 class JobHandle(Protocol):
-    """A submitted job: iterate its events (ending with exactly one Done or Failed), or cancel it."""
+    """A submitted job: iterate its events (ending in exactly one Done or Failed), or cancel it."""
 
     job_id: str
 
@@ -142,7 +144,7 @@ class JobHandle(Protocol):
 
 
 class EngineLike(Protocol):
-    """What the bridge needs of an engine; the real :class:`engine.Engine` and test fakes honour it."""
+    """What the bridge needs of an engine; the real ``engine.Engine`` and test fakes honour it."""
 
     async def start(self) -> None: ...
 
@@ -156,7 +158,7 @@ class EngineLike(Protocol):
 
 
 class EngineObserver(Protocol):
-    """Hooks the engine calls so the bridge can export metrics without the engine knowing Prometheus.
+    """Hooks the engine calls so the bridge can export metrics without knowing Prometheus.
 
     Calls come from worker threads as well as the event loop; implementations must be thread-safe
     and fast (Prometheus client objects are).

@@ -25,9 +25,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def test_build_is_small_deterministic_and_complete(
-    built: Path, tmp_path: Path
-) -> None:
+def test_build_is_small_deterministic_and_complete(built: Path, tmp_path: Path) -> None:
     size = sum(p.stat().st_size for p in built.iterdir())
     assert size < 3 * 2**20
     for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json"):

@@ -1,7 +1,8 @@
 """The store interface: everything the bridge has promised, kept so that a crash loses nothing.
 
 Three backends implement it: ``memory://`` (unit tests only), SQLite (embedded default) and Redis
-(a cluster). Callers depend on :class:`Store` only; :func:`bridge.store.open_store` picks one from a URL.
+(a cluster). Callers depend on :class:`Store` only; :func:`bridge.store.open_store` picks one from
+a URL.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from typing import Protocol
 
 class StoreUnavailable(Exception):
     """The backend cannot be reached now; the caller keeps running and retries later."""
+
+
+#: How long a completed inbox entry is remembered so that re-adding its id is a no-op.
+INBOX_DONE_RETENTION_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +100,24 @@ class Store(Protocol):
         """Write a small value, optionally expiring."""
         ...
 
+    async def incr(self, key: str, ttl_s: float) -> int:
+        """Add one to a counter created with ``ttl_s`` when absent; return the new count.
+
+        A fixed-window rate-limit bucket shared by every node: the window starts at the first hit.
+        """
+        ...
+
     # --- the IM inbox -----------------------------------------------------------------------
     async def inbox_add(self, entry: InboxEntry) -> None:
-        """Durably record an accepted platform event (before acknowledging it)."""
+        """Durably record an accepted platform event (before acknowledging it).
+
+        Idempotent: an id already pending, or completed within ``INBOX_DONE_RETENTION_S``, is kept
+        as it is.
+        """
+        ...
+
+    async def inbox_attempt(self, entry_id: str) -> int:
+        """Count one more attempt at a pending entry; return the new count (0 if not pending)."""
         ...
 
     async def inbox_pending(self, limit: int = 100) -> list[InboxEntry]:
@@ -124,7 +144,10 @@ class Store(Protocol):
         ...
 
     async def trim_events(self, session_id: str, through_seq: int) -> None:
-        """Drop kept events with ``seq <= through_seq`` (acked, or past the count/bytes/age limit)."""
+        """Drop kept events with ``seq <= through_seq`` (acked, or past the count/bytes/age limit).
+
+        ``first_seq`` moves to ``through_seq + 1`` but never past ``last_seq + 1``.
+        """
         ...
 
     async def delete_session(self, session_id: str) -> None:

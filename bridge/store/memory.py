@@ -6,7 +6,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from bridge.store.base import InboxEntry, SessionRecord, StoredEvent
+from bridge.store.base import (
+    INBOX_DONE_RETENTION_S,
+    InboxEntry,
+    SessionRecord,
+    StoredEvent,
+    StoreUnavailable,
+)
+from bridge.store.checks import (
+    check_entry,
+    check_events,
+    check_key,
+    check_limit,
+    check_seq,
+    check_ttl,
+    check_value,
+)
 
 
 class MemoryStore:
@@ -17,7 +32,9 @@ class MemoryStore:
         self._clock = clock
         self._keys: dict[str, float | None] = {}
         self._values: dict[str, tuple[str, float | None]] = {}
+        self._counters: dict[str, tuple[int, float]] = {}
         self._inbox: dict[str, InboxEntry] = {}
+        self._done: dict[str, float] = {}
         self._sessions: dict[str, tuple[SessionRecord, float]] = {}
         self.available = True
 
@@ -26,9 +43,17 @@ class MemoryStore:
 
     def _check(self) -> None:
         if not self.available:
-            from bridge.store.base import StoreUnavailable
-
             raise StoreUnavailable("memory store switched off")
+
+    def _session(self, session_id: str) -> SessionRecord | None:
+        """The live record (not a copy), dropping it if it has expired."""
+        item = self._sessions.get(session_id)
+        if item is None:
+            return None
+        if not self._alive(item[1]):
+            del self._sessions[session_id]
+            return None
+        return item[0]
 
     async def open(self) -> None:
         return None
@@ -40,6 +65,8 @@ class MemoryStore:
         self._check()
 
     async def claim(self, key: str, ttl_s: float) -> bool:
+        check_key(key)
+        check_ttl(ttl_s)
         self._check()
         if key in self._keys and self._alive(self._keys[key]):
             return False
@@ -47,10 +74,12 @@ class MemoryStore:
         return True
 
     async def release(self, key: str) -> None:
+        check_key(key)
         self._check()
         self._keys.pop(key, None)
 
     async def get_value(self, key: str) -> str | None:
+        check_key(key)
         self._check()
         item = self._values.get(key)
         if item is None or not self._alive(item[1]):
@@ -58,33 +87,67 @@ class MemoryStore:
         return item[0]
 
     async def set_value(self, key: str, value: str, ttl_s: float | None = None) -> None:
+        check_key(key)
+        check_value(value)
+        if ttl_s is not None:
+            check_ttl(ttl_s)
         self._check()
         self._values[key] = (value, None if ttl_s is None else self._clock() + ttl_s)
 
-    async def inbox_add(self, entry: InboxEntry) -> None:
+    async def incr(self, key: str, ttl_s: float) -> int:
+        check_key(key)
+        check_ttl(ttl_s)
         self._check()
+        item = self._counters.get(key)
+        if item is None or not self._alive(item[1]):
+            item = (0, self._clock() + ttl_s)
+        self._counters[key] = (item[0] + 1, item[1])
+        return item[0] + 1
+
+    async def inbox_add(self, entry: InboxEntry) -> None:
+        check_entry(entry)
+        self._check()
+        done = self._done.get(entry.entry_id)
+        if done is not None and self._alive(done):
+            return
         self._inbox.setdefault(entry.entry_id, entry)
 
+    async def inbox_attempt(self, entry_id: str) -> int:
+        check_key(entry_id, "entry_id")
+        self._check()
+        entry = self._inbox.get(entry_id)
+        if entry is None:
+            return 0
+        entry = replace(entry, attempts=entry.attempts + 1)
+        self._inbox[entry_id] = entry
+        return entry.attempts
+
     async def inbox_pending(self, limit: int = 100) -> list[InboxEntry]:
+        check_limit(limit)
         self._check()
         return sorted(self._inbox.values(), key=lambda e: e.accepted_at)[:limit]
 
     async def inbox_complete(self, entry_id: str) -> None:
+        check_key(entry_id, "entry_id")
         self._check()
         self._inbox.pop(entry_id, None)
+        self._done[entry_id] = self._clock() + INBOX_DONE_RETENTION_S
 
     async def load_session(self, session_id: str) -> SessionRecord | None:
+        check_key(session_id, "session_id")
         self._check()
-        item = self._sessions.get(session_id)
-        if item is None or not self._alive(item[1]):
+        rec = self._session(session_id)
+        if rec is None:
             return None
-        rec = item[0]
         return replace(rec, topics=list(rec.topics), events=list(rec.events))
 
     async def save_session(self, record: SessionRecord, ttl_s: float) -> None:
+        check_key(record.session_id, "session_id")
+        check_seq(record.last_seq, "last_seq")
+        check_ttl(ttl_s)
         self._check()
-        old = self._sessions.get(record.session_id)
-        events = old[0].events if old else []
+        old = self._session(record.session_id)
+        events = old.events if old else []
         kept = [e for e in events if e.seq >= record.first_seq]
         rec = replace(record, topics=list(record.topics), events=kept)
         self._sessions[record.session_id] = (rec, self._clock() + ttl_s)
@@ -92,9 +155,11 @@ class MemoryStore:
     async def append_events(
         self, session_id: str, events: Sequence[StoredEvent], ttl_s: float
     ) -> None:
+        check_key(session_id, "session_id")
+        check_events(events)
+        check_ttl(ttl_s)
         self._check()
-        item = self._sessions.get(session_id)
-        rec = item[0] if item else SessionRecord(session_id=session_id)
+        rec = self._session(session_id) or SessionRecord(session_id=session_id)
         for ev in events:
             if ev.seq > rec.last_seq:
                 rec.events.append(ev)
@@ -103,14 +168,16 @@ class MemoryStore:
         self._sessions[session_id] = (rec, self._clock() + ttl_s)
 
     async def trim_events(self, session_id: str, through_seq: int) -> None:
+        check_key(session_id, "session_id")
+        check_seq(through_seq, "through_seq")
         self._check()
-        item = self._sessions.get(session_id)
-        if item is None:
+        rec = self._session(session_id)
+        if rec is None:
             return
-        rec = item[0]
         rec.events = [e for e in rec.events if e.seq > through_seq]
-        rec.first_seq = max(rec.first_seq, through_seq + 1)
+        rec.first_seq = max(rec.first_seq, min(through_seq, rec.last_seq) + 1)
 
     async def delete_session(self, session_id: str) -> None:
+        check_key(session_id, "session_id")
         self._check()
         self._sessions.pop(session_id, None)

@@ -1,0 +1,89 @@
+"""Settings of the WebSocket hub, one frozen object the composition root builds from the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    """Every knob of the hub; defaults follow SPEC §3 and sit under common proxy idle timeouts.
+
+    Attributes:
+        tokens: client tokens accepted in ``hello``; empty means every hello is refused (4001).
+        admin_tokens: tokens that may also subscribe to ``ops``.
+        heartbeat_s: seconds between server pings (45 s stays under nginx's 60 s read timeout).
+        heartbeat_timeout_s: seconds to wait for the pong before closing with 4002.
+        hello_timeout_s: seconds a new connection has to send ``hello``.
+        max_frame_bytes: largest inbound frame; larger ones close with 4004.
+        max_image_bytes: largest decoded image in a submit (``too_large`` error frame).
+        replay_max_events / replay_max_bytes / replay_max_age_s: replay buffer bounds per session.
+        session_ttl_s: how long a session without a connection is kept for resume.
+        send_queue_max: outgoing frames queued per connection before it is closed with 4003.
+        submit_rate / submit_burst: per-connection token bucket for submits (``rate_limited``).
+        max_connections_per_token: concurrent connections one token may hold (4008 beyond).
+        max_prompt_chars: longest prompt accepted (``too_large`` beyond).
+        frame_rate / frame_burst: per-connection bucket for all inbound frames (4008 beyond).
+        send_timeout_s: a single write that cannot complete in this time marks a slow consumer.
+        flush_interval_s: write-behind period of replay buffers and session headers to the store.
+        max_topics: subscriptions one session may hold.
+    """
+
+    tokens: frozenset[str] = frozenset()
+    admin_tokens: frozenset[str] = frozenset()
+    heartbeat_s: float = 45.0
+    heartbeat_timeout_s: float = 10.0
+    hello_timeout_s: float = 10.0
+    max_frame_bytes: int = 16 * 2**20
+    max_image_bytes: int = 10 * 2**20
+    replay_max_events: int = 1000
+    replay_max_bytes: int = 8 * 2**20
+    replay_max_age_s: float = 3600.0
+    session_ttl_s: float = 86400.0
+    send_queue_max: int = 1024
+    submit_rate: float = 10.0
+    submit_burst: int = 20
+    max_connections_per_token: int = 1000
+    max_prompt_chars: int = 16_384
+    frame_rate: float = 200.0
+    frame_burst: int = 400
+    send_timeout_s: float = 30.0
+    flush_interval_s: float = 0.2
+    max_topics: int = 64
+    _labels: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        positive = {
+            "heartbeat_s": self.heartbeat_s,
+            "heartbeat_timeout_s": self.heartbeat_timeout_s,
+            "hello_timeout_s": self.hello_timeout_s,
+            "max_frame_bytes": self.max_frame_bytes,
+            "max_image_bytes": self.max_image_bytes,
+            "replay_max_events": self.replay_max_events,
+            "replay_max_bytes": self.replay_max_bytes,
+            "replay_max_age_s": self.replay_max_age_s,
+            "session_ttl_s": self.session_ttl_s,
+            "send_queue_max": self.send_queue_max,
+            "submit_rate": self.submit_rate,
+            "submit_burst": self.submit_burst,
+            "max_connections_per_token": self.max_connections_per_token,
+            "frame_rate": self.frame_rate,
+            "frame_burst": self.frame_burst,
+            "send_timeout_s": self.send_timeout_s,
+            "flush_interval_s": self.flush_interval_s,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"HubConfig.{name} must be positive, got {value!r}")
+        for token in self.tokens | self.admin_tokens:
+            self._labels[token] = token_label(token)
+
+    def label_of(self, token: str) -> str:
+        """The printable label of an accepted token (its hash prefix, never the token)."""
+        return self._labels.get(token) or token_label(token)
+
+
+def token_label(token: str) -> str:
+    """A stable, non-reversible label for a token, safe for logs, metrics and the dashboard."""
+    return "tok-" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:10]

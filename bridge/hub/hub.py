@@ -1,0 +1,623 @@
+"""The WebSocket hub of SPEC §3: sessions, jobs, topics, heartbeats and shutdown for /ws.
+
+The per-connection rules live in :class:`~bridge.hub.connection.ConnectionCore`, the per-session
+state in :class:`~bridge.hub.session.Session`; this class wires them to aiohttp, the engine, the
+store and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from bridge.hub import protocol as p
+from bridge.hub.config import HubConfig
+from bridge.hub.connection import Action, Close, ConnectionCore, Phase, Send
+from bridge.hub.heartbeat import WheelTimer
+from bridge.hub.persist import WriteBehind
+from bridge.hub.replay import ReplayBuffer
+from bridge.hub.session import Session, new_session_id
+from bridge.hub.ws import Connection, HubWebSocket
+from bridge.metrics import Metrics
+from bridge.store.base import Store
+from engine.types import (
+    TERMINAL_KINDS,
+    EngineError,
+    EngineLike,
+    Failed,
+    JobEvent,
+    JobHandle,
+    JobRequest,
+)
+
+log = structlog.get_logger(__name__)
+
+SWEEP_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """A live connection as the dashboard and ``/api/connections`` show it (never the token)."""
+
+    id: str
+    session: str | None
+    remote: str
+    connected_at: float
+    last_pong_at: float | None
+    rtt_ms: float | None
+    topics: list[str]
+    sent: int
+    received: int
+    state: str
+    token_label: str | None
+
+
+@dataclass(slots=True)
+class _Job:
+    handle: JobHandle
+    task: asyncio.Task[None]
+
+
+class Hub:
+    """Serves /ws: authenticates clients, runs their jobs, streams topics, keeps sessions resumable.
+
+    Args:
+        cfg: the hub's settings.
+        engine: runs jobs (:class:`engine.types.EngineLike`).
+        store: keeps sessions and replay buffers (write-behind).
+        metrics: Prometheus metrics to update.
+        clock: monotonic seconds (injectable for tests).
+        wall: wall-clock seconds since the epoch (replay ages, dashboard times).
+    """
+
+    def __init__(
+        self,
+        cfg: HubConfig,
+        *,
+        engine: EngineLike,
+        store: Store,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.store = store
+        self.metrics = metrics
+        self._clock = clock
+        self._wall = wall
+        self._tokens = [t.encode() for t in sorted(cfg.tokens | cfg.admin_tokens)]
+        self._admin = [t.encode() for t in sorted(cfg.admin_tokens)]
+        self._conns: dict[str, Connection] = {}
+        self._sessions: dict[str, Session] = {}
+        self._topics: dict[str, set[Session]] = {}
+        self._per_token: dict[str, int] = {}
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._writes = WriteBehind(store, cfg.session_ttl_s, wall)
+        resolution = max(0.005, min(0.25, cfg.heartbeat_timeout_s / 20, cfg.heartbeat_s / 20))
+        self._timer: WheelTimer[Connection] | None = None
+        self._resolution = resolution
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._frames_in = 0
+        self._frames_out_reported = 0
+        self._sent_closed = 0
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the heartbeat timer and the write-behind/sweep task."""
+        self._timer = WheelTimer(self._resolution, self._on_due, self._clock)
+        task = asyncio.get_running_loop().create_task(self._background(), name="hub-background")
+        self._tasks.add(task)
+        self._idle.set()
+        if not self._tokens:
+            log.warning("hub_no_tokens", detail="no client tokens: every hello gets 4001")
+
+    async def shutdown(self, reason: str = "shutdown", grace_s: float = 5.0) -> None:
+        """Stop accepting, send ``bye`` and close 1001 to all, persist sessions, cancel tasks.
+
+        Args:
+            reason: the text of the ``bye`` frame.
+            grace_s: how long clients get to receive ``bye`` and jobs get to finish.
+        """
+        if self._stopping:
+            return
+        self._stopping = True
+        deadline = self._clock() + grace_s
+        log.info("hub_shutdown", reason=reason, connections=len(self._conns))
+        for conn in list(self._conns.values()):
+            conn.send(p.bye(reason), force=True)
+            conn.close(p.CLOSE_GOING_AWAY, reason, flush_s=min(1.0, grace_s))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - self._clock()))
+        if self._jobs:
+            await asyncio.wait(set(self._jobs), timeout=max(0.0, deadline - self._clock()))
+        for task in list(self._jobs):
+            task.cancel()
+        if self._jobs:
+            await asyncio.gather(*self._jobs, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for session in self._sessions.values():
+            self._writes.mark(session)
+        await self._writes.flush()
+        if self._timer is not None:
+            self._timer.close()
+
+    async def _background(self) -> None:
+        """Write-behind flushes, replay age trims, session expiry and metric deltas."""
+        next_sweep = self._clock() + SWEEP_INTERVAL_S
+        while True:
+            await asyncio.sleep(self.cfg.flush_interval_s)
+            try:
+                await self._writes.flush()
+                self._report_frames()
+                if self._clock() >= next_sweep:
+                    next_sweep = self._clock() + SWEEP_INTERVAL_S
+                    self._sweep()
+            except Exception:
+                log.exception("hub_background_failed")
+
+    def _sweep(self) -> None:
+        now, wall = self._clock(), self._wall()
+        for session in list(self._sessions.values()):
+            before = session.replay.first_seq
+            session.replay.trim_age(wall)
+            if session.replay.first_seq != before:
+                self._writes.mark(session)
+            gone = session.detached_at
+            if session.conn is None and gone is not None and now - gone > self.cfg.session_ttl_s:
+                self._drop_session(session)
+
+    def _drop_session(self, session: Session) -> None:
+        log.info("hub_session_expired", session=session.id)
+        for job in session.jobs.values():
+            job.handle.cancel()
+            job.task.cancel()
+        for topic in session.topics:
+            self._unindex(topic, session)
+        self._sessions.pop(session.id, None)
+        self._writes.dirty.discard(session)
+
+    def _report_frames(self) -> None:
+        sent = self._sent_closed + sum(c.sent for c in self._conns.values())
+        delta = sent - self._frames_out_reported
+        if delta > 0:
+            self.metrics.ws_frames.labels(direction="out").inc(delta)
+            self._frames_out_reported = sent
+        if self._frames_in:
+            self.metrics.ws_frames.labels(direction="in").inc(self._frames_in)
+            self._frames_in = 0
+
+    # --- the aiohttp handler ---------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """``GET /ws``: run one WebSocket connection until it closes."""
+        if self._stopping or self._timer is None:
+            return web.json_response(
+                {"error": {"code": "unavailable", "message": "the hub is not running"}},
+                status=503,
+            )
+        ws = HubWebSocket(
+            max_msg_size=self.cfg.max_frame_bytes, compress=False, autoping=True, timeout=2.0
+        )
+        await ws.prepare(request)
+        conn_id = "c_" + secrets.token_hex(6)
+        core = ConnectionCore(conn_id, self.cfg, self._clock())
+        conn = Connection(conn_id, ws, core, request.remote or "?", self.cfg.send_queue_max)
+        conn.on_closing = self._on_closing
+        self._register(conn)
+        try:
+            async for msg in ws:
+                if conn.closing:
+                    continue
+                if msg.type is WSMsgType.TEXT:
+                    await self._on_text(conn, msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    self._frames_in += 1
+                    if conn.core.phase is Phase.AWAIT_HELLO:
+                        conn.close(p.CLOSE_UNAUTHORIZED, "hello expected")
+                    else:
+                        conn.send(p.error("bad_frame", "binary frames are not accepted"))
+                elif msg.type is WSMsgType.ERROR:
+                    log.info("ws_error", conn_id=conn_id, error=repr(ws.exception()))
+                    break
+        finally:
+            await conn.wait_closed()
+            self._unregister(conn)
+        return ws
+
+    def _register(self, conn: Connection) -> None:
+        self._conns[conn.id] = conn
+        self._idle.clear()
+        self.metrics.ws_connections.inc()
+        self._schedule(conn)
+        log.debug("ws_open", conn_id=conn.id, remote=conn.remote)
+
+    def _unregister(self, conn: Connection) -> None:
+        if self._conns.pop(conn.id, None) is None:
+            return
+        code = conn.core.close_code or conn.ws.close_code or 1006
+        conn.core.closed(code)
+        self._sent_closed += conn.sent
+        if self._timer is not None:
+            self._timer.cancel(conn)
+        self.metrics.ws_connections.dec()
+        self.metrics.ws_closes.labels(code=str(code)).inc()
+        self._detach(conn)
+        if not self._conns:
+            self._idle.set()
+        log.info("ws_closed", conn_id=conn.id, code=code, session=_sid(conn))
+
+    def _on_closing(self, conn: Connection, code: int) -> None:
+        """A close was decided: stop routing this session's events to the dying socket."""
+        self._detach(conn)
+
+    def _detach(self, conn: Connection) -> None:
+        label = conn.token_label
+        if label is not None and conn.counted:
+            conn.counted = False
+            left = self._per_token.get(label, 1) - 1
+            if left > 0:
+                self._per_token[label] = left
+            else:
+                self._per_token.pop(label, None)
+        session = conn.session
+        if session is not None and session.conn is conn:
+            session.conn = None
+            session.detached_at = self._clock()
+
+    def _schedule(self, conn: Connection) -> None:
+        when = conn.core.next_deadline()
+        if when is not None and self._timer is not None:
+            self._timer.schedule(conn, when)
+
+    def _on_due(self, conns: list[Connection], now: float) -> None:
+        for conn in conns:
+            if conn.closing:
+                continue
+            if conn.stalled_for(now) > self.cfg.send_timeout_s:
+                conn.close(p.CLOSE_SLOW_CONSUMER, "slow consumer")
+                continue
+            for action in conn.core.on_timer(now):
+                self._apply(conn, action)
+            self._schedule(conn)
+
+    def _apply(self, conn: Connection, action: Action) -> None:
+        if isinstance(action, Send):
+            conn.send(action.frame)
+            return
+        if action.code == p.CLOSE_HEARTBEAT:
+            self.metrics.ws_heartbeat_timeouts.inc()
+            log.info("ws_heartbeat_timeout", conn_id=conn.id, session=_sid(conn))
+        elif action.code != p.CLOSE_GOING_AWAY:
+            log.info("ws_closing", conn_id=conn.id, code=action.code, reason=action.reason)
+        conn.close(action.code, action.reason)
+
+    async def _on_text(self, conn: Connection, text: str) -> None:
+        self._frames_in += 1
+        core = conn.core
+        had_pong = core.last_pong_at
+        actions, frame = core.receive(text, self._clock())
+        for action in actions:
+            self._apply(conn, action)
+        if core.last_pong_at is not had_pong and core.rtt_s is not None:
+            self.metrics.ws_heartbeat_rtt.observe(core.rtt_s)
+        if frame is None or conn.closing:
+            return
+        try:
+            if isinstance(frame, p.Hello):
+                await self._hello(conn, frame)
+            elif isinstance(frame, p.Submit):
+                self._submit(conn, frame)
+            elif isinstance(frame, p.Cancel):
+                self._cancel(conn, frame)
+            elif isinstance(frame, p.Subscribe):
+                self._subscribe(conn, frame.topic)
+            elif isinstance(frame, p.Unsubscribe):
+                self._unsubscribe(conn, frame.topic)
+            elif isinstance(frame, p.Ack):
+                self._ack(conn, frame.seq)
+        except Exception:
+            log.exception("ws_frame_failed", conn_id=conn.id)
+            conn.send(p.error("internal", "the server failed to handle this frame"))
+
+    # --- hello and sessions ----------------------------------------------------------------
+    def _authenticate(self, token: str) -> tuple[bool, bool]:
+        """(valid, admin) by constant-time comparison against every configured token."""
+        given = token.encode("utf-8", "surrogatepass")
+        valid = False
+        admin = False
+        for known in self._tokens:
+            valid |= hmac.compare_digest(given, known)
+        for known in self._admin:
+            admin |= hmac.compare_digest(given, known)
+        return valid and bool(token), admin
+
+    async def _hello(self, conn: Connection, hello: p.Hello) -> None:
+        valid, admin = self._authenticate(hello.token)
+        if not valid:
+            log.info("ws_unauthorized", conn_id=conn.id, remote=conn.remote)
+            self._apply(conn, Close(p.CLOSE_UNAUTHORIZED, "unauthorized"))
+            return
+        label = self.cfg.label_of(hello.token)
+        if self._per_token.get(label, 0) >= self.cfg.max_connections_per_token:
+            log.info("ws_token_cap", conn_id=conn.id, token=label)
+            self._apply(conn, Close(p.CLOSE_POLICY, "too many connections for this token"))
+            return
+        self._per_token[label] = self._per_token.get(label, 0) + 1
+        conn.token_label = label
+        conn.counted = True
+        session: Session | None = None
+        if hello.session is not None:
+            session = await self._find_session(hello.session, label, admin, conn)
+            if conn.closing:
+                return
+        resumed = session is not None
+        missed = 0
+        replay: list[str] = []
+        if session is None:
+            session = self._new_session(label, admin)
+        else:
+            replay, missed = session.resume_from(hello.last_seq or 0)
+            old = session.conn
+            if old is not None and old is not conn:
+                log.info("ws_session_taken_over", conn_id=old.id, by=conn.id, session=session.id)
+                self._apply(old, Close(p.CLOSE_TAKEN_OVER, "session taken over"))
+        # From here to the last replayed frame nothing awaits, so no live event can slip between.
+        session.conn = conn
+        session.detached_at = None
+        conn.session = session
+        conn.core.welcomed(self._clock())
+        self._schedule(conn)
+        conn.send(p.welcome(session.id, resumed, self.cfg.heartbeat_s, missed), force=True)
+        for frame in replay:
+            conn.send(frame, force=True)
+        log.info(
+            "ws_welcome",
+            conn_id=conn.id,
+            session=session.id,
+            resumed=resumed,
+            replayed=len(replay),
+            missed=missed,
+            token=label,
+        )
+
+    def _new_session(self, label: str, admin: bool) -> Session:
+        session = Session(id=new_session_id(), owner=label, admin=admin, replay=self._replay())
+        session.updated_at = self._wall()
+        self._sessions[session.id] = session
+        self._writes.mark(session)
+        return session
+
+    def _replay(self) -> ReplayBuffer:
+        cfg = self.cfg
+        return ReplayBuffer(cfg.replay_max_events, cfg.replay_max_bytes, cfg.replay_max_age_s)
+
+    async def _find_session(
+        self, session_id: str, label: str, admin: bool, conn: Connection
+    ) -> Session | None:
+        session = self._sessions.get(session_id)
+        if session is not None:
+            return session if hmac.compare_digest(session.owner, label) else None
+        try:
+            async with asyncio.timeout(min(5.0, self.cfg.hello_timeout_s)):
+                record = await self.store.load_session(session_id)
+                owner = await self._writes.owner_of(session_id) if record else None
+        except Exception as exc:
+            log.warning("hub_store_load_failed", conn_id=conn.id, error=repr(exc))
+            return None
+        if record is None or owner is None or not hmac.compare_digest(owner, label):
+            return None
+        session = self._sessions.get(session_id)  # another hello may have loaded it meanwhile
+        if session is None:
+            session = Session.from_record(record, owner=label, admin=admin, replay=self._replay())
+            session.detached_at = self._clock()
+            self._sessions[session_id] = session
+            for topic in session.topics:
+                self._topics.setdefault(topic, set()).add(session)
+            log.info("hub_session_loaded", session=session_id, last_seq=session.last_seq)
+        return session
+
+    # --- frames of an open connection ------------------------------------------------------
+    def _submit(self, conn: Connection, frame: p.Submit) -> None:
+        session = conn.session
+        assert session is not None
+        if not session.remember_job(frame.id):
+            conn.send(p.error("duplicate_id", "this session already used that job id", frame.id))
+            return
+        try:
+            image = base64.b64decode(frame.image_b64, validate=True)
+        except (binascii.Error, ValueError):
+            conn.send(p.error("bad_image", "'image' is not valid base64", frame.id))
+            return
+        if len(image) > self.cfg.max_image_bytes:
+            conn.send(
+                p.error("too_large", f"image exceeds {self.cfg.max_image_bytes} bytes", frame.id)
+            )
+            return
+        request = JobRequest(
+            job_id=f"ws:{session.id}:{frame.id}",
+            image=image,
+            prompt=frame.prompt,
+            max_tokens=frame.max_tokens,
+        )
+        try:
+            handle = self.engine.submit(request)
+        except EngineError as exc:
+            conn.send(p.error(exc.code, exc.message, frame.id))
+            return
+        except Exception:
+            log.exception("ws_submit_failed", conn_id=conn.id, job_id=frame.id)
+            conn.send(p.error("internal", "the engine failed to accept the job", frame.id))
+            return
+        task = asyncio.get_running_loop().create_task(self._run_job(session, frame.id, handle))
+        session.jobs[frame.id] = _Job(handle, task)
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        log.info("ws_job_submitted", conn_id=conn.id, session=session.id, job_id=frame.id)
+
+    async def _run_job(self, session: Session, job_id: str, handle: JobHandle) -> None:
+        """Stream a job's engine events into the session until its one terminal event."""
+        ended = False
+        try:
+            async for event in handle.events():
+                self._emit(session, p.event_tail(job_id, event))
+                if event.kind in TERMINAL_KINDS:
+                    ended = True
+                    break
+        except asyncio.CancelledError:
+            handle.cancel()
+            if not ended:
+                ended = True
+                failed = Failed("internal", "the server stopped before the job finished")
+                self._emit(session, p.event_tail(job_id, failed))
+            raise
+        except Exception:
+            log.exception("ws_job_failed", session=session.id, job_id=job_id)
+        finally:
+            if not ended:
+                failed = Failed("internal", "the job ended without a result")
+                self._emit(session, p.event_tail(job_id, failed))
+            session.jobs.pop(job_id, None)
+
+    def _emit(self, session: Session, tail: str) -> None:
+        frame = session.emit(tail, self._wall())
+        self._writes.dirty.add(session)
+        conn = session.conn
+        if conn is not None:
+            conn.send(frame)
+
+    def _cancel(self, conn: Connection, frame: p.Cancel) -> None:
+        session = conn.session
+        assert session is not None
+        job = session.jobs.get(frame.id)
+        if job is None:
+            conn.send(p.error("unknown_job", "no live job with that id", frame.id))
+            return
+        job.handle.cancel()
+        log.info("ws_job_cancel", conn_id=conn.id, job_id=frame.id)
+
+    def _subscribe(self, conn: Connection, topic: str) -> None:
+        session = conn.session
+        assert session is not None
+        if topic == "ops" and not session.admin:
+            conn.send(p.error("forbidden", "only admin tokens may subscribe to 'ops'"))
+            return
+        if topic not in session.topics:
+            if len(session.topics) >= self.cfg.max_topics:
+                conn.send(p.error("too_large", f"at most {self.cfg.max_topics} topics"))
+                return
+            session.topics.add(topic)
+            self._topics.setdefault(topic, set()).add(session)
+            session.header_dirty = True
+            self._writes.mark(session)
+        conn.send(p.subscribed(topic))
+
+    def _unsubscribe(self, conn: Connection, topic: str) -> None:
+        session = conn.session
+        assert session is not None
+        if topic in session.topics:
+            session.topics.discard(topic)
+            self._unindex(topic, session)
+            session.header_dirty = True
+            self._writes.mark(session)
+        conn.send(p.unsubscribed(topic))
+
+    def _unindex(self, topic: str, session: Session) -> None:
+        members = self._topics.get(topic)
+        if members is not None:
+            members.discard(session)
+            if not members:
+                del self._topics[topic]
+
+    def _ack(self, conn: Connection, seq: int) -> None:
+        session = conn.session
+        assert session is not None
+        if seq > session.last_seq:
+            conn.send(p.error("bad_frame", "ack beyond the last seq sent"))
+            return
+        session.ack(seq)
+        self._writes.mark(session)
+
+    # --- the lead's API --------------------------------------------------------------------
+    async def publish(self, topic: str, job_id: str, event: JobEvent) -> None:
+        """Stream an IM job's event to every session subscribed to ``topic`` (frames carry it)."""
+        members = self._topics.get(topic)
+        if not members:
+            return
+        tail = p.event_tail(job_id, event, topic)
+        for session in list(members):
+            self._emit(session, tail)
+
+    async def publish_ops(self, payload: dict[str, Any]) -> None:
+        """Send a live ops notice to connected sessions subscribed to ``ops`` (not replayed)."""
+        members = self._topics.get("ops")
+        if not members:
+            return
+        frame = p.ops(payload)
+        for session in members:
+            if session.conn is not None:
+                session.conn.send(frame)
+
+    def connections(self) -> list[ConnectionInfo]:
+        """Every live connection, for the dashboard and ``/api/connections``."""
+        now, wall = self._clock(), self._wall()
+        out = []
+        for conn in self._conns.values():
+            core = conn.core
+            session = conn.session
+            state = "closing" if conn.closing else core.phase.value
+            out.append(
+                ConnectionInfo(
+                    id=conn.id,
+                    session=session.id if session else None,
+                    remote=conn.remote,
+                    connected_at=wall - (now - core.connected_at),
+                    last_pong_at=None
+                    if core.last_pong_at is None
+                    else wall - (now - core.last_pong_at),
+                    rtt_ms=None if core.rtt_s is None else round(core.rtt_s * 1000, 3),
+                    topics=sorted(session.topics) if session else [],
+                    sent=conn.sent,
+                    received=core.received,
+                    state=state,
+                    token_label=conn.token_label,
+                )
+            )
+        return out
+
+    async def kick(self, conn_id: str) -> bool:
+        """Close a connection with 4000 (operator); False if there is no such connection."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.closing:
+            return False
+        log.info("ws_kicked", conn_id=conn_id)
+        self._apply(conn, Close(p.CLOSE_OPERATOR, "closed by operator"))
+        return True
+
+    @property
+    def session_count(self) -> int:
+        """Sessions held in memory (attached or waiting for a resume)."""
+        return len(self._sessions)
+
+    async def flush(self) -> None:
+        """Write every pending session change to the store now (tests, shutdown)."""
+        await self._writes.flush()
+
+
+def _sid(conn: Connection) -> str | None:
+    return conn.session.id if conn.session is not None else None

@@ -1,0 +1,161 @@
+"""A hub session: the part of a client that outlives its connections (seq, replay, topics, jobs).
+
+Pure state, no I/O: the hub assigns seqs and frames here and moves the results to sockets and
+the store. Sessions survive a dropped connection for ``session_ttl_s`` and a restart via the store.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.hub.protocol import event_frame
+from bridge.hub.replay import ReplayBuffer
+from bridge.store.base import SessionRecord, StoredEvent
+
+RECENT_JOB_IDS = 4096
+
+
+def new_session_id() -> str:
+    """An unguessable session id (192 random bits, URL-safe)."""
+    return "s_" + secrets.token_urlsafe(24)
+
+
+@dataclass(slots=True)
+class PersistBatch:
+    """What the write-behind task must store for one session."""
+
+    events: list[StoredEvent]
+    trim_through: int
+    record: SessionRecord | None
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """One client session: its seq counter and replay buffer, topics, live jobs and store state.
+
+    Attributes:
+        id: the session id handed out in ``welcome``.
+        owner: label of the token that created it; only that token may resume it.
+        admin: whether that token is an admin token (may subscribe to ``ops``).
+        replay: the bounded buffer of sent events.
+        topics: subscribed topics.
+        jobs: live jobs by client job id (the hub keeps the value: handle and task).
+        conn: the attached connection, or None while the client is away.
+        detached_at: monotonic time the last connection left (None while attached).
+    """
+
+    id: str
+    owner: str
+    admin: bool
+    replay: ReplayBuffer
+    topics: set[str] = field(default_factory=set)
+    jobs: dict[str, Any] = field(default_factory=dict)
+    recent_ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    conn: Any = None
+    detached_at: float | None = None
+    updated_at: float = 0.0
+    unsaved: list[StoredEvent] = field(default_factory=list)
+    saved_trim: int = 0
+    header_dirty: bool = True
+    owner_saved: bool = False
+
+    @property
+    def last_seq(self) -> int:
+        """The highest seq assigned so far."""
+        return self.replay.last_seq
+
+    def emit(self, tail: str, wall_now: float) -> str:
+        """Give an event the next seq, keep it for replay and the store; return its frame."""
+        seq = self.replay.last_seq + 1
+        frame = event_frame(seq, tail)
+        ev = StoredEvent(seq=seq, ts=wall_now, frame=frame)
+        self.replay.append(ev)
+        self.unsaved.append(ev)
+        if len(self.unsaved) > 2 * self.replay.max_events:
+            self._drop_unsaved_trimmed()
+        self.updated_at = wall_now
+        return frame
+
+    def remember_job(self, job_id: str) -> bool:
+        """Record a client job id; False if this session used it recently (a duplicate)."""
+        if job_id in self.jobs or job_id in self.recent_ids:
+            return False
+        self.recent_ids[job_id] = None
+        while len(self.recent_ids) > RECENT_JOB_IDS:
+            self.recent_ids.popitem(last=False)
+        return True
+
+    def resume_from(self, last_seq: int) -> tuple[list[str], int]:
+        """Frames to replay after ``last_seq`` and the count no longer kept (``missed``)."""
+        events, missed = self.replay.since(last_seq)
+        return [ev.frame for ev in events], missed
+
+    def ack(self, seq: int) -> None:
+        """Drop replay up to ``seq``."""
+        self.replay.ack(seq)
+
+    def _drop_unsaved_trimmed(self) -> None:
+        first = self.replay.first_seq
+        if self.unsaved and self.unsaved[0].seq < first:
+            self.unsaved = [ev for ev in self.unsaved if ev.seq >= first]
+
+    def take_batch(self, wall_now: float) -> PersistBatch | None:
+        """Everything not yet written to the store, or None when the store is up to date."""
+        self._drop_unsaved_trimmed()
+        trim = self.replay.first_seq - 1
+        if not self.unsaved and trim <= self.saved_trim and not self.header_dirty:
+            return None
+        events, self.unsaved = self.unsaved, []
+        record = None
+        if self.header_dirty or events or trim > self.saved_trim:
+            record = self.record(wall_now)
+        self.header_dirty = False
+        return PersistBatch(events=events, trim_through=trim, record=record)
+
+    def batch_done(self, batch: PersistBatch) -> None:
+        """The store holds ``batch`` now."""
+        self.saved_trim = max(self.saved_trim, batch.trim_through)
+
+    def batch_failed(self, batch: PersistBatch) -> None:
+        """Writing ``batch`` failed: keep it for the next flush (ahead of newer events)."""
+        self.unsaved = batch.events + self.unsaved
+        self.header_dirty = True
+
+    def record(self, wall_now: float) -> SessionRecord:
+        """The session header as the store keeps it."""
+        return SessionRecord(
+            session_id=self.id,
+            last_seq=self.replay.last_seq,
+            first_seq=self.replay.first_seq,
+            topics=sorted(self.topics),
+            updated_at=self.updated_at or wall_now,
+        )
+
+    @classmethod
+    def from_record(
+        cls,
+        record: SessionRecord,
+        *,
+        owner: str,
+        admin: bool,
+        replay: ReplayBuffer,
+    ) -> Session:
+        """Rebuild a session the store kept (after a restart, or from another node)."""
+        kept = [ev for ev in record.events if ev.seq >= record.first_seq]
+        replay.restore(kept, record.last_seq)
+        topics = {t for t in record.topics if admin or t != "ops"}
+        session = cls(
+            id=record.session_id,
+            owner=owner,
+            admin=admin,
+            replay=replay,
+            topics=topics,
+            updated_at=record.updated_at,
+        )
+        session.saved_trim = replay.first_seq - 1
+        session.header_dirty = False
+        session.owner_saved = True
+        return session

@@ -1,0 +1,384 @@
+"""``sqlite:///PATH``: the embedded default store, one WAL-mode file that survives ``kill -9``.
+
+Durability choice: ``synchronous=FULL`` by default. In WAL mode ``NORMAL`` already survives a killed
+process, but a power cut or kernel crash may drop the last commits, and the bridge tells an IM
+platform "200, got it" right after :meth:`SqliteStore.inbox_add` returns: the platform then never
+re-delivers, so an acknowledged event must be on stable storage. FULL fsyncs the WAL on each commit;
+group commit in :mod:`bridge.store.sqlite_worker` folds concurrent callers into one fsync. Operators
+who accept the power-cut window can pass ``?synchronous=normal``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import structlog
+
+from bridge.store.base import (
+    INBOX_DONE_RETENTION_S,
+    InboxEntry,
+    SessionRecord,
+    StoredEvent,
+    StoreUnavailable,
+)
+from bridge.store.checks import (
+    check_entry,
+    check_events,
+    check_key,
+    check_limit,
+    check_seq,
+    check_ttl,
+    check_value,
+)
+from bridge.store.sqlite_schema import migrate
+from bridge.store.sqlite_worker import SqliteWorker
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+_SYNC_MODES = {"full": "FULL", "normal": "NORMAL", "extra": "EXTRA"}
+
+
+def parse_sqlite_url(url: str) -> tuple[Path, str]:
+    """Split ``sqlite:///rel/path`` or ``sqlite:////abs/path`` into a path and a synchronous mode.
+
+    Raises:
+        ValueError: not an ``sqlite://`` URL, a host was given, no path, or an unknown option.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise ValueError(f"not an sqlite URL: {parts.scheme!r}")
+    if parts.netloc:
+        raise ValueError("sqlite URL takes no host: use sqlite:///relative or sqlite:////absolute")
+    raw = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if not raw or raw.endswith("/"):
+        raise ValueError("sqlite URL needs a file path, e.g. sqlite:///var/bridge.db")
+    query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
+    unknown = set(query) - {"synchronous"}
+    if unknown:
+        raise ValueError(f"unknown sqlite URL option(s): {', '.join(sorted(unknown))}")
+    mode = query.get("synchronous", ["full"])[-1].lower()
+    if mode not in _SYNC_MODES:
+        raise ValueError(f"synchronous must be one of {sorted(_SYNC_MODES)}, not {mode!r}")
+    return Path(raw), _SYNC_MODES[mode]
+
+
+class SqliteStore:
+    """A :class:`~bridge.store.base.Store` in one SQLite file, driven from a dedicated thread.
+
+    Args:
+        url: ``sqlite:///var/bridge.db`` (relative to the working directory) or
+            ``sqlite:////abs/path.db``, optionally ``?synchronous=normal``.
+        clock: wall-clock seconds; injected by tests to drive TTL expiry.
+        purge_interval_s: how often (by ``clock``) expired rows are deleted in passing.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        clock: Callable[[], float] = time.time,
+        purge_interval_s: float = 60.0,
+    ) -> None:
+        self.url = url
+        self.path, self._synchronous = parse_sqlite_url(url)
+        self._clock = clock
+        self._purge_interval_s = purge_interval_s
+        self._last_purge = float("-inf")
+        self._worker: SqliteWorker | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if str(mode).lower() != "wal":
+            conn.close()
+            raise StoreUnavailable(f"sqlite could not switch {self.path} to WAL (got {mode})")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        before = migrate(conn)
+        log.info("sqlite_store_opened", path=str(self.path), schema_from=before)
+        return conn
+
+    async def open(self) -> None:
+        if self._worker is not None:
+            return
+        worker = SqliteWorker(self._connect)
+        try:
+            await worker.start()
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+        self._worker = worker
+
+    async def close(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await worker.stop()
+
+    async def _call(self, fn: Callable[[sqlite3.Connection, float], T]) -> T:
+        if self._worker is None:
+            raise StoreUnavailable("sqlite store is not open")
+        now = self._clock()
+        purge = now - self._last_purge >= self._purge_interval_s
+        if purge:
+            self._last_purge = now
+
+        def run(conn: sqlite3.Connection) -> T:
+            if purge:
+                _purge(conn, now)
+            return fn(conn, now)
+
+        return await self._worker.call(run)
+
+    async def ping(self) -> None:
+        await self._call(lambda conn, now: conn.execute("SELECT 1").fetchone())
+
+    async def purge_expired(self) -> None:
+        """Delete expired keys, values, counters, old inbox tombstones and sessions now."""
+        await self._call(_purge)
+
+    # --- dedupe and idempotency --------------------------------------------------------------
+    async def claim(self, key: str, ttl_s: float) -> bool:
+        check_key(key)
+        check_ttl(ttl_s)
+
+        def op(conn: sqlite3.Connection, now: float) -> bool:
+            row = conn.execute("SELECT expires_at FROM claims WHERE key = ?", (key,)).fetchone()
+            if row is not None and row[0] > now:
+                return False
+            conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?)", (key, now + ttl_s))
+            return True
+
+        return await self._call(op)
+
+    async def release(self, key: str) -> None:
+        check_key(key)
+        await self._call(lambda conn, now: conn.execute("DELETE FROM claims WHERE key = ?", (key,)))
+
+    async def get_value(self, key: str) -> str | None:
+        check_key(key)
+
+        def op(conn: sqlite3.Connection, now: float) -> str | None:
+            row = conn.execute(
+                "SELECT value FROM kv WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (key, now),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._call(op)
+
+    async def set_value(self, key: str, value: str, ttl_s: float | None = None) -> None:
+        check_key(key)
+        check_value(value)
+        if ttl_s is not None:
+            check_ttl(ttl_s)
+        await self._call(
+            lambda conn, now: conn.execute(
+                "INSERT OR REPLACE INTO kv VALUES (?, ?, ?)",
+                (key, value, None if ttl_s is None else now + ttl_s),
+            )
+        )
+
+    async def incr(self, key: str, ttl_s: float) -> int:
+        check_key(key)
+        check_ttl(ttl_s)
+
+        def op(conn: sqlite3.Connection, now: float) -> int:
+            row = conn.execute(
+                "SELECT value, expires_at FROM counters WHERE key = ?", (key,)
+            ).fetchone()
+            if row is None or row[1] <= now:
+                conn.execute("INSERT OR REPLACE INTO counters VALUES (?, 1, ?)", (key, now + ttl_s))
+                return 1
+            conn.execute("UPDATE counters SET value = value + 1 WHERE key = ?", (key,))
+            return int(row[0]) + 1
+
+        return await self._call(op)
+
+    # --- the IM inbox ------------------------------------------------------------------------
+    async def inbox_add(self, entry: InboxEntry) -> None:
+        check_entry(entry)
+        await self._call(
+            lambda conn, now: conn.execute(
+                "INSERT OR IGNORE INTO inbox (entry_id, payload, accepted_at, attempts)"
+                " VALUES (?, ?, ?, ?)",
+                (entry.entry_id, entry.payload, entry.accepted_at, entry.attempts),
+            )
+        )
+
+    async def inbox_attempt(self, entry_id: str) -> int:
+        check_key(entry_id, "entry_id")
+
+        def op(conn: sqlite3.Connection, now: float) -> int:
+            row = conn.execute(
+                "UPDATE inbox SET attempts = attempts + 1"
+                " WHERE entry_id = ? AND completed_at IS NULL RETURNING attempts",
+                (entry_id,),
+            ).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self._call(op)
+
+    async def inbox_pending(self, limit: int = 100) -> list[InboxEntry]:
+        check_limit(limit)
+
+        def op(conn: sqlite3.Connection, now: float) -> list[InboxEntry]:
+            rows = conn.execute(
+                "SELECT entry_id, payload, accepted_at, attempts FROM inbox"
+                " WHERE completed_at IS NULL ORDER BY accepted_at, rowid LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [InboxEntry(str(r[0]), bytes(r[1]), float(r[2]), int(r[3])) for r in rows]
+
+        return await self._call(op)
+
+    async def inbox_complete(self, entry_id: str) -> None:
+        check_key(entry_id, "entry_id")
+        await self._call(
+            lambda conn, now: conn.execute(
+                "INSERT INTO inbox (entry_id, payload, accepted_at, completed_at)"
+                " VALUES (?, x'', ?, ?) ON CONFLICT (entry_id) DO UPDATE"
+                " SET completed_at = excluded.completed_at, payload = x''"
+                " WHERE completed_at IS NULL",
+                (entry_id, now, now),
+            )
+        )
+
+    # --- sessions and replay -----------------------------------------------------------------
+    async def load_session(self, session_id: str) -> SessionRecord | None:
+        check_key(session_id, "session_id")
+
+        def op(conn: sqlite3.Connection, now: float) -> SessionRecord | None:
+            rec = _live_session(conn, session_id, now)
+            if rec is None:
+                return None
+            rows = conn.execute(
+                "SELECT seq, ts, frame FROM events WHERE session_id = ? AND seq >= ? ORDER BY seq",
+                (session_id, rec.first_seq),
+            ).fetchall()
+            rec.events = [StoredEvent(int(r[0]), float(r[1]), str(r[2])) for r in rows]
+            return rec
+
+        return await self._call(op)
+
+    async def save_session(self, record: SessionRecord, ttl_s: float) -> None:
+        check_key(record.session_id, "session_id")
+        check_seq(record.last_seq, "last_seq")
+        check_seq(record.first_seq, "first_seq")
+        check_ttl(ttl_s)
+        topics = json.dumps(list(record.topics))
+
+        def op(conn: sqlite3.Connection, now: float) -> None:
+            sid = record.session_id
+            _live_session(conn, sid, now)  # drops an expired one with its events
+            conn.execute(
+                "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
+                (sid, record.last_seq, record.first_seq, topics, record.updated_at, now + ttl_s),
+            )
+            conn.execute(
+                "DELETE FROM events WHERE session_id = ? AND seq < ?", (sid, record.first_seq)
+            )
+
+        await self._call(op)
+
+    async def append_events(
+        self, session_id: str, events: Sequence[StoredEvent], ttl_s: float
+    ) -> None:
+        check_key(session_id, "session_id")
+        check_events(events)
+        check_ttl(ttl_s)
+        batch = list(events)
+
+        def op(conn: sqlite3.Connection, now: float) -> None:
+            rec = _live_session(conn, session_id, now)
+            if rec is None:
+                rec = SessionRecord(session_id=session_id)
+                conn.execute(
+                    "INSERT INTO sessions VALUES (?, 0, 1, '[]', ?, ?)",
+                    (session_id, now, now + ttl_s),
+                )
+            fresh = [(session_id, e.seq, e.ts, e.frame) for e in batch if e.seq > rec.last_seq]
+            conn.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)", fresh)
+            last = fresh[-1][1] if fresh else rec.last_seq
+            conn.execute(
+                "UPDATE sessions SET last_seq = ?, updated_at = ?, expires_at = ?"
+                " WHERE session_id = ?",
+                (last, now, now + ttl_s, session_id),
+            )
+
+        await self._call(op)
+
+    async def trim_events(self, session_id: str, through_seq: int) -> None:
+        check_key(session_id, "session_id")
+        check_seq(through_seq, "through_seq")
+
+        def op(conn: sqlite3.Connection, now: float) -> None:
+            rec = _live_session(conn, session_id, now)
+            if rec is None:
+                return
+            conn.execute(
+                "DELETE FROM events WHERE session_id = ? AND seq <= ?", (session_id, through_seq)
+            )
+            first = max(rec.first_seq, min(through_seq, rec.last_seq) + 1)
+            conn.execute(
+                "UPDATE sessions SET first_seq = ? WHERE session_id = ?", (first, session_id)
+            )
+
+        await self._call(op)
+
+    async def delete_session(self, session_id: str) -> None:
+        check_key(session_id, "session_id")
+
+        def op(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute("DELETE FROM events WHERE session_id = ?", (session_id,))
+            conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+
+        await self._call(op)
+
+
+def _live_session(conn: sqlite3.Connection, session_id: str, now: float) -> SessionRecord | None:
+    """The session's header if alive; an expired one is deleted with its events and gives None."""
+    row = conn.execute(
+        "SELECT last_seq, first_seq, topics, updated_at, expires_at FROM sessions"
+        " WHERE session_id = ?",
+        (session_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    if row[4] <= now:
+        conn.execute("DELETE FROM events WHERE session_id = ?", (session_id,))
+        conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+        return None
+    topics = json.loads(row[2])
+    return SessionRecord(
+        session_id=session_id,
+        last_seq=int(row[0]),
+        first_seq=int(row[1]),
+        topics=[str(t) for t in topics],
+        updated_at=float(row[3]),
+    )
+
+
+def _purge(conn: sqlite3.Connection, now: float) -> None:
+    """Delete everything whose time is up, so the file does not grow without bound."""
+    conn.execute("DELETE FROM claims WHERE expires_at <= ?", (now,))
+    conn.execute("DELETE FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
+    conn.execute("DELETE FROM counters WHERE expires_at <= ?", (now,))
+    conn.execute(
+        "DELETE FROM inbox WHERE completed_at IS NOT NULL AND completed_at <= ?",
+        (now - INBOX_DONE_RETENTION_S,),
+    )
+    conn.execute(
+        "DELETE FROM events WHERE session_id IN"
+        " (SELECT session_id FROM sessions WHERE expires_at <= ?)",
+        (now,),
+    )
+    conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))

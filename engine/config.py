@@ -1,0 +1,62 @@
+"""Engine settings: one frozen dataclass mirroring the ``bridge serve`` engine options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How the engine loads its model and schedules jobs.
+
+    Attributes:
+        model: ``tiny`` (the built-in random-weight model), a local folder or a Hugging Face id.
+        device: ``auto`` (every CUDA device, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``auto`` (bf16 on CUDA when supported, else fp32), ``float32``, ``float16``,
+            ``bfloat16``.
+        device_map: passed to ``from_pretrained`` (e.g. ``auto``) for a model larger than one
+            GPU; the engine then runs a single replica spanning the devices.
+        max_batch: most jobs in one ``generate`` call.
+        batch_wait_ms: how long the first waiting job may wait for others to join its batch.
+        queue_size: waiting jobs before new ones are refused with ``busy``.
+        max_new_tokens: cap on generated tokens per job.
+        job_timeout_s: default deadline of a job from submission.
+        cache_ttl_s: how long a finished answer may be served again (0 disables the cache).
+        cache_max_bytes: the answer cache's size bound.
+        max_pixels: images with more pixels (read from the header) are refused undecoded.
+        warmup: run a short generate on every replica before reporting ready.
+        decode_threads: threads decoding images off the event loop.
+        busy_retry_after_s: the ``retry_after`` hint sent with ``busy``.
+    """
+
+    model: str = "tiny"
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    max_batch: int = 8
+    batch_wait_ms: float = 10.0
+    queue_size: int = 256
+    max_new_tokens: int = 256
+    job_timeout_s: float = 120.0
+    cache_ttl_s: float = 600.0
+    cache_max_bytes: int = 64 * 2**20
+    max_pixels: int = 50_000_000
+    warmup: bool = True
+    decode_threads: int = 2
+    busy_retry_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        if self.batch_wait_ms < 0:
+            raise ValueError("batch_wait_ms must be >= 0")
+        if self.queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.job_timeout_s <= 0:
+            raise ValueError("job_timeout_s must be > 0")
+        if self.max_pixels < 1:
+            raise ValueError("max_pixels must be >= 1")
+        if self.decode_threads < 1:
+            raise ValueError("decode_threads must be >= 1")

@@ -1,0 +1,407 @@
+"""The engine: accepts jobs, decodes their images off the loop, batches them onto worker threads
+(one model replica per device) and streams each job's events back to its caller."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import structlog
+
+from engine.batcher import Batcher
+from engine.cache import AnswerCache, CachedAnswer, cache_key
+from engine.config import EngineConfig
+from engine.images import ImageLimits, load_image
+from engine.job import Dispatcher, Handle, Job
+from engine.model import Replica, RowResult, resolve_devices
+from engine.stats import EngineStats
+from engine.types import (
+    BusyError,
+    Done,
+    EngineError,
+    EngineObserver,
+    EngineStatus,
+    Failed,
+    JobRequest,
+    Queued,
+    Started,
+)
+from engine.worker import Worker
+
+log = structlog.get_logger(__name__)
+
+MAX_PROMPT_CHARS = 32_000
+MAX_IMAGE_BYTES = 64 * 2**20
+
+
+class Engine:
+    """In-process inference worker pool with dynamic batching, streaming and backpressure.
+
+    Construct, ``await start()``, then ``submit()`` jobs from the event loop thread. Every job's
+    event stream ends with exactly one ``Done`` or ``Failed``.
+    """
+
+    def __init__(self, config: EngineConfig, observer: EngineObserver | None = None) -> None:
+        self.config = config
+        self._observer = observer
+        self._stats = EngineStats()
+        self._cache = AnswerCache(config.cache_ttl_s, config.cache_max_bytes)
+        self._batcher = Batcher(
+            capacity=config.queue_size,
+            max_batch=config.max_batch,
+            wait_s=config.batch_wait_ms / 1000.0,
+            retry_after_s=config.busy_retry_after_s,
+            on_depth=observer.on_queue_depth if observer is not None else None,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._decode_pool: ThreadPoolExecutor | None = None
+        self._workers: list[Worker] = []
+        self._retired: list[Worker] = []
+        self._model_name = config.model
+        self._dtype = ""
+        self._limits = ImageLimits(max_pixels=config.max_pixels)
+        self._ready = False
+        self._closing = False
+        self._reason: str | None = "starting"
+        self._live: set[Job] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._swap_lock = asyncio.Lock()
+        self._worker_seq = 0
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Load the model on every device off the loop, warm it up, start the workers.
+
+        Raises:
+            EngineError: code ``internal`` when the model cannot be loaded.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._dispatcher = Dispatcher(self._loop)
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=self.config.decode_threads, thread_name_prefix="engine-decode"
+        )
+        self._reason = "loading model"
+        try:
+            replicas = await asyncio.to_thread(self._load_replicas, self.config.model)
+        except Exception as exc:
+            self._reason = f"model load failed: {exc}"
+            log.error("engine.start_failed", model=self.config.model, error=str(exc))
+            message = f"cannot load model {self.config.model!r}: {exc}"
+            raise EngineError("internal", message) from exc
+        self._install(replicas, self.config.model)
+        self._ready = True
+        self._reason = None
+        log.info(
+            "engine.ready",
+            model=self._model_name,
+            workers=len(self._workers),
+            devices=[w.replica.device for w in self._workers],
+            dtype=self._dtype,
+        )
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Refuse new jobs, let running ones finish within ``grace_s``, cancel the rest."""
+        if self._closing:
+            return
+        self._closing = True
+        self._ready = False
+        self._reason = "stopping"
+        if self._live:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
+        for job in list(self._live):
+            if job.fail("cancelled", "the engine stopped before the job finished"):
+                self._batcher.discard(job)
+        self._batcher.close()
+        workers = self._workers + self._retired
+        for worker in workers:
+            worker.retire()
+        await asyncio.to_thread(_join_all, workers, max(grace_s, 1.0))
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            worker.replica.close()
+        self._reason = "stopped"
+        log.info("engine.stopped", model=self._model_name)
+
+    def _load_replicas(self, model: str) -> list[Replica]:
+        """Load one replica per device (worker thread); close what was loaded if any fails."""
+        replicas: list[Replica] = []
+        try:
+            for device in resolve_devices(self.config.device, self.config.device_map):
+                replica = Replica.load(model, device, self.config.dtype, self.config.device_map)
+                replicas.append(replica)
+                if self.config.warmup:
+                    replica.warmup()
+        except BaseException:
+            for replica in replicas:
+                replica.close()
+            raise
+        return replicas
+
+    def _install(self, replicas: list[Replica], model: str) -> None:
+        """Start workers for ``replicas`` and make them the ones serving new batches."""
+        assert self._dispatcher is not None
+        workers = []
+        for replica in replicas:
+            self._worker_seq += 1
+            worker = Worker(
+                f"w{self._worker_seq}-{replica.device}",
+                replica,
+                self._batcher,
+                self._dispatcher,
+                self,
+            )
+            workers.append(worker)
+        first = replicas[0]
+        self._limits = ImageLimits(
+            max_pixels=self.config.max_pixels,
+            pixel_budget=first.pixel_budget,
+            min_short_edge=first.min_short_edge,
+        )
+        self._model_name = model
+        self._dtype = str(first.dtype).removeprefix("torch.")
+        self._workers = workers
+        for worker in workers:
+            worker.start()
+
+    async def swap_model(self, model: str) -> None:
+        """Load ``model`` in the background while serving, then switch to it atomically.
+
+        Batches already running finish on the old model; waiting jobs run on the new one. On a
+        load failure the old model keeps serving.
+
+        Raises:
+            EngineError: code ``internal`` when the new model cannot be loaded.
+        """
+        if not self._ready:
+            raise EngineError("internal", "the engine is not running")
+        async with self._swap_lock:
+            log.info("engine.swap_started", old=self._model_name, new=model)
+            try:
+                replicas = await asyncio.to_thread(self._load_replicas, model)
+            except Exception as exc:
+                log.error("engine.swap_failed", old=self._model_name, new=model, error=str(exc))
+                raise EngineError("internal", f"cannot load model {model!r}: {exc}") from exc
+            old = self._workers
+            self._install(replicas, model)
+            self._cache.clear()
+            self._retired.extend(old)
+            for worker in old:
+                worker.retire()
+            self._spawn(self._reap(old))
+            log.info("engine.swap_done", model=model)
+
+    async def _reap(self, workers: list[Worker]) -> None:
+        """Wait for retired workers to finish their batches, then free their models."""
+        while not await asyncio.to_thread(_join_all, workers, 1.0):
+            pass
+        for worker in workers:
+            worker.replica.close()
+            if worker in self._retired:
+                self._retired.remove(worker)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---------------------------------------------------------------------------------- jobs
+
+    def submit(self, request: JobRequest) -> Handle:
+        """Accept a job; its events start with ``Queued``. Call from the event loop thread.
+
+        Raises:
+            BusyError: the queue is full (or the engine is not ready / stopping).
+            EngineError: ``bad_request`` or ``too_large`` for requests that can never run.
+        """
+        if not self._ready or self._closing or self._loop is None or self._dispatcher is None:
+            raise BusyError("the engine is not ready", self.config.busy_retry_after_s)
+        max_tokens = request.max_tokens
+        if max_tokens is None:
+            max_tokens = self.config.max_new_tokens
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise EngineError("bad_request", "max_tokens must be a positive integer")
+        max_tokens = min(max_tokens, self.config.max_new_tokens)
+        timeout = self.config.job_timeout_s if request.timeout_s is None else request.timeout_s
+        if not timeout > 0:
+            raise EngineError("bad_request", "timeout_s must be positive")
+        if not isinstance(request.prompt, str):
+            raise EngineError("bad_request", "prompt must be text")
+        if len(request.prompt) > MAX_PROMPT_CHARS:
+            raise EngineError("too_large", f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        if not isinstance(request.image, bytes | bytearray | memoryview):
+            raise EngineError("bad_request", "image must be bytes")
+        if len(request.image) > MAX_IMAGE_BYTES:
+            raise EngineError("too_large", f"image is larger than {MAX_IMAGE_BYTES} bytes")
+        position = self._batcher.reserve()
+        job = Job(request, max_tokens, timeout, self._dispatcher, self._on_terminal)
+        job.on_closed = self._on_closed
+        self._live.add(job)
+        self._idle.clear()
+        job.deliver(Queued(position))
+        job.timer = self._loop.call_later(timeout, self._expire, job)
+        assert self._decode_pool is not None
+        self._decode_pool.submit(self._prepare, job, self._limits, self._model_name)
+        log.debug("engine.job_queued", job_id=job.job_id, position=position)
+        return Handle(job, self._cancel)
+
+    def _prepare(self, job: Job, limits: ImageLimits, model: str) -> None:
+        """Decode thread: answer from the cache, or decode the image and queue the job."""
+        try:
+            if job.finished:
+                self._batcher.release()
+                return
+            if self._cache.enabled:
+                job.cache_key = cache_key(
+                    bytes(job.request.image), job.request.prompt, job.max_tokens, model
+                )
+                answer = self._cache.get(job.cache_key)
+                if answer is not None:
+                    self._batcher.release()
+                    job.started = True
+                    job.emit(Started())
+                    job.advance(answer.text)
+                    job.prompt_tokens = answer.prompt_tokens
+                    job.completion_tokens = answer.completion_tokens
+                    job.succeed(cached=True)
+                    return
+            job.image = load_image(bytes(job.request.image), limits)
+        except EngineError as exc:
+            self._batcher.release()
+            job.fail(exc.code, exc.message)
+            log.info("engine.job_refused", job_id=job.job_id, code=exc.code, reason=exc.message)
+            return
+        except Exception as exc:
+            self._batcher.release()
+            job.fail("internal", f"image preparation failed: {type(exc).__name__}")
+            log.exception("engine.prepare_failed", job_id=job.job_id)
+            return
+        self._batcher.push(job)
+
+    def _cancel(self, job: Job) -> None:
+        if job.fail("cancelled", "the job was cancelled"):
+            self._batcher.discard(job)
+            log.info("engine.job_cancelled", job_id=job.job_id)
+
+    def _expire(self, job: Job) -> None:
+        job.timer = None
+        if job.fail("timeout", "the job did not finish within its deadline"):
+            self._batcher.discard(job)
+            log.info("engine.job_timeout", job_id=job.job_id)
+
+    def _on_terminal(self, job: Job, event: Done | Failed) -> None:
+        """Any thread: the job's outcome is decided."""
+        seconds = time.monotonic() - job.submitted_at
+        if isinstance(event, Done):
+            outcome = "cached" if event.cached else "done"
+            tokens = 0 if event.cached else job.completion_tokens
+        else:
+            outcome, tokens = event.code, job.completion_tokens
+        if self._observer is not None:
+            self._observer.on_job_end(outcome, tokens, seconds)
+
+    def _on_closed(self, job: Job) -> None:
+        """Loop: the terminal event was delivered."""
+        self._live.discard(job)
+        if not self._live:
+            self._idle.set()
+
+    # -------------------------------------------------------------------- worker hooks (threads)
+
+    def on_batch(self, worker: Worker, size: int) -> None:
+        """A worker starts a generate call of ``size`` jobs."""
+        self._stats.batch(size)
+        if self._observer is not None:
+            self._observer.on_batch(size)
+
+    def on_row_end(self, worker: Worker, job: Job, result: RowResult) -> None:
+        """A job's row ended; finish it and remember the answer."""
+        self._stats.tokens(result.completion_tokens)
+        if result.reason == "stopped":
+            return  # cancelled or timed out: the job already has its outcome
+        job.prompt_tokens = result.prompt_tokens
+        job.completion_tokens = result.completion_tokens
+        if job.succeed() and job.cache_key is not None:
+            self._cache.put(
+                job.cache_key,
+                CachedAnswer(job.sent_text, result.prompt_tokens, result.completion_tokens),
+            )
+
+    def on_exit(self, worker: Worker, error: BaseException | None) -> None:
+        """A worker thread ended; when it died, retry its jobs and restart it on the loop."""
+        if error is None or self._loop is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._recover, worker)
+
+    def _recover(self, worker: Worker) -> None:
+        jobs, worker.in_flight = worker.in_flight, []
+        retry = []
+        for job in jobs:
+            job.attempts += 1
+            if job.finished:
+                continue
+            if job.attempts >= 2:
+                job.fail("internal", "the worker running this job failed twice")
+            else:
+                retry.append(job)
+        self._batcher.requeue(retry)
+        if not self._closing and not worker.retiring:
+            worker.restarts += 1
+            worker.start()
+            log.warning(
+                "engine.worker_restarted",
+                worker=worker.worker_id,
+                restarts=worker.restarts,
+                retried=[j.job_id for j in retry],
+            )
+
+    # -------------------------------------------------------------------------------- status
+
+    def status(self) -> EngineStatus:
+        """A snapshot for metrics, ``/readyz`` and the dashboard."""
+        memory: dict[str, int] = {}
+        for worker in self._workers:
+            memory.update(worker.replica.memory())
+        return EngineStatus(
+            ready=self._ready,
+            model=self._model_name,
+            dtype=self._dtype,
+            workers=tuple(w.status() for w in self._workers),
+            queue_depth=self._batcher.depth,
+            queue_capacity=self.config.queue_size,
+            batch_sizes=self._stats.batch_sizes(),
+            tokens_per_s=self._stats.tokens_per_s(),
+            gpu_memory=memory,
+            reason=self._reason,
+        )
+
+    @property
+    def cache(self) -> AnswerCache:
+        """The answer cache (for inspection)."""
+        return self._cache
+
+    @property
+    def workers(self) -> tuple[Worker, ...]:
+        """The workers serving new batches."""
+        return tuple(self._workers)
+
+
+def _join_all(workers: list[Worker], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    ok = True
+    for worker in workers:
+        ok = worker.join(max(0.0, deadline - time.monotonic())) and ok
+    return ok

@@ -1,0 +1,190 @@
+"""Turn untrusted image bytes into a bounded RGB picture, or refuse them with ``bad_image``.
+
+Runs on decode threads, never on the event loop. The pixel limit is checked from the header
+before any pixel is decoded, so a decompression bomb costs a few kilobytes, not gigabytes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from engine.types import EngineError
+
+DEFAULT_PIXEL_BUDGET = 1024 * 1024
+_WHITE = (255, 255, 255)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    """What an accepted image may be.
+
+    Attributes:
+        max_pixels: header width x height above this is refused before decoding.
+        pixel_budget: accepted images larger than this are downscaled to about this many pixels.
+        min_short_edge: downscaling never takes the short edge below this (the model's input size).
+    """
+
+    max_pixels: int = 50_000_000
+    pixel_budget: int = DEFAULT_PIXEL_BUDGET
+    min_short_edge: int = 0
+
+
+def bad_image(message: str) -> EngineError:
+    """The error every refused image raises."""
+    return EngineError("bad_image", message)
+
+
+def load_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode ``data`` into an RGB image no larger than the pixel budget.
+
+    EXIF orientation is applied; CMYK, grayscale, palette, alpha, 16-bit and animated images
+    (first frame) become plain RGB.
+
+    Args:
+        data: the encoded image as received.
+        limits: the pixel limit and budget.
+
+    Returns:
+        A fully loaded RGB image.
+
+    Raises:
+        EngineError: code ``bad_image`` for empty, unknown, truncated, oversized or corrupt data.
+    """
+    if not data:
+        raise bad_image("image is empty")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit replaces Pillow's global bomb check; its warning must not leak out.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise bad_image("data is not a supported image format") from None
+    except Image.DecompressionBombError:
+        raise bad_image("image has too many pixels") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise bad_image(f"cannot read image header: {exc}") from None
+    try:
+        return _decode(img, limits)
+    finally:
+        img.close()
+
+
+def _decode(img: Image.Image, limits: ImageLimits) -> Image.Image:
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise bad_image("image has no pixels")
+    if width * height > limits.max_pixels:
+        raise bad_image(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+        )
+    fmt = img.format or "unknown"
+    try:
+        if getattr(img, "is_animated", False):
+            img.seek(0)
+        target = _target_size(width, height, limits)
+        if target != (width, height) and fmt == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: less memory and time for big photos.
+            img.draft("RGB", target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+        oriented = ImageOps.exif_transpose(img)
+        rgb = _to_rgb(oriented if oriented is not None else img)
+    except EngineError:
+        raise
+    except Image.DecompressionBombError:
+        raise bad_image("image has too many pixels") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise bad_image(f"corrupt or truncated {fmt} image: {exc}") from None
+    except MemoryError:
+        raise bad_image("image is too large to decode") from None
+    return _downscale(rgb, limits)
+
+
+def _target_size(width: int, height: int, limits: ImageLimits) -> tuple[int, int]:
+    """The size an image is brought to: within the budget, short edge kept >= min_short_edge."""
+    pixels = width * height
+    if pixels <= limits.pixel_budget:
+        return width, height
+    scale = math.sqrt(limits.pixel_budget / pixels)
+    short = min(width, height)
+    if limits.min_short_edge and short * scale < limits.min_short_edge:
+        scale = limits.min_short_edge / short
+    if scale >= 1.0:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _downscale(img: Image.Image, limits: ImageLimits) -> Image.Image:
+    target = _target_size(img.width, img.height, limits)
+    if target == img.size:
+        return img
+    return img.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _wide_to_rgb(img)
+    if mode == "P":
+        has_alpha = "transparency" in img.info
+        img = img.convert("RGBA" if has_alpha else "RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, _WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def _wide_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit and float grayscale: rescale to 8 bits instead of clipping at 255."""
+    arr: np.ndarray[Any, Any] = np.asarray(img, dtype=np.float64)
+    peak = float(arr.max()) if arr.size else 0.0
+    if peak > 255.0:
+        arr = arr * (255.0 / (65535.0 if peak <= 65535.0 else peak))
+    gray = np.clip(arr, 0.0, 255.0).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def pixel_budget_of(image_processor: object) -> tuple[int, int]:
+    """Read ``(pixel_budget, min_short_edge)`` from a Hugging Face image processor.
+
+    Processors state their input size differently (a pixel count, an edge, a fixed height and
+    width); this maps each to the number of pixels worth keeping before the processor resizes.
+    """
+    size: Any = getattr(image_processor, "size", None)
+
+    def get(key: str) -> int | None:
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        return int(value) if isinstance(value, int | float) and value else None
+
+    attr = getattr(image_processor, "max_pixels", None)
+    if isinstance(attr, int) and attr > 0:
+        return attr, 0
+    max_px = get("max_pixels")
+    if max_px:
+        return max_px, 0
+    longest = get("longest_edge")
+    if longest:
+        # Some processors (Qwen-VL) store a pixel count under ``longest_edge``.
+        return (longest, 0) if longest > 16384 else (longest * longest, 0)
+    shortest = get("shortest_edge")
+    height, width = get("height"), get("width")
+    edge = shortest or max(height or 0, width or 0)
+    if edge:
+        # Fixed-size inputs: keep twice the edge so resampling in the processor stays good.
+        return max((2 * edge) ** 2, 64 * 64), edge
+    return DEFAULT_PIXEL_BUDGET, 0

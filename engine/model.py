@@ -1,0 +1,312 @@
+"""Loading a Hugging Face image-text-to-text model and running one batched ``generate`` on it.
+
+Architecture-neutral: everything model-specific comes from ``AutoProcessor`` (chat template,
+image preprocessing, padding) and ``AutoModelForImageTextToText``.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.utils import logging as hf_logging
+
+from engine.images import pixel_budget_of
+from engine.streamer import BatchStreamer
+
+log = structlog.get_logger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+FaultHook = Callable[[int], None]
+"""Called with the batch size right before ``generate``; tests raise from it to inject faults."""
+
+
+def resolve_model_path(model: str) -> str:
+    """``tiny`` → the built-in tiny model's folder; anything else is passed through."""
+    if model == "tiny":
+        from engine.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    return model
+
+
+def resolve_devices(device: str, device_map: str | None) -> list[str]:
+    """The devices to put one replica each on (or the single entry ``map`` for a device_map)."""
+    if device_map:
+        return ["map"]
+    if device == "auto":
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return ["cpu"]
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if device.startswith("cuda:"):
+        if not torch.cuda.is_available() or int(device[5:]) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} is not available")
+        return [device]
+    if device == "cpu":
+        return ["cpu"]
+    raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` picks bf16 on a CUDA device that supports it, fp16 on older ones, fp32 on CPU."""
+    if dtype == "auto":
+        if device.startswith("cuda") or device == "map":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        choices = "auto, float32, float16 or bfloat16"
+        raise ValueError(f"unknown dtype {dtype!r}; use {choices}") from None
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error from any torch backend."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@dataclass(slots=True)
+class RowResult:
+    """How one row of a batch ended."""
+
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _StepCriteria(StoppingCriteria):  # type: ignore[misc]
+    """Adapts :class:`BatchStreamer` to ``generate``: sees each step's new tokens, returns the
+    per-row finished flags (called on every step, before transformers' own streamer hook)."""
+
+    def __init__(self, streamer: BatchStreamer, on_step: Callable[[], None]) -> None:
+        self._streamer = streamer
+        self._on_step = on_step
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        tokens = input_ids[:, -1].tolist()
+        done = self._streamer.step(tokens)
+        self._on_step()
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass(frozen=True, slots=True)
+class RowSpec:
+    """One row's inputs for :meth:`Replica.generate`."""
+
+    image: Image.Image
+    prompt: str
+    max_tokens: int
+
+
+class Replica:
+    """One copy of the model on one device (or spread by a device_map).
+
+    ``generate`` is serialised by a lock: some models (Qwen-VL) keep per-call state on the model.
+    """
+
+    def __init__(
+        self, name: str, path: str, device: str, dtype: torch.dtype, model: Any, processor: Any
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.device = device
+        self.dtype = dtype
+        self.model = model
+        self.processor = processor
+        self.fault_hook: FaultHook | None = None
+        self._lock = threading.Lock()
+        tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer = tokenizer
+        tokenizer.padding_side = "left"
+        self.pad_id = _first_id(tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pixel_budget, self.min_short_edge = pixel_budget_of(
+            getattr(processor, "image_processor", None)
+        )
+        gen = GenerationConfig.from_model_config(model.config)
+        base = getattr(model, "generation_config", None)
+        if base is not None:
+            gen = GenerationConfig(**base.to_dict())
+        gen.do_sample = False
+        gen.num_beams = 1
+        gen.temperature = None
+        gen.top_p = None
+        gen.top_k = None
+        gen.pad_token_id = self.pad_id
+        gen.eos_token_id = sorted(self.eos_ids) or None
+        self.generation_config = gen
+
+    @classmethod
+    def load(
+        cls, name: str, device: str, dtype_name: str, device_map: str | None = None
+    ) -> Replica:
+        """Load processor and model onto ``device`` (``map`` = use ``device_map``)."""
+        hf_logging.disable_progress_bar()
+        path = resolve_model_path(name)
+        dtype = resolve_dtype(dtype_name, device)
+        started = time.monotonic()
+        processor = AutoProcessor.from_pretrained(path)
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if device == "map":
+            kwargs["device_map"] = device_map
+        model: Any = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        if device != "map":
+            model = model.to(device)
+        model.eval()
+        log.info(
+            "engine.model_loaded",
+            model=name,
+            device=device,
+            dtype=str(dtype),
+            seconds=round(time.monotonic() - started, 2),
+        )
+        return cls(name, path, device, dtype, model, processor)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the inputs go (the first parameter's device under a device_map)."""
+        return next(self.model.parameters()).device  # type: ignore[no-any-return]
+
+    def prompt_text(self, prompt: str) -> str:
+        """The chat-templated text for one image plus ``prompt``."""
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+        ]
+        return str(
+            self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        )
+
+    def generate(
+        self,
+        rows: Sequence[RowSpec],
+        on_text: Callable[[int, str], None],
+        on_end: Callable[[int, RowResult], None],
+        should_stop: Callable[[int], bool],
+        on_step: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Run one batched greedy ``generate``, streaming each row as it goes.
+
+        ``on_text(row, piece)`` gets each new piece of text, ``on_end(row, result)`` fires once
+        per row as soon as that row ends (EOS, its own ``max_tokens``, or ``should_stop``), so a
+        short answer is not held back by a long one in the same batch; ``on_step()`` follows
+        every decode step.
+
+        Raises:
+            torch.OutOfMemoryError: the batch does not fit (the caller splits and retries).
+        """
+        with self._lock, torch.inference_mode():
+            if self.fault_hook is not None:
+                self.fault_hook(len(rows))
+            texts = [self.prompt_text(r.prompt) for r in rows]
+            inputs = self.processor(
+                text=texts, images=[r.image for r in rows], padding=True, return_tensors="pt"
+            )
+            inputs = inputs.to(self.input_device)
+            pixels = inputs.get("pixel_values")
+            if pixels is not None and pixels.is_floating_point():
+                inputs["pixel_values"] = pixels.to(self.dtype)
+            prompt_tokens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+            streamer = BatchStreamer(
+                max_tokens=[r.max_tokens for r in rows],
+                eos_ids=self.eos_ids,
+                decode=self._decode,
+                on_text=on_text,
+                on_end=lambda i, reason: on_end(
+                    i, RowResult(reason, prompt_tokens[i], streamer.rows[i].produced)
+                ),
+                should_stop=should_stop,
+            )
+            config = copy.deepcopy(self.generation_config)
+            config.max_new_tokens = max(r.max_tokens for r in rows)
+            self.model.generate(
+                **inputs,
+                generation_config=config,
+                stopping_criteria=StoppingCriteriaList([_StepCriteria(streamer, on_step)]),
+            )
+            streamer.finish()
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def warmup(self) -> None:
+        """One short generate so kernels, caches and allocators are primed before serving."""
+        image = Image.new("RGB", (64, 64), (127, 127, 127))
+        self.generate(
+            [RowSpec(image, "Describe the image.", 2)],
+            on_text=lambda i, t: None,
+            on_end=lambda i, r: None,
+            should_stop=lambda i: False,
+        )
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of GPU memory allocated on this replica's CUDA device (empty on CPU)."""
+        if not self.device.startswith("cuda") or not torch.cuda.is_available():
+            return {}
+        return {self.device: int(torch.cuda.memory_allocated(torch.device(self.device)))}
+
+    def weight_bytes(self) -> int:
+        """Total bytes of the model's parameters."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def close(self) -> None:
+        """Drop the model so its memory can be reclaimed."""
+        self.model = None
+        free_memory()
+
+
+def free_memory() -> None:
+    """Return cached allocator blocks after an OOM or an unload."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _first_id(*ids: Any) -> int:
+    for value in ids:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, list) and value:
+            return int(value[0])
+    return 0
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    found: set[int] = set()
+    for value in (
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, list):
+            found.update(int(v) for v in value)
+    return found
