@@ -20,12 +20,13 @@ from aiohttp import web
 from adapters.base import Adapter
 from bridge.config import Settings
 from bridge.errors import error_response, json_errors
+from bridge.fanout import ClusterFanout
 from bridge.health import Readiness, add_health_routes
 from bridge.hub import Hub, HubConfig
 from bridge.logs import add_tap, remove_tap
 from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.observers import EngineMetrics, FeishuMetrics
-from bridge.relay import Relay
+from bridge.relay import Publisher, Relay
 from bridge.store import Store, StoreUnavailable, open_store
 from engine import Engine, EngineConfig
 from engine.types import EngineLike
@@ -33,6 +34,7 @@ from engine.types import EngineLike
 log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 16 * 2**20
+RUN_LEASE_S = 60.0
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -86,7 +88,24 @@ class BridgeApp:
             hub_config(settings), engine=self.engine, store=self.store, metrics=self.metrics
         )
         self.adapters: list[Adapter] = adapters if adapters is not None else self._build_adapters()
-        self.relay = Relay(self.store, self.engine, self.hub, self.adapters, clock=clock)
+        # On a shared (Redis) store several nodes cooperate: IM job events cross nodes on the
+        # bus and pending IM entries are answered under a run lease.
+        self.clustered = self.store.url.startswith(("redis://", "rediss://", "unix://"))
+        self.fanout: ClusterFanout | None = None
+        publisher: Publisher = self.hub
+        if self.clustered:
+            from bridge.cluster.redis_bus import RedisBus
+
+            self.fanout = ClusterFanout(RedisBus(self.store.url), self.hub)
+            publisher = self.fanout
+        self.relay = Relay(
+            self.store,
+            self.engine,
+            publisher,
+            self.adapters,
+            clock=clock,
+            lease_s=RUN_LEASE_S if self.clustered else None,
+        )
         self.draining = False
         self.started_at = clock()
         self._engine_error: str | None = None
@@ -200,6 +219,8 @@ class BridgeApp:
                 "store_unavailable_at_start", store=_safe_url(self.store.url), error=str(exc)
             )
         await self.hub.start()
+        if self.fanout is not None:
+            await self.fanout.start()
         add_tap(self.ops.errors.processor)
         self.ops.chart.start(self.ops.count_connections)
         self._runner = web.AppRunner(self.web, handle_signals=False, access_log=None)
@@ -234,6 +255,8 @@ class BridgeApp:
         await self.relay.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         with contextlib.suppress(Exception):
             await self.engine.stop(grace_s=max(0.0, deadline - asyncio.get_running_loop().time()))
+        if self.fanout is not None:
+            await self.fanout.stop()
         await self.ops.chart.stop()
         remove_tap(self.ops.errors.processor)
         for task in list(self._tasks):

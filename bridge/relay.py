@@ -59,6 +59,8 @@ class Relay:
         *,
         clock: Callable[[], float] = time.time,
         max_concurrency: int = 64,
+        lease_s: float | None = None,
+        sweep_s: float = 15.0,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -69,6 +71,10 @@ class Relay:
         self._slots = asyncio.Semaphore(max_concurrency)
         self._stopping = False
         self._recover_task: asyncio.Task[None] | None = None
+        # With a shared store (several nodes), a run lease keeps two nodes from answering one
+        # entry at once and lets the others take over a dead node's entries when it expires.
+        self._lease_s = lease_s
+        self._sweep_s = sweep_s
 
     @staticmethod
     def entry_id(msg: InboundMessage) -> str:
@@ -92,6 +98,8 @@ class Relay:
             log.info("im_duplicate", entry=entry_id, event_id=msg.event_id, claims=claims)
             return False
         log.info("im_accepted", entry=entry_id, chat=msg.chat_id, images=len(msg.images))
+        if self._lease_s is not None:
+            await self._store.claim(_lease_key(entry_id), self._lease_s)
         self._schedule(entry)
         return True
 
@@ -100,20 +108,31 @@ class Relay:
         self._recover_task = asyncio.create_task(self._recover(), name="relay-recover")
 
     async def _recover(self) -> None:
+        """Run pending entries now, then (with a shared store) sweep for expired leases."""
         delay = 0.5
         while not self._stopping:
             try:
-                pending = await self._store.inbox_pending(limit=1000)
+                await self._sweep()
             except StoreUnavailable as exc:
                 log.warning("relay_recover_store_unavailable", error=str(exc), retry_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
-            for entry in pending:
-                if entry.entry_id not in self._tasks:
-                    log.info("relay_recovered", entry=entry.entry_id)
-                    self._schedule(entry)
-            return
+            delay = 0.5
+            if self._lease_s is None:
+                return
+            await asyncio.sleep(self._sweep_s)
+
+    async def _sweep(self) -> None:
+        for entry in await self._store.inbox_pending(limit=1000):
+            if entry.entry_id in self._tasks:
+                continue
+            if self._lease_s is not None and not await self._store.claim(
+                _lease_key(entry.entry_id), self._lease_s
+            ):
+                continue  # another node is answering it
+            log.info("relay_recovered", entry=entry.entry_id)
+            self._schedule(entry)
 
     def _schedule(self, entry: InboxEntry) -> None:
         if entry.entry_id in self._tasks or self._stopping:
@@ -224,3 +243,7 @@ class Relay:
         if self._recover_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recover_task
+
+
+def _lease_key(entry_id: str) -> str:
+    return f"run:{entry_id}"

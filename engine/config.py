@@ -27,6 +27,7 @@ class EngineConfig:
         warmup: run a short generate on every replica before reporting ready.
         decode_threads: threads decoding images off the event loop.
         busy_retry_after_s: the ``retry_after`` hint sent with ``busy``.
+        ignore_eos: generate exactly ``max_tokens`` tokens (benchmarks with a fixed output length).
     """
 
     model: str = "tiny"
@@ -44,6 +45,7 @@ class EngineConfig:
     warmup: bool = True
     decode_threads: int = 2
     busy_retry_after_s: float = 1.0
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:

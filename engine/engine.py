@@ -140,7 +140,9 @@ class Engine:
         replicas: list[Replica] = []
         try:
             for device in resolve_devices(self.config.device, self.config.device_map):
-                replica = Replica.load(model, device, self.config.dtype, self.config.device_map)
+                replica = Replica.load(
+                    model, device, self.config.dtype, self.config.device_map, self.config.ignore_eos
+                )
                 replicas.append(replica)
                 if self.config.warmup:
                     replica.warmup()

@@ -132,7 +132,14 @@ class Replica:
     """
 
     def __init__(
-        self, name: str, path: str, device: str, dtype: torch.dtype, model: Any, processor: Any
+        self,
+        name: str,
+        path: str,
+        device: str,
+        dtype: torch.dtype,
+        model: Any,
+        processor: Any,
+        ignore_eos: bool = False,
     ) -> None:
         self.name = name
         self.path = path
@@ -146,7 +153,7 @@ class Replica:
         self.tokenizer = tokenizer
         tokenizer.padding_side = "left"
         self.pad_id = _first_id(tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = set() if ignore_eos else _eos_ids(model, tokenizer)
         self.pixel_budget, self.min_short_edge = pixel_budget_of(
             getattr(processor, "image_processor", None)
         )
@@ -165,7 +172,12 @@ class Replica:
 
     @classmethod
     def load(
-        cls, name: str, device: str, dtype_name: str, device_map: str | None = None
+        cls,
+        name: str,
+        device: str,
+        dtype_name: str,
+        device_map: str | None = None,
+        ignore_eos: bool = False,
     ) -> Replica:
         """Load processor and model onto ``device`` (``map`` = use ``device_map``)."""
         hf_logging.disable_progress_bar()
@@ -187,7 +199,7 @@ class Replica:
             dtype=str(dtype),
             seconds=round(time.monotonic() - started, 2),
         )
-        return cls(name, path, device, dtype, model, processor)
+        return cls(name, path, device, dtype, model, processor, ignore_eos)
 
     @property
     def input_device(self) -> torch.device:

@@ -27,9 +27,9 @@ CLUSTER_DB = 12
 
 __all__ = [
     "CLUSTER_DB",
-    "delete_prefix",
     "STORE_DB",
     "RedisServer",
+    "delete_prefix",
     "free_port",
     "private_redis",
     "redis_answers",

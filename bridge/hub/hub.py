@@ -236,8 +236,11 @@ class Hub:
                     log.info("ws_error", conn_id=conn_id, error=repr(ws.exception()))
                     break
         finally:
-            await conn.wait_closed()
-            self._unregister(conn)
+            try:
+                await conn.wait_closed()
+            finally:
+                # Also when aiohttp cancels this handler because the peer vanished.
+                self._unregister(conn)
         return ws
 
     def _register(self, conn: Connection) -> None:

@@ -76,7 +76,9 @@ class FakeFeishu:
 
     def fail_next(self, route: str, *, status: int = 200, code: int = 0, **headers: str) -> None:
         """Make the next ``route`` request fail this way (queue several for several)."""
-        self.faults.append(Fault(route, status, code, {k.replace("_", "-"): v for k, v in headers.items()}))
+        self.faults.append(
+            Fault(route, status, code, {k.replace("_", "-"): v for k, v in headers.items()})
+        )
 
     def expire_tokens(self) -> None:
         """Invalidate every issued token (the next call answers 99991663)."""
@@ -226,7 +228,7 @@ class FakeGateway:
     async def start(self) -> None:
         """Listen on a loopback port."""
         self._server = await serve(self._handle, "127.0.0.1", 0)
-        self.port = list(self._server.sockets)[0].getsockname()[1]
+        self.port = next(iter(self._server.sockets)).getsockname()[1]
 
     async def stop(self) -> None:
         """Close every connection and stop listening."""
@@ -245,11 +247,12 @@ class FakeGateway:
         if self.conn is not None:
             self.conn.transport.abort()
 
-    async def wait_connections(self, n: int, timeout: float = 10.0) -> None:
+    async def wait_connections(self, n: int, limit_s: float = 10.0) -> None:
         """Wait until ``n`` connections have been accepted in total."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit_s):
             while self.connections < n:
-                await asyncio.sleep(0.005)
+                self.connected.clear()
+                await self.connected.wait()
 
     async def _send_event(self, conn: ServerConnection, event: Pending) -> None:
         self.deliveries += 1

@@ -40,9 +40,7 @@ async def env() -> AsyncIterator[Env]:
     app = web.Application()
     dashboard = setup_dashboard(app, source, TOKEN, clock=clock, refresh_s=0.05)
     assert dashboard is not None
-    client: TestClient[web.Request, web.Application] = TestClient(
-        TestServer(app, host="127.0.0.1")
-    )
+    client: TestClient[web.Request, web.Application] = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
     try:
         yield Env(client, source, clock, dashboard)

@@ -52,14 +52,14 @@ class Harness:
         if self.clock is not None:
             self.clock.now += self.ttl + 1
 
-    async def eventually(self, check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> bool:
-        """``check()`` now (fake clock) or polled until true within ``timeout`` (real TTLs)."""
+    async def eventually(self, check: Callable[[], Awaitable[bool]], within: float = 10.0) -> bool:
+        """``check()`` now (fake clock) or polled until true ``within`` seconds (real TTLs)."""
         if self.clock is not None:
             return await check()
         import asyncio
 
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + within
         while True:
             if await check():
                 return True

@@ -61,9 +61,7 @@ async def test_two_nodes_race_for_one_claim(redis_store_url: str) -> None:
     for node in nodes:
         await node.open()
     try:
-        results = await asyncio.gather(
-            *(nodes[i % 2].claim("feishu:om_1", 60) for i in range(60))
-        )
+        results = await asyncio.gather(*(nodes[i % 2].claim("feishu:om_1", 60) for i in range(60)))
         assert results.count(True) == 1
         await nodes[0].append_events("s", [StoredEvent(1, 1.0, "a")], 60)
         rec = await nodes[1].load_session("s")  # a session resumes on the other node
@@ -74,8 +72,8 @@ async def test_two_nodes_race_for_one_claim(redis_store_url: str) -> None:
         delete_prefix(redis_store_url, prefix)
 
 
-async def _eventually_ok(store: RedisStore, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
+async def _eventually_ok(store: RedisStore, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
     while True:
         try:
             await store.ping()

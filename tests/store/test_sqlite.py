@@ -1,4 +1,4 @@
-"""SQLite store specifics: URLs, pragmas, schema versions, restart, purge, and ``kill -9`` durability."""
+"""SQLite store specifics: URLs, pragmas, schema, restart, purge and ``kill -9`` durability."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import asyncio
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +48,9 @@ async def test_open_store_picks_sqlite_and_creates_parent_dirs(tmp_path: Path) -
     assert (tmp_path / "deep/er/bridge.db").exists()
 
 
-async def test_relative_path_is_relative_to_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_relative_path_is_relative_to_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     store = SqliteStore("sqlite:///var/bridge.db")
     await store.open()
@@ -189,28 +189,31 @@ CHILD = textwrap.dedent(
 
 async def test_kill_9_loses_nothing_that_was_returned(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/b.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, url],
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CHILD,
+        url,
         cwd=REPO,
-        stdout=subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.stdout is not None
     acked: list[int] = []
-    deadline = time.monotonic() + 60
     try:
-        while len(acked) < 150 and time.monotonic() < deadline:
-            line = await asyncio.to_thread(proc.stdout.readline)
-            if not line:
-                break
-            if not line.startswith(b"acked "):
-                continue  # a log line
-            _, i, won = line.split()
-            assert won == b"1"
-            acked.append(int(i))
+        async with asyncio.timeout(60):
+            while len(acked) < 150:
+                line = await proc.stdout.readline()
+                if not line:
+                    break
+                if not line.startswith(b"acked "):
+                    continue  # a log line
+                _, seq, won = line.decode().split()
+                assert won == "1"
+                acked.append(int(seq))
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
     assert len(acked) >= 150, "child did not make progress"
     # Everything it printed before the kill must be on disk; the unread pipe may hold more.
     store = SqliteStore(url)

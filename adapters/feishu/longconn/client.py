@@ -115,7 +115,10 @@ class LongConnClient:
             started = self._monotonic()
             self._connected_at = None
             try:
-                self._status.set_state("connecting" if attempts == 0 else "reconnecting")
+                if self.connections == 0 and attempts == 0:
+                    self._status.set_state("connecting")
+                else:
+                    self._status.set_state("reconnecting")
                 endpoint = await self._api.ws_endpoint()
                 self._client_config = self._client_config.merged(endpoint.client_config)
                 await self._connect_once(endpoint)

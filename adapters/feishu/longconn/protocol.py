@@ -217,7 +217,9 @@ class LongConnProtocol:
             return
         config = self.config.merged(data)
         if config != self.config:
-            if config.ping_interval_s != self.config.ping_interval_s and self._last_ping_at:
+            if config.ping_interval_s != self.config.ping_interval_s and (
+                self._last_ping_at is not None
+            ):
                 self._next_ping_at = self._last_ping_at + config.ping_interval_s
             self.config = config
             self._events.append(ConfigChanged(config))

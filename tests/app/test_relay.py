@@ -1,0 +1,277 @@
+"""The relay: at-least-once IM deliveries become exactly one answer, also across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from adapters.base import (
+    AdapterStatus,
+    ImageFetchError,
+    ImageRef,
+    InboundMessage,
+    MessageSink,
+)
+from bridge.relay import BAD_IMAGE_REPLY, TEXT_ONLY_REPLY, Relay
+from bridge.store import Store
+from bridge.store.memory import MemoryStore
+from bridge.store.sqlite import SqliteStore
+from engine.types import BusyError, EngineStatus, JobEvent, JobRequest
+from tests.app.fakes import FakeEngine, FakeHandle
+
+
+@dataclass
+class Reply:
+    message_id: str
+    updates: list[str] = field(default_factory=list)
+    final: str | None = None
+    failed: str | None = None
+
+
+class FakeStream:
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+    @property
+    def reply_message_id(self) -> str:
+        return "r-" + self.reply.message_id
+
+    async def update(self, text_so_far: str) -> None:
+        self.reply.updates.append(text_so_far)
+
+    async def finish(self, final_text: str) -> None:
+        self.reply.final = final_text
+
+    async def fail(self, apology: str) -> None:
+        self.reply.failed = apology
+
+
+class FakeAdapter:
+    """Records replies keyed by message id, as Feishu's uuid idempotency would collapse them."""
+
+    platform = "feishu"
+
+    def __init__(self, image: bytes = b"\x89PNG fake") -> None:
+        self.image = image
+        self.replies: dict[str, Reply] = {}
+        self.posts = 0
+        self.texts: list[tuple[str, str]] = []
+        self.downloads = 0
+        self.fetch_error: str | None = None
+
+    async def start(self, sink: MessageSink) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def fetch_image(self, msg: InboundMessage, ref: ImageRef) -> bytes:
+        self.downloads += 1
+        if self.fetch_error:
+            raise ImageFetchError(self.fetch_error)
+        return self.image
+
+    async def open_reply(self, msg: InboundMessage) -> FakeStream:
+        self.posts += 1
+        reply = self.replies.setdefault(msg.message_id, Reply(msg.message_id))
+        return FakeStream(reply)
+
+    async def send_text_reply(self, msg: InboundMessage, text: str) -> None:
+        self.texts.append((msg.message_id, text))
+
+    def status(self) -> AdapterStatus:
+        return AdapterStatus("feishu", "webhook", "listening", True, 0.0)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, JobEvent]] = []
+
+    async def publish(self, topic: str, job_id: str, event: JobEvent) -> None:
+        self.events.append((topic, job_id, event))
+
+
+def message(mid: str = "om_1", eid: str = "ev_1", images: int = 1, text: str = "") -> InboundMessage:
+    return InboundMessage(
+        platform="feishu",
+        chat_id="oc_chat",
+        message_id=mid,
+        event_id=eid,
+        sender_id="ou_user",
+        text=text,
+        images=tuple(ImageRef(f"img_{i}") for i in range(images)),
+        message_type="image" if images else "text",
+        received_at=1.0,
+    )
+
+
+async def ready_engine() -> FakeEngine:
+    engine = FakeEngine("a cat on a sofa")
+    engine.loaded.set()
+    await engine.start()
+    return engine
+
+
+async def settle(relay: Relay) -> None:
+    for _ in range(500):
+        if not relay._tasks:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("relay did not settle")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(f"sqlite:///{tmp_path}/b.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_four_deliveries_give_one_answer_streamed_to_chat_and_hub(store: Store) -> None:
+    engine, adapter, hub = await ready_engine(), FakeAdapter(), Recorder()
+    relay = Relay(store, engine, hub, [adapter])
+    results = [await relay.accept(message(eid=f"ev_{i}")) for i in range(4)]
+    await settle(relay)
+    assert results == [True, False, False, False]
+    assert len(engine.submitted) == 1 and adapter.downloads == 1 and adapter.posts == 1
+    reply = adapter.replies["om_1"]
+    assert reply.final == "a cat on a sofa"
+    assert reply.updates[-1] == "a cat on a sofa"
+    assert {topic for topic, _, _ in hub.events} == {"chat:feishu:oc_chat"}
+    assert [e.kind for _, _, e in hub.events][-1] == "done"
+    assert await store.inbox_pending() == []
+
+
+async def test_same_event_id_on_another_message_id_is_a_duplicate(store: Store) -> None:
+    engine, adapter = await ready_engine(), FakeAdapter()
+    relay = Relay(store, engine, Recorder(), [adapter])
+    assert await relay.accept(message("om_1", "ev_same")) is True
+    assert await relay.accept(message("om_2", "ev_same")) is False
+    await settle(relay)
+    assert len(engine.submitted) == 1
+
+
+async def test_restart_between_deliveries_still_one_answer(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bridge.db"
+    adapter = FakeAdapter()
+    first = SqliteStore(url)
+    await first.open()
+    relay = Relay(first, await ready_engine(), Recorder(), [adapter])
+    assert await relay.accept(message()) is True
+    await settle(relay)
+    await relay.stop(1.0)
+    await first.close()
+
+    second = SqliteStore(url)
+    await second.open()
+    engine2 = await ready_engine()
+    relay2 = Relay(second, engine2, Recorder(), [adapter])
+    await relay2.start()
+    assert await relay2.accept(message()) is False
+    await settle(relay2)
+    await relay2.stop(1.0)
+    await second.close()
+    assert adapter.posts == 1 and engine2.submitted == []
+
+
+class StuckEngine(FakeEngine):
+    """Accepts jobs and never answers: the process 'dies' mid-job."""
+
+    def submit(self, request: JobRequest) -> FakeHandle:
+        self.submitted.append(request)
+        handle = FakeHandle(request, self.answer)
+
+        async def never() -> AsyncIterator[JobEvent]:
+            await asyncio.Event().wait()
+            yield  # type: ignore[misc]
+
+        handle.events = never  # type: ignore[method-assign]
+        return handle
+
+
+async def test_accepted_but_unanswered_job_is_rerun_after_restart(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bridge.db"
+    adapter = FakeAdapter()
+    first = SqliteStore(url)
+    await first.open()
+    stuck = StuckEngine()
+    stuck.loaded.set()
+    relay = Relay(first, stuck, Recorder(), [adapter])
+    assert await relay.accept(message()) is True
+    for _ in range(200):
+        if stuck.submitted:
+            break
+        await asyncio.sleep(0.01)
+    await relay.stop(0.1)  # the answer never came: the entry stays pending
+    await first.close()
+
+    second = SqliteStore(url)
+    await second.open()
+    relay2 = Relay(second, await ready_engine(), Recorder(), [adapter])
+    await relay2.start()
+    for _ in range(500):
+        if adapter.replies["om_1"].final:
+            break
+        await asyncio.sleep(0.01)
+    await settle(relay2)
+    assert adapter.replies["om_1"].final == "a cat on a sofa"
+    assert await relay2.accept(message()) is False
+    assert await second.inbox_pending() == []
+    await relay2.stop(1.0)
+    await second.close()
+
+
+async def test_text_only_gets_a_helpful_reply_and_bad_image_an_apology(store: Store) -> None:
+    engine, adapter, hub = await ready_engine(), FakeAdapter(), Recorder()
+    relay = Relay(store, engine, hub, [adapter])
+    await relay.accept(message("om_t", "ev_t", images=0, text="hello"))
+    adapter.fetch_error = "image too large"
+    await relay.accept(message("om_b", "ev_b"))
+    await settle(relay)
+    assert ("om_t", TEXT_ONLY_REPLY) in adapter.texts
+    assert ("om_b", BAD_IMAGE_REPLY) in adapter.texts
+    assert engine.submitted == []
+    assert [e.kind for _, j, e in hub.events if j == "feishu:om_b"] == ["error"]
+
+
+class BusyOnceEngine(FakeEngine):
+    def __init__(self) -> None:
+        super().__init__("ok")
+        self.refusals = 0
+
+    def submit(self, request: JobRequest) -> FakeHandle:
+        if self.refusals == 0:
+            self.refusals += 1
+            raise BusyError(retry_after=0.01)
+        return super().submit(request)
+
+    def status(self) -> EngineStatus:
+        return super().status()
+
+
+async def test_busy_engine_is_retried_not_lost(store: Store) -> None:
+    engine, adapter = BusyOnceEngine(), FakeAdapter()
+    engine.loaded.set()
+    await engine.start()
+    relay = Relay(store, engine, Recorder(), [adapter])
+    await relay.accept(message())
+    await settle(relay)
+    assert engine.refusals == 1 and adapter.replies["om_1"].final == "ok"
+
+
+async def test_intake_failure_raises_so_the_platform_redelivers() -> None:
+    store = MemoryStore()
+    store.available = False
+    relay = Relay(store, await ready_engine(), Recorder(), [FakeAdapter()])
+    from bridge.store import StoreUnavailable
+
+    with pytest.raises(StoreUnavailable):
+        await relay.accept(message())
+    store.available = True
+    assert await relay.accept(message()) is True
+    await settle(relay)

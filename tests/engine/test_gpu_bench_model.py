@@ -1,0 +1,53 @@
+"""The GPU benchmark's model builder, shrunk to CPU size, so the script cannot rot unnoticed.
+
+It checks the written folder (config, tokenizer ids, chat template) and generates with the model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "engine_gpu.py"
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("engine_gpu_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_config_shape() -> None:
+    bench = _load_bench()
+    config = bench.merged_config()
+    assert config["hidden_size"] == 2048 and config["num_hidden_layers"] == 36
+    assert config["vocab_size"] == 151936 and config["vision_config"]["depth"] == 32
+
+
+def test_shrunken_model_builds_loads_and_generates(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+    bench = _load_bench()
+    model_dir = bench.build_model(tmp_path / "qwen", overrides=bench.SHRUNK, dtype="float32")
+    config = AutoConfig.from_pretrained(model_dir)
+    assert config.model_type == "qwen2_5_vl" and config.image_token_id == 151655
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == config.image_token_id
+    assert tokenizer.eos_token_id == config.eos_token_id
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "w1 w2"}]}],
+        add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 4
+    assert len(bench.photos()) == len(bench.PHOTOS)

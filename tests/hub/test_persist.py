@@ -1,0 +1,36 @@
+"""Write-behind to the store: batches, trims, owner binding, and surviving a store outage."""
+
+from __future__ import annotations
+
+from bridge.hub.persist import WriteBehind
+from bridge.hub.replay import ReplayBuffer
+from bridge.hub.session import Session
+from bridge.store.memory import MemoryStore
+
+
+async def test_write_behind_survives_an_outage_and_trims() -> None:
+    store = MemoryStore()
+    writes = WriteBehind(store, ttl_s=60.0, wall=lambda: 100.0)
+    session = Session(id="s1", owner="tok-a", admin=False, replay=ReplayBuffer(5, 10_000, 60.0))
+    session.topics.add("chat:feishu:x")
+    for _ in range(3):
+        session.emit('"id":"j","kind":"started"}', 100.0)
+    writes.mark(session)
+    store.available = False
+    await writes.flush()
+    assert writes.failures == 1 and session in writes.dirty
+    for _ in range(4):
+        session.emit('"id":"j","kind":"started"}', 100.0)
+    store.available = True
+    await writes.flush()
+    record = await store.load_session("s1")
+    assert record is not None and record.last_seq == 7 and record.first_seq == 3
+    assert [e.seq for e in record.events] == [3, 4, 5, 6, 7]
+    assert record.topics == ["chat:feishu:x"]
+    assert await writes.owner_of("s1") == "tok-a"
+    session.ack(5)
+    writes.mark(session)
+    await writes.flush()
+    record = await store.load_session("s1")
+    assert record is not None and [e.seq for e in record.events] == [6, 7]
+    assert not writes.dirty
