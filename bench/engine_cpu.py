@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import Done, Engine, EngineConfig, JobRequest  # noqa: E402
+from engine import Done, Engine, EngineConfig, JobRequest
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 PHOTOS = ["chelsea.jpg", "coffee.jpg", "rocket.jpg", "hubble.jpg", "astronaut.png"]
@@ -32,8 +32,9 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-async def run_level(engine: Engine, images: list[bytes], jobs: int, concurrency: int,
-                    max_tokens: int, tag: str) -> dict[str, float]:
+async def run_level(
+    engine: Engine, images: list[bytes], jobs: int, concurrency: int, max_tokens: int, tag: str
+) -> dict[str, float]:
     """Push ``jobs`` jobs through ``engine`` from ``concurrency`` clients."""
     latencies: list[float] = []
     tokens = 0
@@ -42,8 +43,12 @@ async def run_level(engine: Engine, images: list[bytes], jobs: int, concurrency:
     async def client() -> None:
         nonlocal tokens
         for i in counter:
-            req = JobRequest(job_id=f"{tag}-{i}", image=images[i % len(images)],
-                             prompt=f"Describe the image, variant {i}.", max_tokens=max_tokens)
+            req = JobRequest(
+                job_id=f"{tag}-{i}",
+                image=images[i % len(images)],
+                prompt=f"Describe the image, variant {i}.",
+                max_tokens=max_tokens,
+            )
             started = time.perf_counter()
             handle = engine.submit(req)
             last = None
@@ -77,34 +82,51 @@ async def main() -> None:
     images = [(IMAGES / name).read_bytes() for name in PHOTOS]
 
     def config(max_batch: int) -> EngineConfig:
-        return EngineConfig(model="tiny", device="cpu", max_batch=max_batch,
-                            batch_wait_ms=args.batch_wait_ms, queue_size=1024,
-                            max_new_tokens=args.max_tokens, cache_ttl_s=0, job_timeout_s=600)
+        return EngineConfig(
+            model="tiny",
+            device="cpu",
+            max_batch=max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+            queue_size=1024,
+            max_new_tokens=args.max_tokens,
+            cache_ttl_s=0,
+            job_timeout_s=600,
+        )
 
     results: dict[tuple[str, int], dict[str, float]] = {}
+    occupancy: dict[tuple[str, int], float] = {}
     for mode, max_batch in (("sequential", 1), ("batched", args.max_batch)):
         engine = Engine(config(max_batch))
         await engine.start()
         try:
             for c in levels:
-                results[(mode, c)] = await run_level(engine, images, args.jobs, c,
-                                                     args.max_tokens, f"{mode}{c}")
-            sizes = engine.status().batch_sizes
+                engine._stats = type(engine._stats)()  # per-level slot occupancy
+                results[(mode, c)] = await run_level(
+                    engine, images, args.jobs, c, args.max_tokens, f"{mode}{c}"
+                )
+                occupancy[(mode, c)] = engine.slot_occupancy
         finally:
             await engine.stop()
-        print(f"{mode}: batch sizes {sizes}", file=sys.stderr)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}")
-    print(f"jobs per level: {args.jobs}, max_tokens: {args.max_tokens}, "
-          f"max_batch: {args.max_batch}, batch_wait_ms: {args.batch_wait_ms}\n")
-    print("| concurrency | sequential jobs/s | p50 s | p95 s | batched jobs/s | p50 s | p95 s "
-          "| speed-up |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}"
+    )
+    print(
+        f"jobs per level: {args.jobs}, max_tokens: {args.max_tokens}, "
+        f"max_batch: {args.max_batch}, batch_wait_ms: {args.batch_wait_ms}\n"
+    )
+    print(
+        "| concurrency | sequential jobs/s | p50 s | p95 s | batched jobs/s | p50 s | p95 s "
+        "| speed-up |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for c in levels:
         s, b = results[("sequential", c)], results[("batched", c)]
-        print(f"| {c} | {s['jobs_s']:.1f} | {s['p50']:.3f} | {s['p95']:.3f} | {b['jobs_s']:.1f} "
-              f"| {b['p50']:.3f} | {b['p95']:.3f} | {b['jobs_s'] / s['jobs_s']:.2f}x |")
+        print(
+            f"| {c} | {s['jobs_s']:.1f} | {s['p50']:.3f} | {s['p95']:.3f} | {b['jobs_s']:.1f} "
+            f"| {b['p50']:.3f} | {b['p95']:.3f} | {b['jobs_s'] / s['jobs_s']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import asyncio
 import copy
 import importlib.util
 import io
+import itertools
 import shutil
 import statistics
 import subprocess
@@ -32,8 +33,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
-PHOTOS = ["astronaut.png", "chelsea.jpg", "coffee.jpg", "hubble.jpg", "rocket.jpg",
-          "coffee_4032x3024.jpg"]
+PHOTOS = [
+    "astronaut.png",
+    "chelsea.jpg",
+    "coffee.jpg",
+    "hubble.jpg",
+    "rocket.jpg",
+    "coffee_4032x3024.jpg",
+]
 H100_BANDWIDTH = 3.35e12
 
 # The published Qwen2.5-VL-3B-Instruct configuration (architecture fields only).
@@ -115,8 +122,14 @@ SHRUNK: dict[str, Any] = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-    "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                      "out_hidden_size": 64, "fullatt_block_indexes": [1]},
+    "vision_config": {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "fullatt_block_indexes": [1],
+    },
 }
 
 
@@ -145,7 +158,7 @@ def _tokenizer(vocab_size: int) -> Any:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -157,8 +170,13 @@ def _tokenizer(vocab_size: int) -> Any:
     return fast
 
 
-def build_model(out_dir: Path, overrides: dict[str, Any] | None = None, device: str = "cpu",
-                dtype: str = "bfloat16", seed: int = 0) -> Path:
+def build_model(
+    out_dir: Path,
+    overrides: dict[str, Any] | None = None,
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+    seed: int = 0,
+) -> Path:
     """Write a random-weight Qwen2.5-VL model (config, weights, processor) to ``out_dir``.
 
     Args:
@@ -179,14 +197,15 @@ def build_model(out_dir: Path, overrides: dict[str, Any] | None = None, device: 
     torch.manual_seed(seed)
     torch_dtype = getattr(torch, dtype)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch_dtype)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch_dtype)  # type: ignore[no-untyped-call]
     model.eval()
     model.generation_config.eos_token_id = spec["eos_token_id"]
     model.generation_config.pad_token_id = spec["pad_token_id"]
     model.generation_config.do_sample = False
     tokenizer = _tokenizer(spec["vocab_size"])
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=448 * 448 // 4, max_pixels=1024 * 1024,
+        min_pixels=448 * 448 // 4,
+        max_pixels=1024 * 1024,
         patch_size=spec["vision_config"]["patch_size"],
         merge_size=spec["vision_config"]["spatial_merge_size"],
         temporal_patch_size=spec["vision_config"]["temporal_patch_size"],
@@ -241,8 +260,17 @@ class GpuSampler:
         while not self._stop.is_set():
             try:
                 out = subprocess.run(
-                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                     "--id=0"], capture_output=True, text=True, timeout=5, check=True)
+                    [
+                        "nvidia-smi",
+                        "--query-gpu=utilization.gpu",
+                        "--format=csv,noheader,nounits",
+                        "--id=0",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                    check=True,
+                )
                 self.samples.append(float(out.stdout.strip().splitlines()[0]))
             except (OSError, subprocess.SubprocessError, ValueError, IndexError):
                 return
@@ -254,15 +282,31 @@ class GpuSampler:
         return statistics.fmean(self.samples) if self.samples else 0.0
 
 
-async def throughput(model_dir: Path, images: list[bytes], jobs: int, concurrency: int,
-                     max_tokens: int, max_batch: int) -> dict[str, float]:
+async def throughput(
+    model_dir: Path,
+    images: list[bytes],
+    jobs: int,
+    concurrency: int,
+    max_tokens: int,
+    max_batch: int,
+) -> dict[str, float]:
     """Jobs/s, tokens/s, p50/p95 latency and GPU utilisation for one engine setting."""
     from engine import Done, Engine, EngineConfig, JobRequest
 
-    engine = Engine(EngineConfig(model=str(model_dir), device="auto", dtype="bfloat16",
-                                 max_batch=max_batch, batch_wait_ms=5, queue_size=4096,
-                                 max_new_tokens=max_tokens, cache_ttl_s=0, job_timeout_s=3600,
-                                 ignore_eos=True))
+    engine = Engine(
+        EngineConfig(
+            model=str(model_dir),
+            device="auto",
+            dtype="bfloat16",
+            max_batch=max_batch,
+            batch_wait_ms=5,
+            queue_size=4096,
+            max_new_tokens=max_tokens,
+            cache_ttl_s=0,
+            job_timeout_s=3600,
+            ignore_eos=True,
+        )
+    )
     await engine.start()
     latencies: list[float] = []
     counter = iter(range(jobs))
@@ -270,8 +314,9 @@ async def throughput(model_dir: Path, images: list[bytes], jobs: int, concurrenc
     async def client() -> None:
         for i in counter:
             started = time.perf_counter()
-            handle = engine.submit(JobRequest(f"g{i}", images[i % len(images)],
-                                              f"Describe photo {i}.", max_tokens))
+            handle = engine.submit(
+                JobRequest(f"g{i}", images[i % len(images)], f"Describe photo {i}.", max_tokens)
+            )
             last = None
             async for event in handle.events():
                 last = event
@@ -288,10 +333,14 @@ async def throughput(model_dir: Path, images: list[bytes], jobs: int, concurrenc
     finally:
         await engine.stop()
     latencies.sort()
-    return {"jobs_s": jobs / wall, "tokens_s": jobs * max_tokens / wall,
-            "p50": statistics.median(latencies),
-            "p95": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
-            "gpu_util": sampler.mean, "batches": float(sum(sizes.values()))}
+    return {
+        "jobs_s": jobs / wall,
+        "tokens_s": jobs * max_tokens / wall,
+        "p50": statistics.median(latencies),
+        "p95": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "gpu_util": sampler.mean,
+        "batches": float(sum(sizes.values())),
+    }
 
 
 def decode_step_time(model_dir: Path, batch: int, steps: int = 64) -> tuple[float, int]:
@@ -311,11 +360,16 @@ def decode_step_time(model_dir: Path, batch: int, steps: int = 64) -> tuple[floa
         stamps.append(time.perf_counter())
 
     replica.warmup()
-    replica.generate(rows, on_text=lambda i, t: None, on_end=lambda i, r: None,
-                     should_stop=lambda i: False, on_step=mark)
+    replica.generate(
+        rows,
+        on_text=lambda i, t: None,
+        on_end=lambda i, r: None,
+        should_stop=lambda i: False,
+        on_step=mark,
+    )
     weight_bytes = replica.weight_bytes()
     replica.close()
-    gaps = [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]  # skip prefill
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]  # stamps[0] follows the prefill
     return statistics.median(gaps), weight_bytes
 
 
@@ -326,10 +380,15 @@ async def main() -> None:
     parser.add_argument("--jobs", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--bandwidth", type=float, default=H100_BANDWIDTH,
-                        help="memory bandwidth in bytes/s for the floor")
-    parser.add_argument("--model-dir", type=Path, default=None,
-                        help="reuse a model folder built earlier")
+    parser.add_argument(
+        "--bandwidth",
+        type=float,
+        default=H100_BANDWIDTH,
+        help="memory bandwidth in bytes/s for the floor",
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="reuse a model folder built earlier"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
@@ -344,25 +403,32 @@ async def main() -> None:
     try:
         images = photos()
         seq = await throughput(model_dir, images, args.jobs, args.concurrency, args.max_tokens, 1)
-        bat = await throughput(model_dir, images, args.jobs, args.concurrency, args.max_tokens,
-                               args.concurrency)
+        bat = await throughput(
+            model_dir, images, args.jobs, args.concurrency, args.max_tokens, args.concurrency
+        )
         step1, weight_bytes = decode_step_time(model_dir, 1)
         step16, _ = decode_step_time(model_dir, args.concurrency)
     finally:
         if tmp is not None and args.model_dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
     floor = weight_bytes / args.bandwidth
-    print(f"device: {torch.cuda.get_device_name(0)}; weights {weight_bytes / 1e9:.2f} GB bf16; "
-          f"jobs {args.jobs}, max_tokens {args.max_tokens} (fixed), concurrency {args.concurrency}")
+    print(
+        f"device: {torch.cuda.get_device_name(0)}; weights {weight_bytes / 1e9:.2f} GB bf16; "
+        f"jobs {args.jobs}, max_tokens {args.max_tokens} (fixed), concurrency {args.concurrency}"
+    )
     print("| mode | jobs/s | tokens/s | p50 s | p95 s | GPU util % |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, r in (("sequential", seq), ("batched", bat)):
-        print(f"| {name} | {r['jobs_s']:.2f} | {r['tokens_s']:.0f} | {r['p50']:.2f} "
-              f"| {r['p95']:.2f} | {r['gpu_util']:.0f} |")
+        print(
+            f"| {name} | {r['jobs_s']:.2f} | {r['tokens_s']:.0f} | {r['p50']:.2f} "
+            f"| {r['p95']:.2f} | {r['gpu_util']:.0f} |"
+        )
     print(f"speed-up at {args.concurrency}: {bat['jobs_s'] / seq['jobs_s']:.2f}x")
-    print(f"decode step: batch 1 {step1 * 1e3:.2f} ms, batch {args.concurrency} "
-          f"{step16 * 1e3:.2f} ms; bandwidth floor {floor * 1e3:.2f} ms "
-          f"({floor / step1:.0%} of floor reached at batch 1)")
+    print(
+        f"decode step: batch 1 {step1 * 1e3:.2f} ms, batch {args.concurrency} "
+        f"{step16 * 1e3:.2f} ms; bandwidth floor {floor * 1e3:.2f} ms "
+        f"({floor / step1:.0%} of floor reached at batch 1)"
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from engine.cache import AnswerCache, CachedAnswer, cache_key
 from engine.config import EngineConfig
 from engine.images import ImageLimits, load_image
 from engine.job import Dispatcher, Handle, Job
-from engine.model import Replica, RowResult, resolve_devices
+from engine.model import Replica, RowResult, StepUsage, resolve_devices
 from engine.stats import EngineStats
 from engine.types import (
     BusyError,
@@ -328,6 +328,10 @@ class Engine:
         if self._observer is not None:
             self._observer.on_batch(size)
 
+    def on_batch_end(self, worker: Worker, usage: StepUsage) -> None:
+        """A generate call finished; record how many of its decode slots did useful work."""
+        self._stats.slots(usage.steps * usage.rows, usage.active_row_steps)
+
     def on_row_end(self, worker: Worker, job: Job, result: RowResult) -> None:
         """A job's row ended; finish it and remember the answer."""
         self._stats.tokens(result.completion_tokens)
@@ -394,6 +398,11 @@ class Engine:
     def cache(self) -> AnswerCache:
         """The answer cache (for inspection)."""
         return self._cache
+
+    @property
+    def slot_occupancy(self) -> float:
+        """Share of computed decode row-steps that served a live row (1.0 = no padding waste)."""
+        return self._stats.slot_occupancy()
 
     @property
     def workers(self) -> tuple[Worker, ...]:

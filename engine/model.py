@@ -117,6 +117,20 @@ class _StepCriteria(StoppingCriteria):  # type: ignore[misc]
 
 
 @dataclass(frozen=True, slots=True)
+class StepUsage:
+    """How well one generate call used its decode slots.
+
+    ``active_row_steps / (steps * rows)`` is the share of computed row-steps that produced a
+    token for a live row; the rest is padding for rows that already ended, the waste continuous
+    batching would reclaim.
+    """
+
+    steps: int
+    active_row_steps: int
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
 class RowSpec:
     """One row's inputs for :meth:`Replica.generate`."""
 
@@ -222,7 +236,7 @@ class Replica:
         on_end: Callable[[int, RowResult], None],
         should_stop: Callable[[int], bool],
         on_step: Callable[[], None] = lambda: None,
-    ) -> None:
+    ) -> StepUsage:
         """Run one batched greedy ``generate``, streaming each row as it goes.
 
         ``on_text(row, piece)`` gets each new piece of text, ``on_end(row, result)`` fires once
@@ -263,6 +277,7 @@ class Replica:
                 stopping_criteria=StoppingCriteriaList([_StepCriteria(streamer, on_step)]),
             )
             streamer.finish()
+            return StepUsage(streamer.steps, streamer.active_row_steps, len(rows))
 
     def _decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))

@@ -18,6 +18,8 @@ class EngineStats:
         self._batches: Counter[int] = Counter()
         self._tokens: deque[tuple[float, int]] = deque()
         self.tokens_total = 0
+        self._slot_total = 0
+        self._slot_used = 0
         self.jobs_total = 0
 
     def batch(self, size: int) -> None:
@@ -33,6 +35,17 @@ class EngineStats:
             self.tokens_total += count
             self.jobs_total += 1
             self._trim(now)
+
+    def slots(self, total: int, used: int) -> None:
+        """Count ``total`` computed row-steps of which ``used`` served a live row."""
+        with self._lock:
+            self._slot_total += total
+            self._slot_used += used
+
+    def slot_occupancy(self) -> float:
+        """Used over computed row-steps so far (1.0 before any batch)."""
+        with self._lock:
+            return self._slot_used / self._slot_total if self._slot_total else 1.0
 
     def batch_sizes(self) -> dict[int, int]:
         """How many generate calls ran at each batch size."""

@@ -88,9 +88,12 @@ class BatchStreamer:
         self._on_text = on_text
         self._on_end = on_end
         self._should_stop = should_stop
+        self.steps = 0
+        self.active_row_steps = 0  # row-steps that produced a token for a live row
 
     def step(self, tokens: Sequence[int]) -> list[bool]:
         """Consume one token per row; return each row's finished flag."""
+        self.steps += 1
         for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True)):
             if row.done:
                 continue
@@ -98,6 +101,7 @@ class BatchStreamer:
                 self._end(i, "stopped", flush=False)
                 continue
             row.produced += 1
+            self.active_row_steps += 1
             if token in self._eos:
                 self._end(i, "eos")
                 continue

@@ -15,7 +15,7 @@ import structlog
 
 from engine.batcher import Batcher
 from engine.job import Dispatcher, Job
-from engine.model import Replica, RowResult, RowSpec, free_memory, is_oom
+from engine.model import Replica, RowResult, RowSpec, StepUsage, free_memory, is_oom
 from engine.types import Started, WorkerStatus
 
 log = structlog.get_logger(__name__)
@@ -26,6 +26,10 @@ class WorkerHooks(Protocol):
 
     def on_batch(self, worker: Worker, size: int) -> None:
         """A generate call is about to start with ``size`` jobs."""
+        ...
+
+    def on_batch_end(self, worker: Worker, usage: StepUsage) -> None:
+        """A generate call returned normally."""
         ...
 
     def on_row_end(self, worker: Worker, job: Job, result: RowResult) -> None:
@@ -181,10 +185,11 @@ class Worker:
             return False
 
         with self._dispatcher.batch():
-            self.replica.generate(
+            usage = self.replica.generate(
                 rows,
                 on_text=on_text,
                 on_end=on_end,
                 should_stop=should_stop,
                 on_step=self._dispatcher.flush,
             )
+        self._hooks.on_batch_end(self, usage)

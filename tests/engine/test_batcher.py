@@ -46,8 +46,9 @@ def test_partial_batch_released_after_wait(dispatcher: Dispatcher) -> None:
 
 def test_capacity_counts_decoding_jobs_and_busy(dispatcher: Dispatcher) -> None:
     depths: list[int] = []
-    batcher = Batcher(capacity=2, max_batch=8, wait_s=0.0, retry_after_s=3.0,
-                      on_depth=depths.append)
+    batcher = Batcher(
+        capacity=2, max_batch=8, wait_s=0.0, retry_after_s=3.0, on_depth=depths.append
+    )
     assert batcher.reserve() == 0
     assert batcher.reserve() == 1
     with pytest.raises(BusyError) as info:

@@ -20,9 +20,13 @@ def answer(text: str) -> CachedAnswer:
 def test_key_depends_on_everything() -> None:
     base = cache_key(b"img", "prompt", 8, "m")
     assert base == cache_key(b"img", "prompt", 8, "m")
-    others = {cache_key(b"img2", "prompt", 8, "m"), cache_key(b"img", "prompt2", 8, "m"),
-              cache_key(b"img", "prompt", 9, "m"), cache_key(b"img", "prompt", 8, "m2"),
-              cache_key(b"img", "prompt8", 8, "m")}
+    others = {
+        cache_key(b"img2", "prompt", 8, "m"),
+        cache_key(b"img", "prompt2", 8, "m"),
+        cache_key(b"img", "prompt", 9, "m"),
+        cache_key(b"img", "prompt", 8, "m2"),
+        cache_key(b"img", "prompt8", 8, "m"),
+    }
     assert base not in others and len(others) == 5
 
 

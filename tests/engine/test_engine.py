@@ -28,6 +28,15 @@ def request(i: int, **kw: Any) -> JobRequest:
     )
 
 
+def blocker(gate: threading.Event) -> Callable[[int], None]:
+    """A fault hook that holds the worker before generate until ``gate`` opens."""
+
+    def hook(size: int) -> None:
+        gate.wait(WAIT)
+
+    return hook
+
+
 async def run_all(engine: Engine, reqs: list[JobRequest]) -> list[list[Any]]:
     handles = [engine.submit(r) for r in reqs]
     return list(await asyncio.gather(*(collect(h) for h in handles)))
@@ -80,7 +89,7 @@ async def test_batched_and_unbatched_greedy_answers_match(make_engine: Factory) 
 async def test_cancel_queued_and_running(make_engine: Factory) -> None:
     engine = await make_engine(max_batch=2, max_new_tokens=200, cache_ttl_s=0)
     gate = threading.Event()
-    engine.workers[0].replica.fault_hook = lambda size: gate.wait(WAIT) and None
+    engine.workers[0].replica.fault_hook = blocker(gate)
     running = [engine.submit(request(i, max_tokens=200)) for i in range(2)]
     queued = engine.submit(request(9, max_tokens=200))
     queued.cancel()
@@ -102,7 +111,7 @@ async def test_cancel_queued_and_running(make_engine: Factory) -> None:
 async def test_busy_when_queue_full(make_engine: Factory) -> None:
     engine = await make_engine(max_batch=1, queue_size=3, busy_retry_after_s=2.5, cache_ttl_s=0)
     gate = threading.Event()
-    engine.workers[0].replica.fault_hook = lambda size: gate.wait(WAIT) and None
+    engine.workers[0].replica.fault_hook = blocker(gate)
     first = engine.submit(request(0))
     await _until(lambda: engine.status().workers[0].busy)
     waiting = [engine.submit(request(i)) for i in range(1, 4)]
@@ -118,7 +127,7 @@ async def test_busy_when_queue_full(make_engine: Factory) -> None:
 async def test_timeout_while_queued_and_while_running(make_engine: Factory) -> None:
     engine = await make_engine(max_batch=1, cache_ttl_s=0)
     gate = threading.Event()
-    engine.workers[0].replica.fault_hook = lambda size: gate.wait(WAIT) and None
+    engine.workers[0].replica.fault_hook = blocker(gate)
     running = engine.submit(request(0, timeout_s=0.3))
     queued = engine.submit(request(1, timeout_s=0.3))
     for handle in (queued, running):
@@ -234,9 +243,7 @@ async def test_invalid_requests_and_not_ready(make_engine: Factory, tiny_path: A
 async def test_event_loop_stays_responsive_under_load(make_engine: Factory) -> None:
     engine = await make_engine(max_batch=16, max_new_tokens=64, cache_ttl_s=0)
     threads: set[str] = set()
-    engine.workers[0].replica.fault_hook = lambda size: threads.add(
-        threading.current_thread().name
-    )
+    engine.workers[0].replica.fault_hook = lambda size: threads.add(threading.current_thread().name)
     loop = asyncio.get_running_loop()
     lags: list[float] = []
     stop = asyncio.Event()
@@ -277,7 +284,7 @@ async def test_status_and_stop(make_engine: Factory) -> None:
 
 async def _until(predicate: Callable[[], bool]) -> None:
     async def poll() -> None:
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - the state lives on worker threads
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(poll(), WAIT)

@@ -9,7 +9,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
-
+from typing import Any
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "engine_gpu.py"
 
@@ -38,14 +38,18 @@ def test_shrunken_model_builds_loads_and_generates(tmp_path: Path) -> None:
     model_dir = bench.build_model(tmp_path / "qwen", overrides=bench.SHRUNK, dtype="float32")
     config = AutoConfig.from_pretrained(model_dir)
     assert config.model_type == "qwen2_5_vl" and config.image_token_id == 151655
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer: Any = AutoTokenizer.from_pretrained(model_dir)
     assert tokenizer.convert_tokens_to_ids("<|image_pad|>") == config.image_token_id
-    assert tokenizer.eos_token_id == config.eos_token_id
+    assert tokenizer.eos_token_id == 151645
+    assert config.text_config.hidden_size == 64 and config.text_config.vocab_size == 151936
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "text", "text": "w1 w2"}]}],
-        add_generation_prompt=True, tokenize=False)
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     assert text.endswith("<|im_start|>assistant\n")
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     ids = tokenizer(text, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)

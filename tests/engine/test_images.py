@@ -20,8 +20,9 @@ LIMITS = ImageLimits(max_pixels=50_000_000, pixel_budget=1024 * 1024)
 
 
 def test_sample_set_is_complete() -> None:
-    assert sorted(GOOD + BAD) == sorted(p.name for p in IMAGES.iterdir() if p.is_file()
-                                        and not p.name.startswith("."))
+    assert sorted(GOOD + BAD) == sorted(
+        p.name for p in IMAGES.iterdir() if p.is_file() and not p.name.startswith(".")
+    )
 
 
 @pytest.mark.parametrize("name", GOOD)
@@ -54,8 +55,9 @@ def test_big_photo_downscaled_to_budget_and_short_edge_kept() -> None:
     img = load_image(image("coffee_4032x3024.jpg"), ImageLimits(pixel_budget=256 * 256))
     assert img.width * img.height <= 256 * 256 * 1.01
     assert abs(img.width / img.height - 4032 / 3024) < 0.02
-    pano = load_image(image("panorama_3000x200.jpg"),
-                      ImageLimits(pixel_budget=64 * 64, min_short_edge=32))
+    pano = load_image(
+        image("panorama_3000x200.jpg"), ImageLimits(pixel_budget=64 * 64, min_short_edge=32)
+    )
     assert pano.height == 32 and pano.width == 480
 
 
@@ -92,8 +94,12 @@ def test_animated_first_frame() -> None:
 
 def _png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
@@ -110,7 +116,9 @@ def test_pixel_limit_from_header_before_decoding() -> None:
     assert time.perf_counter() - started < 0.5
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00" * 10, b"GIF89a", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"])
+@pytest.mark.parametrize(
+    "data", [b"", b"\x00" * 10, b"GIF89a", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"]
+)
 def test_garbage_is_bad_image(data: bytes) -> None:
     with pytest.raises(EngineError) as info:
         load_image(data, LIMITS)

@@ -20,7 +20,9 @@ def _decode(tok: Any) -> Any:
     return lambda ids: tok.decode(list(ids), skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("text", ["Bonjour, 你好, こんにちは, привет — unicode", "plain ascii text", "😀🚀 ok"])
+@pytest.mark.parametrize(
+    "text", ["Bonjour, 你好, こんにちは, привет — unicode", "plain ascii text", "😀🚀 ok"]
+)
 def test_row_decoder_never_splits_characters(tokenizer: Any, text: str) -> None:
     ids = tokenizer.encode(text, add_special_tokens=False)
     decoder = RowDecoder(_decode(tokenizer))
