@@ -4,7 +4,7 @@ Runs the same jobs (sample photos, varied prompts, fixed ``max_tokens``) through
 ``max_batch=1`` (the naive one-request-at-a-time handler) and one with dynamic batching, at
 several client concurrencies, and prints jobs/s and p50/p95 latency as a Markdown table.
 
-    python bench/engine_cpu.py [--jobs 96] [--max-tokens 32] [--concurrency 1,4,16,48]
+    python bench/engine_cpu.py [--jobs 96] [--max-tokens 32] [--concurrency 1,4,16,48] [--repeat 2]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ async def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--concurrency", default="1,4,16,48")
+    parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     images = [(IMAGES / name).read_bytes() for name in PHOTOS]
@@ -95,17 +96,25 @@ async def main() -> None:
 
     results: dict[tuple[str, int], dict[str, float]] = {}
     occupancy: dict[tuple[str, int], float] = {}
-    for mode, max_batch in (("sequential", 1), ("batched", args.max_batch)):
-        engine = Engine(config(max_batch))
+    engines = {"sequential": Engine(config(1)), "batched": Engine(config(args.max_batch))}
+    for engine in engines.values():
         await engine.start()
-        try:
-            for c in levels:
-                engine._stats = type(engine._stats)()  # per-level slot occupancy
-                results[(mode, c)] = await run_level(
-                    engine, images, args.jobs, c, args.max_tokens, f"{mode}{c}"
-                )
-                occupancy[(mode, c)] = engine.slot_occupancy
-        finally:
+    try:
+        # Modes alternate within each level and the best of ``--repeat`` runs is kept, so load
+        # from other processes on a shared machine penalises both modes alike.
+        for c in levels:
+            for rep in range(args.repeat):
+                for mode, engine in engines.items():
+                    engine.reset_stats()
+                    run = await run_level(
+                        engine, images, args.jobs, c, args.max_tokens, f"{mode}{c}.{rep}"
+                    )
+                    best = results.get((mode, c))
+                    if best is None or run["jobs_s"] > best["jobs_s"]:
+                        results[(mode, c)] = run
+                        occupancy[(mode, c)] = engine.slot_occupancy
+    finally:
+        for engine in engines.values():
             await engine.stop()
 
     print(
@@ -114,18 +123,20 @@ async def main() -> None:
     )
     print(
         f"jobs per level: {args.jobs}, max_tokens: {args.max_tokens}, "
-        f"max_batch: {args.max_batch}, batch_wait_ms: {args.batch_wait_ms}\n"
+        f"max_batch: {args.max_batch}, batch_wait_ms: {args.batch_wait_ms}, "
+        f"best of {args.repeat} alternating runs\n"
     )
     print(
         "| concurrency | sequential jobs/s | p50 s | p95 s | batched jobs/s | p50 s | p95 s "
-        "| speed-up |"
+        "| speed-up | decode slot occupancy |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for c in levels:
         s, b = results[("sequential", c)], results[("batched", c)]
         print(
             f"| {c} | {s['jobs_s']:.1f} | {s['p50']:.3f} | {s['p95']:.3f} | {b['jobs_s']:.1f} "
-            f"| {b['p50']:.3f} | {b['p95']:.3f} | {b['jobs_s'] / s['jobs_s']:.2f}x |"
+            f"| {b['p50']:.3f} | {b['p95']:.3f} | {b['jobs_s'] / s['jobs_s']:.2f}x "
+            f"| {occupancy[('batched', c)]:.0%} |"
         )
 
 

@@ -34,7 +34,6 @@ from engine.types import EngineLike
 log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 16 * 2**20
-RUN_LEASE_S = 60.0
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -104,7 +103,8 @@ class BridgeApp:
             publisher,
             self.adapters,
             clock=clock,
-            lease_s=RUN_LEASE_S if self.clustered else None,
+            lease_s=settings.cluster_lease if self.clustered else None,
+            sweep_s=max(0.5, settings.cluster_lease / 4),
         )
         self.draining = False
         self.started_at = clock()

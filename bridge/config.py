@@ -193,6 +193,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("feishu-encrypt-key", _optional_secret, None, "event Encrypt Key", secret=True),
     Option("feishu-base-url", _base_url, "https://open.feishu.cn", "Feishu OpenAPI base URL"),
     Option("grace", _float_range(0, 600), 10.0, "seconds to drain on SIGTERM/SIGINT"),
+    Option(
+        "cluster-lease",
+        _float_range(1, 3600),
+        60.0,
+        "seconds before another node may take over a dead node's IM job (Redis store)",
+    ),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level"),
     Option("log-format", _choice("auto", "json", "console"), "auto", "log line format"),
 )
@@ -225,6 +231,7 @@ class Settings:
     feishu_encrypt_key: str | None = field(default=None, repr=False)
     feishu_base_url: str = "https://open.feishu.cn"
     grace: float = 10.0
+    cluster_lease: float = 60.0
     log_level: str = "info"
     log_format: str = "auto"
 

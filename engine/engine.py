@@ -399,6 +399,10 @@ class Engine:
         """The answer cache (for inspection)."""
         return self._cache
 
+    def reset_stats(self) -> None:
+        """Start the batch-size, token-rate and occupancy figures afresh (benchmarks)."""
+        self._stats = EngineStats()
+
     @property
     def slot_occupancy(self) -> float:
         """Share of computed decode row-steps that served a live row (1.0 = no padding waste)."""

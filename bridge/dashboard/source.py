@@ -146,15 +146,26 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _plain(value: Any) -> Any:
+    # Fast path for the types the hub really uses; 10 000 rows are converted every refresh.
+    kind = type(value)
+    if value is None or kind is str or kind is int:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else None
+    return to_jsonable(value)
+
+
 def connection_row(info: Any) -> dict[str, Any]:
     """A JSON row from any object with the hub's ``ConnectionInfo`` attributes (or a mapping)."""
     if isinstance(info, Mapping):
-        raw = {name: info.get(name) for name in ROW_FIELDS}
+        row = {name: _plain(info.get(name)) for name in ROW_FIELDS}
     else:
-        raw = {name: getattr(info, name, None) for name in ROW_FIELDS}
-    row: dict[str, Any] = {name: to_jsonable(value) for name, value in raw.items()}
-    row["id"] = str(row["id"])
-    row["topics"] = list(row["topics"] or [])
+        row = {name: _plain(getattr(info, name, None)) for name in ROW_FIELDS}
+    if type(row["id"]) is not str:
+        row["id"] = str(row["id"])
+    topics = row["topics"]
+    row["topics"] = [str(t) for t in topics] if topics else []
     row["sent"] = int(row["sent"] or 0)
     row["received"] = int(row["received"] or 0)
     row["state"] = str(row["state"] or "open")

@@ -12,6 +12,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import json
 import secrets
 import time
 from collections.abc import Callable
@@ -44,6 +45,9 @@ from engine.types import (
 log = structlog.get_logger(__name__)
 
 SWEEP_INTERVAL_S = 1.0
+# The ids of sessions with topics, so a restarted hub routes topic events to them at once.
+SUBSCRIBED_KEY = "hub:subscribed-sessions"
+MAX_PRELOAD = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,7 @@ class Hub:
         self._frames_in = 0
         self._frames_out_reported = 0
         self._sent_closed = 0
+        self._subs_dirty = False
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -122,6 +127,7 @@ class Hub:
         task = asyncio.get_running_loop().create_task(self._background(), name="hub-background")
         self._tasks.add(task)
         self._idle.set()
+        await self._preload_subscribed()
         if not self._tokens:
             log.warning("hub_no_tokens", detail="no client tokens: every hello gets 4001")
 
@@ -155,8 +161,44 @@ class Hub:
         for session in self._sessions.values():
             self._writes.mark(session)
         await self._writes.flush()
+        await self._save_subscribed()
         if self._timer is not None:
             self._timer.close()
+
+    async def _preload_subscribed(self) -> None:
+        """Load sessions that follow topics, so IM events reach them before their client returns."""
+        try:
+            raw = await self.store.get_value(SUBSCRIBED_KEY)
+            ids = json.loads(raw) if raw else []
+            for session_id in ids[:MAX_PRELOAD] if isinstance(ids, list) else []:
+                if not isinstance(session_id, str) or session_id in self._sessions:
+                    continue
+                record = await self.store.load_session(session_id)
+                owner = await self._writes.owner_of(session_id) if record else None
+                if record is None or owner is None:
+                    continue
+                admin = any(self.cfg.label_of(t) == owner for t in self.cfg.admin_tokens)
+                replay = self._replay()
+                self._adopt(Session.from_record(record, owner=owner, admin=admin, replay=replay))
+        except Exception as exc:
+            log.warning("hub_preload_failed", error=repr(exc))
+            return
+        log.info("hub_sessions_preloaded", sessions=len(self._sessions))
+
+    def _adopt(self, session: Session) -> None:
+        session.detached_at = self._clock()
+        self._sessions[session.id] = session
+        for topic in session.topics:
+            self._topics.setdefault(topic, set()).add(session)
+
+    async def _save_subscribed(self) -> None:
+        self._subs_dirty = False
+        ids = [s.id for s in self._sessions.values() if s.topics]
+        try:
+            await self.store.set_value(SUBSCRIBED_KEY, json.dumps(ids), self.cfg.session_ttl_s)
+        except Exception as exc:
+            self._subs_dirty = True
+            log.warning("hub_store_write_failed", key=SUBSCRIBED_KEY, error=repr(exc))
 
     async def _background(self) -> None:
         """Write-behind flushes, replay age trims, session expiry and metric deltas."""
@@ -165,6 +207,8 @@ class Hub:
             await asyncio.sleep(self.cfg.flush_interval_s)
             try:
                 await self._writes.flush()
+                if self._subs_dirty:
+                    await self._save_subscribed()
                 self._report_frames()
                 if self._clock() >= next_sweep:
                     next_sweep = self._clock() + SWEEP_INTERVAL_S
@@ -192,6 +236,7 @@ class Hub:
             self._unindex(topic, session)
         self._sessions.pop(session.id, None)
         self._writes.dirty.discard(session)
+        self._subs_dirty = True
 
     def _report_frames(self) -> None:
         sent = self._sent_closed + sum(c.sent for c in self._conns.values())
@@ -428,10 +473,7 @@ class Hub:
         session = self._sessions.get(session_id)  # another hello may have loaded it meanwhile
         if session is None:
             session = Session.from_record(record, owner=label, admin=admin, replay=self._replay())
-            session.detached_at = self._clock()
-            self._sessions[session_id] = session
-            for topic in session.topics:
-                self._topics.setdefault(topic, set()).add(session)
+            self._adopt(session)
             log.info("hub_session_loaded", session=session_id, last_seq=session.last_seq)
         return session
 
@@ -528,6 +570,7 @@ class Hub:
             self._topics.setdefault(topic, set()).add(session)
             session.header_dirty = True
             self._writes.mark(session)
+            self._subs_dirty = True
         conn.send(p.subscribed(topic))
 
     def _unsubscribe(self, conn: Connection, topic: str) -> None:
@@ -538,6 +581,7 @@ class Hub:
             self._unindex(topic, session)
             session.header_dirty = True
             self._writes.mark(session)
+            self._subs_dirty = True
         conn.send(p.unsubscribed(topic))
 
     def _unindex(self, topic: str, session: Session) -> None:

@@ -95,7 +95,9 @@ class Recorder:
         self.events.append((topic, job_id, event))
 
 
-def message(mid: str = "om_1", eid: str = "ev_1", images: int = 1, text: str = "") -> InboundMessage:
+def message(
+    mid: str = "om_1", eid: str = "ev_1", images: int = 1, text: str = ""
+) -> InboundMessage:
     return InboundMessage(
         platform="feishu",
         chat_id="oc_chat",
@@ -126,7 +128,9 @@ async def settle(relay: Relay) -> None:
 
 @pytest.fixture(params=["memory", "sqlite"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(f"sqlite:///{tmp_path}/b.db")
+    s: Store = (
+        MemoryStore() if request.param == "memory" else SqliteStore(f"sqlite:///{tmp_path}/b.db")
+    )
     await s.open()
     yield s
     await s.close()

@@ -332,9 +332,11 @@
     });
     stream.addEventListener("logout", () => { window.location.assign("/dashboard/login"); });
     stream.addEventListener("bye", () => setLive("live-down", "server restarting"));
-    stream.addEventListener("error", async () => {
+    stream.addEventListener("error", async (event) => {
+      const source = event.target;
+      if (source !== stream) return;
       setLive("live-connecting", "reconnecting…");
-      if (stream.readyState === EventSource.CLOSED) {
+      if (source.readyState === EventSource.CLOSED) {
         // The server refused the stream: find out whether the session ended.
         const answer = await fetch("/api/status", { credentials: "same-origin" }).catch(() => null);
         if (answer && answer.status === 401) { window.location.assign("/dashboard/login"); return; }
@@ -427,6 +429,15 @@
       const result = await api("POST", "/api/admin/model", { model: name });
       if (result.ok) toast(`Now serving ${name}.`);
       else toast((result.data && result.data.error && result.data.error.message) || `Swap failed (${result.status}).`, true);
+    });
+    // A hidden tab stops streaming: with 10,000 connections every snapshot costs the server.
+    document.addEventListener("visibilitychange", () => {
+      if (document.hidden) {
+        if (stream) { stream.close(); stream = null; }
+        setLive("live-connecting", "paused");
+      } else if (!stream) {
+        openStream();
+      }
     });
     updateSortHeaders();
     openStream();

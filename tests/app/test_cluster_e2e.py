@@ -1,0 +1,141 @@
+"""Two bridge processes on one Redis: cross-node routing, takeover of a dead node, Redis faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import websockets
+
+from tests.adapters.fake_feishu import FakeFeishu
+from tests.app.procs import BridgeProcess
+from tests.app.test_feishu_e2e import (
+    CHAT_TOPIC,
+    MESSAGE_ID,
+    answers,
+    bridge_args,
+    deliver,
+    wait_final,
+)
+from tests.conftest import SHARED_DATA
+from tests.redis_fixtures import RedisServer
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(appendonly=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+async def feishu() -> AsyncIterator[FakeFeishu]:
+    fake = FakeFeishu()
+    fake.images["img_v3_sample_coffee"] = (SHARED_DATA / "images" / "coffee.jpg").read_bytes()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+def node(
+    tmp_path: Path, name: str, fake: FakeFeishu, redis: RedisServer, *extra: str
+) -> BridgeProcess:
+    args = bridge_args(fake, tmp_path / f"{name}.db", *extra)
+    args[args.index("--store") + 1] = redis.url(3)
+    return BridgeProcess(tmp_path / f"{name}.log", *args)
+
+
+async def test_a_chat_job_on_node_b_streams_to_a_subscriber_on_node_a(
+    tmp_path: Path, feishu: FakeFeishu, redis_server: RedisServer
+) -> None:
+    a = node(tmp_path, "a", feishu, redis_server).start()
+    b = node(tmp_path, "b", feishu, redis_server).start()
+    try:
+        await asyncio.gather(a.wait_ready(), b.wait_ready())
+        async with websockets.connect(a.ws_url) as ws:
+            await ws.send(json.dumps({"type": "hello", "token": "client-token"}))
+            assert json.loads(await ws.recv())["type"] == "welcome"
+            await ws.send(json.dumps({"type": "subscribe", "topic": CHAT_TOPIC}))
+            assert json.loads(await ws.recv())["type"] == "subscribed"
+            assert await deliver(b) == 200
+            assert await deliver(a) == 200  # the re-delivery lands on the other node
+            kinds, seqs = [], []
+            while not kinds or kinds[-1] not in ("done", "error"):
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                if frame.get("type") == "event":
+                    kinds.append(frame["kind"])
+                    seqs.append(frame["seq"])
+        assert kinds[-1] == "done"
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        await wait_final(feishu)
+        assert len(answers(feishu)) == 1
+        assert "im_duplicate" in a.log()
+        assert await a.terminate() == 0 and await b.terminate() == 0
+    finally:
+        a.ensure_dead()
+        b.ensure_dead()
+
+
+async def test_a_node_killed_after_the_ack_has_its_job_finished_by_the_other(
+    tmp_path: Path, feishu: FakeFeishu, redis_server: RedisServer
+) -> None:
+    a = node(tmp_path, "a", feishu, redis_server, "--cluster-lease", "2").start()
+    b = node(tmp_path, "b", feishu, redis_server, "--cluster-lease", "2").start()
+    try:
+        await asyncio.gather(a.wait_ready(), b.wait_ready())
+        assert await deliver(b) == 200
+        b.kill9()
+        await wait_final(feishu, limit_s=60)
+        assert len(answers(feishu)) == 1
+        if "relay_answered" not in b.log():
+            assert "relay_recovered" in a.log()
+        assert await a.terminate() == 0
+    finally:
+        a.ensure_dead()
+        b.ensure_dead()
+
+
+async def readyz(bridge: BridgeProcess) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as http, http.get(bridge.base + "/readyz") as resp:
+        return resp.status, await resp.json()
+
+
+async def wait_readyz(
+    bridge: BridgeProcess, status: int, limit_s: float = 30.0
+) -> dict[str, object]:
+    for _ in range(int(limit_s * 10)):
+        code, body = await readyz(bridge)
+        if code == status:
+            return body
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"/readyz never answered {status}")
+
+
+async def test_redis_stopped_and_started_the_bridge_carries_on_and_loses_nothing(
+    tmp_path: Path, feishu: FakeFeishu, redis_server: RedisServer
+) -> None:
+    a = node(tmp_path, "a", feishu, redis_server).start()
+    try:
+        await a.wait_ready()
+        redis_server.stop()
+        body = await wait_readyz(a, 503)
+        assert "store" in str(body["reason"])
+        # With Redis down nothing can be recorded, so nothing is acknowledged: Feishu re-delivers.
+        assert await deliver(a) >= 500
+        async with aiohttp.ClientSession() as http, http.get(a.base + "/healthz") as resp:
+            assert resp.status == 200
+        redis_server.start()
+        await wait_readyz(a, 200)
+        assert await deliver(a) == 200
+        await wait_final(feishu)
+        assert len(answers(feishu)) == 1 and answers(feishu)[0].parent_id == MESSAGE_ID
+        assert await a.terminate() == 0
+    finally:
+        a.ensure_dead()
