@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from bridge.dashboard.live import engine_status_dict
 from bridge.dashboard.recent import RecentErrors
 from bridge.dashboard.source import (
     ConnectionPage,
     ConnectionQuery,
     connection_row,
     page_rows,
-    to_jsonable,
 )
 from bridge.dashboard.timeline import Timeline
 
@@ -36,8 +36,7 @@ class BridgeOpsSource:
         return await self._app.hub.kick(conn_id)
 
     def engine_status(self) -> dict[str, Any]:
-        data = to_jsonable(self._app.engine.status())
-        return data if isinstance(data, dict) else {"status": data}
+        return engine_status_dict(self._app.engine.status())
 
     def adapter_statuses(self) -> list[dict[str, Any]]:
         return [a.status().to_dict() for a in self._app.adapters]

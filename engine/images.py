@@ -18,6 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from engine.types import EngineError
 
 DEFAULT_PIXEL_BUDGET = 1024 * 1024
+# Formats a chat photo can come in. Others (EPS runs Ghostscript, PDF, PSD, ...) are refused.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO
 _WHITE = (255, 255, 255)
 
 
@@ -63,9 +65,10 @@ def load_image(data: bytes, limits: ImageLimits) -> Image.Image:
         with warnings.catch_warnings():
             # Our own limit replaces Pillow's global bomb check; its warning must not leak out.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise bad_image("data is not a supported image format") from None
+        names = ", ".join(ALLOWED_FORMATS)
+        raise bad_image(f"data is not an image in a supported format ({names})") from None
     except Image.DecompressionBombError:
         raise bad_image("image has too many pixels") from None
     except (OSError, ValueError, SyntaxError) as exc:

@@ -169,6 +169,8 @@ class Job:
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
+            if not self.started:
+                self.image = None  # never reached a worker; nobody else will read it
             if self.on_closed is not None:
                 self.on_closed(self)
 

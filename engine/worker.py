@@ -117,6 +117,8 @@ class Worker:
                 self._run(batch)
                 # Cleared only on a normal return: after a crash the engine retries these jobs.
                 self.in_flight = []
+                for job in batch:
+                    job.image = None  # every job of the batch has ended: free its pixels
         except BaseException as exc:  # the thread is dying; the engine restarts it
             error = exc
             log.error(

@@ -285,3 +285,15 @@ async def test_assets_reference_nothing_remote(env: Env) -> None:
     await env.login()
     page = await (await env.client.get("/dashboard")).text()
     assert "http" not in page.replace("http-equiv", "")
+
+
+async def test_events_streams_end_with_bye_at_shutdown(env: Env) -> None:
+    async with env.client.get("/api/events", headers=BEARER) as resp:
+        assert (await _next_event(resp))[0] == "snapshot"
+        await env.dashboard.streams.on_shutdown(env.client.app)  # what aiohttp calls first
+        for _ in range(100):
+            event, data = await _next_event(resp)
+            if event == "bye":
+                break
+        assert event == "bye" and data == {"reason": "server shutting down"}
+        assert await asyncio.wait_for(resp.content.read(), 10) == b""

@@ -11,11 +11,8 @@ from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser, expect
 
 from bridge.dashboard import setup_dashboard
-from tests.dashboard.browser import ARTIFACTS, browser
-from tests.dashboard.conftest import TOKEN
+from tests.dashboard.conftest import ARTIFACTS, TOKEN
 from tests.dashboard.fakes import FakeClock, FakeOpsSource
-
-__all__ = ["browser"]
 
 
 @pytest.fixture
@@ -109,6 +106,11 @@ async def test_login_see_client_appear_with_rtt_then_kick_it(
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
     await expect(page.locator("#live")).to_have_text("live", timeout=5000)
     await expect(page.locator("#stat-connections")).to_have_text("36")
+    feishu = page.locator('[data-adapter="feishu"]')
+    await expect(feishu).to_contain_text("feishu · longconn")
+    await expect(feishu).to_contain_text("Connected for1h 30m")
+    await expect(page.locator("#engine-kv")).to_contain_text("cuda:0")
+    await expect(page.locator("#errors")).to_contain_text("heartbeat_timeout")
 
     source.add(
         "conn-new",
@@ -142,27 +144,32 @@ async def test_login_see_client_appear_with_rtt_then_kick_it(
     await context.close()
 
 
-async def test_search_sort_and_paging_in_the_page(
+async def test_ten_thousand_connections_search_sort_and_paging(
     browser: Browser, served: tuple[str, FakeOpsSource]
 ) -> None:
     base, source = served
-    for i in range(120):
-        source.add(f"row-{i:03d}", rtt_ms=float(i), remote=f"192.168.0.{i}:1")
+    for i in range(10_000):
+        source.add(f"row-{i:05d}", rtt_ms=float(i), remote=f"host-{i:05d}:1")
     context = await browser.new_context()
     page = await context.new_page()
     await page.goto(f"{base}/dashboard/login")
     await page.fill("#token", TOKEN)
+    started = time.monotonic()
     await page.click("#login-submit")
-    await expect(page.locator("#page-info")).to_have_text("1–50 of 120")
+    await expect(page.locator("#page-info")).to_have_text("1–50 of 10,000")
+    print(f"first render with 10,000 connections: {time.monotonic() - started:.2f} s")
+    body_rows = page.locator("#connections-body tr")
+    await expect(body_rows).to_have_count(50)
     await page.click('th[data-sort="rtt_ms"]')
-    first = page.locator("#connections-body tr").first
-    await expect(first).to_have_attribute("data-conn-id", "row-000")
+    first = body_rows.first
+    await expect(first).to_have_attribute("data-conn-id", "row-00000")
     await page.click('th[data-sort="rtt_ms"]')
-    await expect(first).to_have_attribute("data-conn-id", "row-119")
+    await expect(first).to_have_attribute("data-conn-id", "row-09999")
     await page.click("#next-page")
-    await expect(page.locator("#page-info")).to_have_text("51–100 of 120")
-    await expect(first).to_have_attribute("data-conn-id", "row-069")
-    await page.fill("#search", "192.168.0.42:")
+    await expect(page.locator("#page-info")).to_have_text("51–100 of 10,000")
+    await expect(first).to_have_attribute("data-conn-id", "row-09949")
+    await page.fill("#search", "host-04242:")
     await expect(page.locator("#page-info")).to_have_text("1–1 of 1")
-    await expect(first).to_have_attribute("data-conn-id", "row-042")
+    await expect(first).to_have_attribute("data-conn-id", "row-04242")
+    await expect(page.locator("#stat-connections")).to_have_text("10,000")
     await context.close()

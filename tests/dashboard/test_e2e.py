@@ -21,10 +21,8 @@ from bridge.app import BridgeApp
 from bridge.config import load_settings
 from bridge.store.memory import MemoryStore
 from tests.app.fakes import FakeEngine
-from tests.dashboard.browser import ARTIFACTS, browser
-from tests.dashboard.conftest import TOKEN
+from tests.dashboard.conftest import ARTIFACTS, TOKEN
 
-__all__ = ["browser"]
 CLIENT_TOKEN = "client-token"
 RTT_TEXT = re.compile(r"^\d+(\.\d)? ms$")  # a measured heartbeat RTT, not "–"
 
@@ -121,6 +119,10 @@ async def test_real_clients_appear_show_rtt_and_get_kicked(
                 f"{base}/api/connections", headers={"Authorization": f"Bearer {TOKEN}"}
             )
             listed = (await resp.json())["connections"]
+            status = await (
+                await http.get(f"{base}/api/status", headers={"Authorization": f"Bearer {TOKEN}"})
+            ).json()
+        assert status["engine"]["model"] == "fake" and status["counts"]["all"] == 2
         mine = next(c for c in listed if c["session"] == first.session)
         assert mine["remote"].startswith("127.0.0.1") and "token" not in json.dumps(listed)
 

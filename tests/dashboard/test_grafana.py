@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from bridge.metrics import Metrics
-from tests.dashboard.browser import ROOT
+from tests.dashboard.conftest import ROOT
 
 SPEC_METRICS = {
     "bridge_ws_connections",

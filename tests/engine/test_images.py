@@ -117,9 +117,19 @@ def test_pixel_limit_from_header_before_decoding() -> None:
 
 
 @pytest.mark.parametrize(
-    "data", [b"", b"\x00" * 10, b"GIF89a", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"]
+    "data",
+    [
+        b"",
+        b"\x00" * 10,
+        b"GIF89a",
+        b"\x89PNG\r\n\x1a\n",
+        b"\xff\xd8\xff",
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+        b"%PDF-1.4\n",
+    ],
 )
 def test_garbage_is_bad_image(data: bytes) -> None:
+    """Also formats outside the allow-list: EPS would run Ghostscript."""
     with pytest.raises(EngineError) as info:
         load_image(data, LIMITS)
     assert info.value.code == "bad_image"
@@ -143,3 +153,11 @@ def test_pixel_budget_of_processors() -> None:
     assert pixel_budget_of(_Proc({"height": 384, "width": 384})) == (768 * 768, 384)
     assert pixel_budget_of(_Proc({}, max_pixels=12845056)) == (12845056, 0)
     assert pixel_budget_of(None)[0] > 0
+
+
+def test_formats_outside_the_allow_list_are_refused() -> None:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(out, format="PCX")  # Pillow could decode it
+    with pytest.raises(EngineError) as info:
+        load_image(out.getvalue(), LIMITS)
+    assert info.value.code == "bad_image" and "supported format" in info.value.message

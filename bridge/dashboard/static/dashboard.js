@@ -223,7 +223,10 @@
       head.append(el("span", "", `${a.name || a.platform || "adapter"} · ${a.mode || "?"}`), el("span", stateClass(a.state), a.state || "unknown"));
       const kv = el("dl", "kv");
       const pairs = [];
-      if (typeof a.since === "number") pairs.push([a.state === "connected" ? "Connected for" : "Since", `${fmtAge(now - a.since)}`]);
+      if (typeof a.since === "number") {
+        const state = String(a.state || "in this state");
+        pairs.push([`${state.charAt(0).toUpperCase()}${state.slice(1)} for`, fmtAge(now - a.since)]);
+      }
       if (a.attempts !== undefined) pairs.push(["Attempts", fmtInt(a.attempts)]);
       pairs.push(["Last event", typeof a.last_event_at === "number" ? `${fmtAge(now - a.last_event_at)} ago` : "never"]);
       if (a.last_error) pairs.push(["Last error", a.last_error]);
