@@ -96,6 +96,7 @@ async def main() -> None:
 
     results: dict[tuple[str, int], dict[str, float]] = {}
     occupancy: dict[tuple[str, int], float] = {}
+    live_rows: dict[tuple[str, int], float] = {}
     engines = {"sequential": Engine(config(1)), "batched": Engine(config(args.max_batch))}
     for engine in engines.values():
         await engine.start()
@@ -113,6 +114,7 @@ async def main() -> None:
                     if best is None or run["jobs_s"] > best["jobs_s"]:
                         results[(mode, c)] = run
                         occupancy[(mode, c)] = engine.slot_occupancy
+                        live_rows[(mode, c)] = engine.live_rows_per_step
     finally:
         for engine in engines.values():
             await engine.stop()
@@ -128,15 +130,15 @@ async def main() -> None:
     )
     print(
         "| concurrency | sequential jobs/s | p50 s | p95 s | batched jobs/s | p50 s | p95 s "
-        "| speed-up | decode slot occupancy |"
+        "| speed-up | slot occupancy | live rows/step |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for c in levels:
         s, b = results[("sequential", c)], results[("batched", c)]
         print(
             f"| {c} | {s['jobs_s']:.1f} | {s['p50']:.3f} | {s['p95']:.3f} | {b['jobs_s']:.1f} "
             f"| {b['p50']:.3f} | {b['p95']:.3f} | {b['jobs_s'] / s['jobs_s']:.2f}x "
-            f"| {occupancy[('batched', c)]:.0%} |"
+            f"| {occupancy[('batched', c)]:.0%} | {live_rows[('batched', c)]:.1f} |"
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -18,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from adapters.base import Adapter
+from bridge.cluster import JobQueue
 from bridge.config import Settings
 from bridge.errors import error_response, json_errors
 from bridge.fanout import ClusterFanout
@@ -92,11 +94,18 @@ class BridgeApp:
         self.clustered = self.store.url.startswith(("redis://", "rediss://", "unix://"))
         self.fanout: ClusterFanout | None = None
         publisher: Publisher = self.hub
+        queue: JobQueue | None = None
         if self.clustered:
             from bridge.cluster.redis_bus import RedisBus
+            from bridge.cluster.redis_jobs import RedisJobQueue
 
             self.fanout = ClusterFanout(RedisBus(self.store.url), self.hub)
             publisher = self.fanout
+            queue = RedisJobQueue(
+                self.store.url,
+                consumer=f"{socket.gethostname()}:{settings.port}",
+                claim_idle_s=settings.cluster_lease,
+            )
         self.relay = Relay(
             self.store,
             self.engine,
@@ -105,6 +114,8 @@ class BridgeApp:
             clock=clock,
             lease_s=settings.cluster_lease if self.clustered else None,
             sweep_s=max(0.5, settings.cluster_lease / 4),
+            queue=queue,
+            max_concurrency=max(4, 2 * settings.max_batch),
         )
         self.draining = False
         self.started_at = clock()

@@ -25,6 +25,7 @@ from adapters.base import (
     MessageFormatError,
     ReplyStream,
 )
+from bridge.cluster import JobQueue, QueueEntry
 from bridge.store import InboxEntry, Store, StoreUnavailable
 from engine.types import Delta, Done, EngineError, EngineLike, Failed, JobEvent, JobRequest
 
@@ -61,6 +62,7 @@ class Relay:
         max_concurrency: int = 64,
         lease_s: float | None = None,
         sweep_s: float = 15.0,
+        queue: JobQueue | None = None,
     ) -> None:
         self._store = store
         self._engine = engine
@@ -75,6 +77,13 @@ class Relay:
         # entry at once and lets the others take over a dead node's entries when it expires.
         self._lease_s = lease_s
         self._sweep_s = sweep_s
+        # With a queue (Redis Streams consumer group), the node with free capacity takes the job
+        # and a dead node's unacked jobs are claimed by the others.
+        self._queue = queue
+        self._max_concurrency = max_concurrency
+        self._consume_task: asyncio.Task[None] | None = None
+        self._acks: set[asyncio.Future[None]] = set()
+        self._stale_s = max(300.0, 5 * (lease_s or 60.0))
 
     @staticmethod
     def entry_id(msg: InboundMessage) -> str:
@@ -98,14 +107,49 @@ class Relay:
             log.info("im_duplicate", entry=entry_id, event_id=msg.event_id, claims=claims)
             return False
         log.info("im_accepted", entry=entry_id, chat=msg.chat_id, images=len(msg.images))
+        if self._queue is not None:
+            try:
+                await self._queue.put(entry_id, entry.payload)
+            except StoreUnavailable:
+                # Not queued: forget the claims so the platform's re-delivery is taken as new.
+                for key in msg.dedupe_keys:
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._store.release(key)
+                raise
+            return True
         if self._lease_s is not None:
             await self._store.claim(_lease_key(entry_id), self._lease_s)
         self._schedule(entry)
         return True
 
     async def start(self) -> None:
-        """Re-run inbox entries left pending by a previous process."""
+        """Re-run inbox entries left pending by a previous process; consume the job queue."""
         self._recover_task = asyncio.create_task(self._recover(), name="relay-recover")
+        if self._queue is not None:
+            await self._queue.start()
+            self._consume_task = asyncio.create_task(self._consume(), name="relay-consume")
+
+    async def _consume(self) -> None:
+        assert self._queue is not None
+        queue = self._queue
+        async for item in queue.consume(self._max_concurrency):
+            if self._stopping:
+                return
+            entry = InboxEntry(item.job_id, item.payload, self._clock(), item.deliveries - 1)
+            if item.deliveries > 1:
+                log.info("relay_reclaimed", entry=item.job_id, deliveries=item.deliveries)
+            task = self._schedule(entry)
+            if task is None:
+                await queue.ack(item)
+            else:
+                task.add_done_callback(functools.partial(self._ack_when_done, item))
+
+    def _ack_when_done(self, item: QueueEntry, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._queue is None:
+            return  # stopping: leave it unacked so this node (or another) runs it again
+        ack = asyncio.ensure_future(self._queue.ack(item))
+        self._acks.add(ack)
+        ack.add_done_callback(self._acks.discard)
 
     async def _recover(self) -> None:
         """Run pending entries now, then (with a shared store) sweep for expired leases."""
@@ -124,22 +168,29 @@ class Relay:
             await asyncio.sleep(self._sweep_s)
 
     async def _sweep(self) -> None:
+        now = self._clock()
         for entry in await self._store.inbox_pending(limit=1000):
             if entry.entry_id in self._tasks:
                 continue
+            if self._queue is not None and now - entry.accepted_at < self._stale_s:
+                continue  # the queue is delivering it; only strays (lost before put) are swept
             if self._lease_s is not None and not await self._store.claim(
                 _lease_key(entry.entry_id), self._lease_s
             ):
                 continue  # another node is answering it
             log.info("relay_recovered", entry=entry.entry_id)
-            self._schedule(entry)
+            if self._queue is not None:
+                await self._queue.put(entry.entry_id, entry.payload)
+            else:
+                self._schedule(entry)
 
-    def _schedule(self, entry: InboxEntry) -> None:
+    def _schedule(self, entry: InboxEntry) -> asyncio.Task[None] | None:
         if entry.entry_id in self._tasks or self._stopping:
-            return
+            return None
         task = asyncio.create_task(self._run(entry), name=f"relay:{entry.entry_id}")
         self._tasks[entry.entry_id] = task
         task.add_done_callback(functools.partial(self._forget, entry.entry_id))
+        return task
 
     def _forget(self, entry_id: str, _task: asyncio.Task[None]) -> None:
         self._tasks.pop(entry_id, None)
@@ -233,6 +284,8 @@ class Relay:
         self._stopping = True
         if self._recover_task is not None:
             self._recover_task.cancel()
+        if self._consume_task is not None:
+            self._consume_task.cancel()
         tasks = list(self._tasks.values())
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=grace_s)
@@ -240,9 +293,15 @@ class Relay:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2.0)
-        if self._recover_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recover_task
+        for background in (self._recover_task, self._consume_task):
+            if background is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
+        if self._acks:
+            await asyncio.wait(self._acks, timeout=2.0)
+        if self._queue is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.close()
 
 
 def _lease_key(entry_id: str) -> str:

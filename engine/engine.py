@@ -330,7 +330,7 @@ class Engine:
 
     def on_batch_end(self, worker: Worker, usage: StepUsage) -> None:
         """A generate call finished; record how many of its decode slots did useful work."""
-        self._stats.slots(usage.steps * usage.rows, usage.active_row_steps)
+        self._stats.slots(usage.steps, usage.rows, usage.active_row_steps)
 
     def on_row_end(self, worker: Worker, job: Job, result: RowResult) -> None:
         """A job's row ended; finish it and remember the answer."""
@@ -407,6 +407,11 @@ class Engine:
     def slot_occupancy(self) -> float:
         """Share of computed decode row-steps that served a live row (1.0 = no padding waste)."""
         return self._stats.slot_occupancy()
+
+    @property
+    def live_rows_per_step(self) -> float:
+        """Mean rows producing a token per decode step: the batch size decode really ran at."""
+        return self._stats.live_rows_per_step()
 
     @property
     def workers(self) -> tuple[Worker, ...]:

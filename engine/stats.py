@@ -20,6 +20,7 @@ class EngineStats:
         self.tokens_total = 0
         self._slot_total = 0
         self._slot_used = 0
+        self._steps = 0
         self.jobs_total = 0
 
     def batch(self, size: int) -> None:
@@ -36,11 +37,17 @@ class EngineStats:
             self.jobs_total += 1
             self._trim(now)
 
-    def slots(self, total: int, used: int) -> None:
-        """Count ``total`` computed row-steps of which ``used`` served a live row."""
+    def slots(self, steps: int, rows: int, used: int) -> None:
+        """Count a generate call: ``steps`` decode steps over ``rows`` rows, ``used`` live."""
         with self._lock:
-            self._slot_total += total
+            self._steps += steps
+            self._slot_total += steps * rows
             self._slot_used += used
+
+    def live_rows_per_step(self) -> float:
+        """Mean number of rows producing a token per decode step (0.0 before any batch)."""
+        with self._lock:
+            return self._slot_used / self._steps if self._steps else 0.0
 
     def slot_occupancy(self) -> float:
         """Used over computed row-steps so far (1.0 before any batch)."""

@@ -67,6 +67,8 @@ class ReplayBuffer:
             self._events.append(ev)
             self.bytes += len(ev.frame)
         self.first_seq = run[0].seq if run else last_seq + 1
+        while self._events and (len(self._events) > self.max_events or self.bytes > self.max_bytes):
+            self._drop_oldest()
 
     def append(self, ev: StoredEvent) -> None:
         """Keep ``ev`` (its seq must be ``last_seq + 1``); enforce the count and byte bounds."""

@@ -106,12 +106,16 @@ class Session:
         """Everything not yet written to the store, or None when the store is up to date."""
         self._drop_unsaved_trimmed()
         trim = self.replay.first_seq - 1
+        # Trimming the store lazily (a quarter of the buffer at a time) keeps a busy session from
+        # rewriting its stored events on every flush; a restore re-applies the bounds anyway.
+        if trim - self.saved_trim < max(1, self.replay.max_events // 4):
+            trim = self.saved_trim
         if not self.unsaved and trim <= self.saved_trim and not self.header_dirty:
             return None
         events, self.unsaved = self.unsaved, []
-        record = None
-        if self.header_dirty or events or trim > self.saved_trim:
-            record = self.record(wall_now)
+        # append_events keeps last_seq and trim_events keeps first_seq in the store; the header
+        # is written only when it changed (creation, topics) so the hot path stays cheap.
+        record = self.record(wall_now) if self.header_dirty else None
         self.header_dirty = False
         return PersistBatch(events=events, trim_through=trim, record=record)
 

@@ -83,19 +83,28 @@ async def test_a_chat_job_on_node_b_streams_to_a_subscriber_on_node_a(
         b.ensure_dead()
 
 
-async def test_a_node_killed_after_the_ack_has_its_job_finished_by_the_other(
+async def test_a_node_killed_mid_job_has_its_job_finished_by_the_other(
     tmp_path: Path, feishu: FakeFeishu, redis_server: RedisServer
 ) -> None:
-    a = node(tmp_path, "a", feishu, redis_server, "--cluster-lease", "2").start()
-    b = node(tmp_path, "b", feishu, redis_server, "--cluster-lease", "2").start()
+    # Long answers keep node B busy long enough to die mid-job.
+    extra = ("--cluster-lease", "2", "--max-new-tokens", "1500")
+    b = node(tmp_path, "b", feishu, redis_server, *extra).start()
+    a = node(tmp_path, "a", feishu, redis_server, *extra)
     try:
-        await asyncio.gather(a.wait_ready(), b.wait_ready())
+        await b.wait_ready()
         assert await deliver(b) == 200
+        for _ in range(600):
+            if answers(feishu):
+                break  # B posted the reply card and is streaming into it
+            await asyncio.sleep(0.05)
+        assert answers(feishu), b.log()
         b.kill9()
-        await wait_final(feishu, limit_s=60)
-        assert len(answers(feishu)) == 1
-        if "relay_answered" not in b.log():
-            assert "relay_recovered" in a.log()
+        assert "relay_answered" not in b.log()
+        a.start()
+        await a.wait_ready()
+        await wait_final(feishu, limit_s=90)
+        assert len(answers(feishu)) == 1  # the same card, finished by A (reply uuid)
+        assert "relay_reclaimed" in a.log() and "relay_answered" in a.log()
         assert await a.terminate() == 0
     finally:
         a.ensure_dead()
