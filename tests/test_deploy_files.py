@@ -1,4 +1,4 @@
-"""docker-compose.yml, the Dockerfile and nginx.conf, checked structurally (no Docker engine here)."""
+"""docker-compose.yml, the Dockerfile and nginx.conf, checked structurally (no Docker here)."""
 
 from __future__ import annotations
 
