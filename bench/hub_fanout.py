@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -18,6 +19,7 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
+import struct
 import sys
 import time
 from multiprocessing.connection import Connection as Pipe
@@ -57,84 +59,130 @@ def client_main(port: int, sessions: int, events: int, pipe: Pipe, limit_s: floa
     asyncio.run(_clients(port, sessions, events, pipe, limit_s))
 
 
+class _Receiver(asyncio.Protocol):
+    """A minimal WebSocket client for one session: handshake, hello, subscribe, count events.
+
+    The bench needs clients much cheaper than the server under test; this one parses frame
+    headers itself and reads ``seq`` without decoding JSON (only sampled sessions decode).
+    """
+
+    def __init__(self, stats: dict[str, Any], sample: bool, events: int, done: Any) -> None:
+        self.stats = stats
+        self.sample = sample
+        self.events = events
+        self.done = done
+        self.buf = bytearray()
+        self.upgraded = False
+        self.last_seq = 0
+        self.transport: Any = None
+        self.ready = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            (
+                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+
+    def send(self, obj: dict[str, Any]) -> None:
+        payload = json.dumps(obj).encode()
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        n = len(payload)
+        header = bytes((0x81, 0x80 | n)) if n < 126 else struct.pack("!BBH", 0x81, 0xFE, n)
+        self.transport.write(header + mask + masked)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.upgraded:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            del self.buf[: end + 4]
+            self.upgraded = True
+            self.send({"type": "hello", "token": TOKEN})
+            self.send({"type": "subscribe", "topic": TOPIC})
+        buf = self.buf
+        pos = 0
+        while len(buf) - pos >= 2:
+            n = buf[pos + 1] & 0x7F
+            head = 2
+            if n == 126:
+                if len(buf) - pos < 4:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                head = 4
+            elif n == 127:
+                if len(buf) - pos < 10:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            if len(buf) - pos < head + n:
+                break
+            payload = bytes(buf[pos + head : pos + head + n])
+            pos += head + n
+            self.frame(payload)
+        del buf[:pos]
+
+    def frame(self, payload: bytes) -> None:
+        now = time.monotonic()
+        if payload.startswith(b'{"type":"event","seq":'):
+            end = payload.index(b",", 22)
+            seq = int(payload[22:end])
+            stats = self.stats
+            if seq != self.last_seq + 1:
+                stats["gaps"] += 1
+            self.last_seq = seq
+            stats["received"] += 1
+            if stats["first_at"] is None:
+                stats["first_at"] = now
+            stats["last_at"] = now
+            if self.sample:
+                stats["latencies"].append(now - float(json.loads(payload)["text"]))
+            if seq >= self.events:
+                self.done(self)
+        elif payload.startswith(b'{"type":"subscribed"'):
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif payload.startswith(b'{"type":"ping"'):
+            self.send({"type": "pong", "ts": json.loads(payload)["ts"]})
+
+
 async def _clients(port: int, sessions: int, events: int, pipe: Pipe, limit_s: float) -> None:
-    import websockets
+    loop = asyncio.get_running_loop()
+    stats: dict[str, Any] = {"received": 0, "gaps": 0, "first_at": None, "last_at": 0.0}
+    stats["latencies"] = []
+    finished: set[int] = set()
+    all_done = asyncio.Event()
 
-    url = f"ws://127.0.0.1:{port}/ws"
-    ready = 0
-    received = 0
-    gaps = 0
-    latencies: list[float] = []
-    first_at: float | None = None
-    last_at = 0.0
-    all_ready = asyncio.Event()
-    done = asyncio.Event()
-    handshakes = asyncio.Semaphore(100)
-    finished = 0
+    def done(receiver: _Receiver) -> None:
+        finished.add(id(receiver))
+        if len(finished) == sessions:
+            all_done.set()
 
-    async def one(index: int) -> None:
-        nonlocal ready, received, gaps, first_at, last_at, finished
-        async with handshakes:
-            ws = await websockets.connect(
-                url, ping_interval=None, compression=None, open_timeout=60, max_queue=64
-            )
-            await ws.send(json.dumps({"type": "hello", "token": TOKEN}))
-            await ws.recv()
-            await ws.send(json.dumps({"type": "subscribe", "topic": TOPIC}))
-            await ws.recv()
-        ready += 1
-        if ready == sessions:
-            all_ready.set()
-        last_seq = 0
-        sample = index % 10 == 0  # latency from a tenth of the sessions keeps the client light
-        try:
-            while last_seq < events:
-                raw = await ws.recv()
-                now = time.monotonic()
-                frame = json.loads(raw)
-                if frame["type"] == "ping":
-                    await ws.send(json.dumps({"type": "pong", "ts": frame["ts"]}))
-                    continue
-                if frame["type"] != "event":
-                    continue
-                seq = frame["seq"]
-                if seq != last_seq + 1:
-                    gaps += 1
-                last_seq = seq
-                received += 1
-                if first_at is None:
-                    first_at = now
-                last_at = now
-                if sample:
-                    latencies.append(now - float(frame["text"]))
-        except websockets.ConnectionClosed:
-            pass
-        finished += 1
-        if finished == sessions:
-            done.set()
-        await ws.close()
-
-    tasks = [asyncio.ensure_future(one(i)) for i in range(sessions)]
+    receivers = []
+    for i in range(sessions):
+        # A tenth of the sessions report latency, which keeps the client light.
+        _t, receiver = await loop.create_connection(
+            lambda i=i: _Receiver(stats, i % 10 == 0, events, done), "127.0.0.1", port
+        )
+        receivers.append(receiver)
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(all_ready.wait(), limit_s)
-    pipe.send(("ready", ready))
+        await asyncio.wait_for(asyncio.gather(*(r.ready for r in receivers)), limit_s)
+    pipe.send(("ready", sum(1 for r in receivers if r.ready.done())))
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(done.wait(), limit_s)
-    latencies.sort()
-    pipe.send(
-        {
-            "received": received,
-            "gaps": gaps,
-            "first_at": first_at,
-            "last_at": last_at,
-            "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
-            "p99_ms": 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else None,
-            "max_ms": 1000 * latencies[-1] if latencies else None,
-        }
-    )
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait_for(all_done.wait(), limit_s)
+    latencies = sorted(stats.pop("latencies"))
+    stats["p50_ms"] = 1000 * statistics.median(latencies) if latencies else None
+    stats["p99_ms"] = 1000 * latencies[int(len(latencies) * 0.99) - 1] if latencies else None
+    stats["max_ms"] = 1000 * latencies[-1] if latencies else None
+    pipe.send(stats)
+    for receiver in receivers:
+        receiver.transport.close()
 
 
 # --- server -----------------------------------------------------------------------------------

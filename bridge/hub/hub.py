@@ -48,6 +48,7 @@ SWEEP_INTERVAL_S = 1.0
 # The ids of sessions with topics, so a restarted hub routes topic events to them at once.
 SUBSCRIBED_KEY = "hub:subscribed-sessions"
 MAX_PRELOAD = 10_000
+SUBSCRIBED_CHUNK = 500  # ids per store value (about 19 KB of JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,7 @@ class Hub:
         self._frames_out_reported = 0
         self._sent_closed = 0
         self._subs_dirty = False
+        self._subs_failing = False
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -168,9 +170,12 @@ class Hub:
     async def _preload_subscribed(self) -> None:
         """Load sessions that follow topics, so IM events reach them before their client returns."""
         try:
-            raw = await self.store.get_value(SUBSCRIBED_KEY)
-            ids = json.loads(raw) if raw else []
-            for session_id in ids[:MAX_PRELOAD] if isinstance(ids, list) else []:
+            ids: list[str] = []
+            chunks = await self.store.get_value(SUBSCRIBED_KEY)
+            for index in range(min(int(chunks or 0), MAX_PRELOAD // SUBSCRIBED_CHUNK)):
+                raw = await self.store.get_value(f"{SUBSCRIBED_KEY}:{index}")
+                ids.extend(json.loads(raw) if raw else [])
+            for session_id in ids:
                 if not isinstance(session_id, str) or session_id in self._sessions:
                     continue
                 record = await self.store.load_session(session_id)
@@ -192,13 +197,22 @@ class Hub:
             self._topics.setdefault(topic, set()).add(session)
 
     async def _save_subscribed(self) -> None:
+        """Record which sessions follow topics (in chunks: store values are small)."""
         self._subs_dirty = False
-        ids = [s.id for s in self._sessions.values() if s.topics]
+        ids = [s.id for s in self._sessions.values() if s.topics][:MAX_PRELOAD]
+        chunks = [ids[i : i + SUBSCRIBED_CHUNK] for i in range(0, len(ids), SUBSCRIBED_CHUNK)]
+        ttl = self.cfg.session_ttl_s
         try:
-            await self.store.set_value(SUBSCRIBED_KEY, json.dumps(ids), self.cfg.session_ttl_s)
+            for index, chunk in enumerate(chunks):
+                await self.store.set_value(f"{SUBSCRIBED_KEY}:{index}", json.dumps(chunk), ttl)
+            await self.store.set_value(SUBSCRIBED_KEY, str(len(chunks)), ttl)
         except Exception as exc:
+            if not self._subs_failing:
+                log.warning("hub_store_write_failed", key=SUBSCRIBED_KEY, error=repr(exc))
+            self._subs_failing = True
             self._subs_dirty = True
-            log.warning("hub_store_write_failed", key=SUBSCRIBED_KEY, error=repr(exc))
+            return
+        self._subs_failing = False
 
     async def _background(self) -> None:
         """Write-behind flushes, replay age trims, session expiry and metric deltas."""
@@ -262,7 +276,15 @@ class Hub:
         await ws.prepare(request)
         conn_id = "c_" + secrets.token_hex(6)
         core = ConnectionCore(conn_id, self.cfg, self._clock())
-        conn = Connection(conn_id, ws, core, request.remote or "?", self.cfg.send_queue_max)
+        transport = request.transport
+        conn = Connection(
+            conn_id,
+            ws,
+            core,
+            request.remote or "?",
+            self.cfg.send_queue_max,
+            transport if isinstance(transport, asyncio.Transport) else None,
+        )
         conn.on_closing = self._on_closing
         self._register(conn)
         try:

@@ -7,6 +7,7 @@ only moves frames, so it is small and every write goes through :meth:`Connection
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,19 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _MESSAGE_TOO_BIG = 1009
+# Below this many bytes waiting in the socket's buffer a frame is written at once, without a task.
+WRITE_HIGH_WATER = 256 * 1024
+
+
+def text_frame(text: str) -> bytes:
+    """An unmasked, uncompressed, final WebSocket text frame (RFC 6455 §5.2) carrying ``text``."""
+    payload = text.encode("utf-8")
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65_536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
 class HubWebSocket(web.WebSocketResponse):
@@ -51,6 +65,7 @@ class Connection:
         "sent",
         "session",
         "token_label",
+        "transport",
         "wall_connected_at",
         "write_since",
         "writer",
@@ -64,12 +79,14 @@ class Connection:
         core: ConnectionCore,
         remote: str,
         queue_max: int,
+        transport: asyncio.Transport | None = None,
     ) -> None:
         self.id = conn_id
         self.ws = ws
         self.core = core
         self.remote = remote
         self.queue_max = queue_max
+        self.transport = transport
         self.queue: deque[str] = deque()
         self.writer: asyncio.Task[None] | None = None
         self.write_since: float | None = None
@@ -98,10 +115,25 @@ class Connection:
         """
         if self.closing:
             return False
-        if not force and len(self.queue) >= self.queue_max:
+        queue = self.queue
+        transport = self.transport
+        if (
+            not queue
+            and self.writer is None
+            and transport is not None
+            and transport.get_write_buffer_size() < WRITE_HIGH_WATER
+        ):
+            # The hot path: the socket keeps up, so write the frame now (no task, no await).
+            # Frames are whole and everything runs on the loop, so nothing interleaves inside one.
+            if transport.is_closing():
+                return False
+            transport.write(text_frame(frame))
+            self.sent += 1
+            return True
+        if not force and len(queue) >= self.queue_max:
             self.close(p.CLOSE_SLOW_CONSUMER, "slow consumer")
             return False
-        self.queue.append(frame)
+        queue.append(frame)
         if self.writer is None:
             self.writer = asyncio.get_running_loop().create_task(self._drain())
         return True

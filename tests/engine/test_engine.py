@@ -71,6 +71,8 @@ async def test_batches_really_form(make_engine: Factory) -> None:
     await run_all(engine, [request(i, max_tokens=4) for i in range(8)])
     assert seen == [8]  # all eight joined one batch without waiting the full 2 s
     assert engine.status().batch_sizes == {8: 1}
+    # The batch's figures are recorded when generate returns, just after the last Done.
+    await _until(lambda: engine.live_rows_per_step > 0)
     assert 1.0 < engine.live_rows_per_step <= 8.0  # decode really ran several rows per step
     assert 0.0 < engine.slot_occupancy <= 1.0
 
