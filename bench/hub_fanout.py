@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import multiprocessing as mp
@@ -164,12 +165,11 @@ async def _clients(port: int, sessions: int, events: int, pipe: Pipe, limit_s: f
         if len(finished) == sessions:
             all_done.set()
 
-    receivers = []
+    receivers: list[_Receiver] = []
     for i in range(sessions):
         # A tenth of the sessions report latency, which keeps the client light.
-        _t, receiver = await loop.create_connection(
-            lambda i=i: _Receiver(stats, i % 10 == 0, events, done), "127.0.0.1", port
-        )
+        factory = functools.partial(_Receiver, stats, i % 10 == 0, events, done)
+        _t, receiver = await loop.create_connection(factory, "127.0.0.1", port)
         receivers.append(receiver)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.gather(*(r.ready for r in receivers)), limit_s)

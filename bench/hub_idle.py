@@ -180,6 +180,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.sleep(args.window)
     cpu1, w1 = cpu_s(), time.monotonic()
     fired1 = hub._timer.fired if hub._timer else 0
+    lateness = hub._timer.lateness_max if hub._timer else 0.0
     for pipe in pipes:
         pipe.send("stop")
     pongs = 0
@@ -208,6 +209,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_percent_of_one_core": round(100 * (cpu1 - cpu0) / (w1 - w0), 3),
         "timer_fires_in_window": fired1 - fired0,
         "pongs_sent_by_clients": pongs,
+        "timer_lateness_max_ms": round(lateness * 1000, 1),
     }
 
 

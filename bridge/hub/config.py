@@ -49,7 +49,7 @@ class HubConfig:
     frame_rate: float = 200.0
     frame_burst: int = 400
     send_timeout_s: float = 30.0
-    flush_interval_s: float = 0.2
+    flush_interval_s: float = 0.5
     max_topics: int = 64
     _labels: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -129,9 +129,13 @@ class WheelTimer(Generic[K]):
         self._handle = loop.call_at(loop.time() + delay, self._fire)
 
     def _fire(self) -> None:
+        planned = self._handle_when
         self._handle = None
         self._handle_when = None
         now = self._clock()
+        if planned is not None:
+            # How late the loop ran us: the heartbeat's own jitter under load (for benchmarks).
+            self.lateness_max = max(self.lateness_max, now - planned)
         due = self.wheel.pop_due(now)
         if due:
             self.fired += len(due)

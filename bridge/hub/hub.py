@@ -8,8 +8,6 @@ store and the metrics.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hmac
 import json
@@ -26,6 +24,7 @@ from bridge.hub import protocol as p
 from bridge.hub.config import HubConfig
 from bridge.hub.connection import Action, Close, ConnectionCore, Phase, Send
 from bridge.hub.heartbeat import WheelTimer
+from bridge.hub.jobs import JobRunner
 from bridge.hub.persist import WriteBehind
 from bridge.hub.replay import ReplayBuffer
 from bridge.hub.session import Session, new_session_id
@@ -33,13 +32,8 @@ from bridge.hub.ws import Connection, HubWebSocket
 from bridge.metrics import Metrics
 from bridge.store.base import Store
 from engine.types import (
-    TERMINAL_KINDS,
-    EngineError,
     EngineLike,
-    Failed,
     JobEvent,
-    JobHandle,
-    JobRequest,
 )
 
 log = structlog.get_logger(__name__)
@@ -66,12 +60,6 @@ class ConnectionInfo:
     received: int
     state: str
     token_label: str | None
-
-
-@dataclass(slots=True)
-class _Job:
-    handle: JobHandle
-    task: asyncio.Task[None]
 
 
 class Hub:
@@ -108,7 +96,7 @@ class Hub:
         self._sessions: dict[str, Session] = {}
         self._topics: dict[str, set[Session]] = {}
         self._per_token: dict[str, int] = {}
-        self._jobs: set[asyncio.Task[None]] = set()
+        self._jobs = JobRunner(engine, cfg.max_image_bytes, self._emit)
         self._writes = WriteBehind(store, cfg.session_ttl_s, wall)
         resolution = max(0.005, min(0.25, cfg.heartbeat_timeout_s / 20, cfg.heartbeat_s / 20))
         self._timer: WheelTimer[Connection] | None = None
@@ -150,12 +138,7 @@ class Hub:
             conn.close(p.CLOSE_GOING_AWAY, reason, flush_s=min(1.0, grace_s))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - self._clock()))
-        if self._jobs:
-            await asyncio.wait(set(self._jobs), timeout=max(0.0, deadline - self._clock()))
-        for task in list(self._jobs):
-            task.cancel()
-        if self._jobs:
-            await asyncio.gather(*self._jobs, return_exceptions=True)
+        await self._jobs.stop(deadline - self._clock())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -391,10 +374,10 @@ class Hub:
         try:
             if isinstance(frame, p.Hello):
                 await self._hello(conn, frame)
-            elif isinstance(frame, p.Submit):
-                self._submit(conn, frame)
-            elif isinstance(frame, p.Cancel):
-                self._cancel(conn, frame)
+            elif isinstance(frame, p.Submit) and conn.session is not None:
+                self._jobs.submit(conn, conn.session, frame)
+            elif isinstance(frame, p.Cancel) and conn.session is not None:
+                self._jobs.cancel(conn, conn.session, frame)
             elif isinstance(frame, p.Subscribe):
                 self._subscribe(conn, frame.topic)
             elif isinstance(frame, p.Unsubscribe):
@@ -500,83 +483,12 @@ class Hub:
         return session
 
     # --- frames of an open connection ------------------------------------------------------
-    def _submit(self, conn: Connection, frame: p.Submit) -> None:
-        session = conn.session
-        assert session is not None
-        if not session.remember_job(frame.id):
-            conn.send(p.error("duplicate_id", "this session already used that job id", frame.id))
-            return
-        try:
-            image = base64.b64decode(frame.image_b64, validate=True)
-        except (binascii.Error, ValueError):
-            conn.send(p.error("bad_image", "'image' is not valid base64", frame.id))
-            return
-        if len(image) > self.cfg.max_image_bytes:
-            conn.send(
-                p.error("too_large", f"image exceeds {self.cfg.max_image_bytes} bytes", frame.id)
-            )
-            return
-        request = JobRequest(
-            job_id=f"ws:{session.id}:{frame.id}",
-            image=image,
-            prompt=frame.prompt,
-            max_tokens=frame.max_tokens,
-        )
-        try:
-            handle = self.engine.submit(request)
-        except EngineError as exc:
-            conn.send(p.error(exc.code, exc.message, frame.id))
-            return
-        except Exception:
-            log.exception("ws_submit_failed", conn_id=conn.id, job_id=frame.id)
-            conn.send(p.error("internal", "the engine failed to accept the job", frame.id))
-            return
-        task = asyncio.get_running_loop().create_task(self._run_job(session, frame.id, handle))
-        session.jobs[frame.id] = _Job(handle, task)
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
-        log.info("ws_job_submitted", conn_id=conn.id, session=session.id, job_id=frame.id)
-
-    async def _run_job(self, session: Session, job_id: str, handle: JobHandle) -> None:
-        """Stream a job's engine events into the session until its one terminal event."""
-        ended = False
-        try:
-            async for event in handle.events():
-                self._emit(session, p.event_tail(job_id, event))
-                if event.kind in TERMINAL_KINDS:
-                    ended = True
-                    break
-        except asyncio.CancelledError:
-            handle.cancel()
-            if not ended:
-                ended = True
-                failed = Failed("internal", "the server stopped before the job finished")
-                self._emit(session, p.event_tail(job_id, failed))
-            raise
-        except Exception:
-            log.exception("ws_job_failed", session=session.id, job_id=job_id)
-        finally:
-            if not ended:
-                failed = Failed("internal", "the job ended without a result")
-                self._emit(session, p.event_tail(job_id, failed))
-            session.jobs.pop(job_id, None)
-
     def _emit(self, session: Session, tail: str) -> None:
         frame = session.emit(tail, self._wall())
         self._writes.dirty.add(session)
         conn = session.conn
         if conn is not None:
             conn.send(frame)
-
-    def _cancel(self, conn: Connection, frame: p.Cancel) -> None:
-        session = conn.session
-        assert session is not None
-        job = session.jobs.get(frame.id)
-        if job is None:
-            conn.send(p.error("unknown_job", "no live job with that id", frame.id))
-            return
-        job.handle.cancel()
-        log.info("ws_job_cancel", conn_id=conn.id, job_id=frame.id)
 
     def _subscribe(self, conn: Connection, topic: str) -> None:
         session = conn.session

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import structlog
 
-from bridge.hub.session import Session
+from bridge.hub.session import PersistBatch, Session
 from bridge.store.base import Store
 
 log = structlog.get_logger(__name__)
@@ -43,35 +43,39 @@ class WriteBehind:
             return
         sessions, self.dirty = self.dirty, set()
         wall = self._wall()
-        for session in sessions:
-            batch = session.take_batch(wall)
-            if batch is None:
-                continue
-            try:
-                async with asyncio.timeout(STORE_TIMEOUT_S):
-                    if not session.owner_saved:
-                        key = OWNER_KEY + session.id
-                        await self.store.set_value(key, session.owner, self.ttl_s)
-                        session.owner_saved = True
-                    if batch.events:
-                        await self.store.append_events(session.id, batch.events, self.ttl_s)
-                    if batch.record is not None:
-                        await self.store.save_session(batch.record, self.ttl_s)
-                    if batch.trim_through > session.saved_trim:
-                        await self.store.trim_events(session.id, batch.trim_through)
-            except Exception as exc:  # StoreUnavailable, timeouts, backend bugs: retry later
+        pending = [(s, b) for s in sessions if (b := s.take_batch(wall)) is not None]
+        done = 0
+        try:
+            # One deadline for the whole flush: a hung store fails it as a unit, cheaply.
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                for session, batch in pending:
+                    await self._write(session, batch)
+                    session.batch_done(batch)
+                    done += 1
+        except Exception as exc:  # StoreUnavailable, timeouts, backend bugs: retry later
+            for session, batch in pending[done:]:
                 session.batch_failed(batch)
                 self.dirty.add(session)
-                self.failures += 1
-                if not self._failing:
-                    log.warning("hub_store_write_failed", session=session.id, error=repr(exc))
-                self._failing = True
-                continue
-            session.batch_done(batch)
-            if self._failing:
-                log.info("hub_store_write_recovered", session=session.id)
-                self._failing = False
+            self.failures += 1
+            if not self._failing:
+                log.warning("hub_store_write_failed", sessions=len(pending) - done, error=repr(exc))
+            self._failing = True
+            return
+        if self._failing:
+            log.info("hub_store_write_recovered", sessions=done)
+            self._failing = False
         self.flushes += 1
+
+    async def _write(self, session: Session, batch: PersistBatch) -> None:
+        if not session.owner_saved:
+            await self.store.set_value(OWNER_KEY + session.id, session.owner, self.ttl_s)
+            session.owner_saved = True
+        if batch.events:
+            await self.store.append_events(session.id, batch.events, self.ttl_s)
+        if batch.record is not None:
+            await self.store.save_session(batch.record, self.ttl_s)
+        if batch.trim_through > session.saved_trim:
+            await self.store.trim_events(session.id, batch.trim_through)
 
     async def owner_of(self, session_id: str) -> str | None:
         """The token label that owns a stored session."""

@@ -79,14 +79,15 @@ class Session:
         self.updated_at = wall_now
         return frame
 
-    def remember_job(self, job_id: str) -> bool:
-        """Record a client job id; False if this session used it recently (a duplicate)."""
-        if job_id in self.jobs or job_id in self.recent_ids:
-            return False
+    def knows_job(self, job_id: str) -> bool:
+        """Whether this session has (or recently had) a job with this client id."""
+        return job_id in self.jobs or job_id in self.recent_ids
+
+    def remember_job(self, job_id: str) -> None:
+        """Record an accepted job's client id (the last :data:`RECENT_JOB_IDS` are kept)."""
         self.recent_ids[job_id] = None
         while len(self.recent_ids) > RECENT_JOB_IDS:
             self.recent_ids.popitem(last=False)
-        return True
 
     def resume_from(self, last_seq: int) -> tuple[list[str], int]:
         """Frames to replay after ``last_seq`` and the count no longer kept (``missed``)."""

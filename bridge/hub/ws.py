@@ -104,16 +104,19 @@ class Connection:
         return self._close_task is not None or self.ws.closed
 
     def send(self, frame: str, *, force: bool = False) -> bool:
-        """Queue a frame; a full queue means the client stopped reading: close it with 4003.
+        """Send a frame: at once when the socket keeps up, else through the bounded queue.
+
+        A full queue means the client stopped reading: it is closed with 4003 and its events
+        stay in the session's replay buffer.
 
         Args:
             frame: the text to send.
             force: bypass the bound (a resume replay, which the replay buffer already bounds).
 
         Returns:
-            Whether the frame was queued.
+            Whether the frame was accepted.
         """
-        if self.closing:
+        if self._close_task is not None:
             return False
         queue = self.queue
         transport = self.transport
@@ -123,13 +126,16 @@ class Connection:
             and transport is not None
             and transport.get_write_buffer_size() < WRITE_HIGH_WATER
         ):
-            # The hot path: the socket keeps up, so write the frame now (no task, no await).
-            # Frames are whole and everything runs on the loop, so nothing interleaves inside one.
+            # The hot path: no task, no await. Whole frames written on the loop thread cannot
+            # interleave with aiohttp's own control frames. (Measured: corking frames of one
+            # loop iteration into one write cost more CPU in fan-out than it saved.)
             if transport.is_closing():
                 return False
             transport.write(text_frame(frame))
             self.sent += 1
             return True
+        if self.ws.closed:
+            return False
         if not force and len(queue) >= self.queue_max:
             self.close(p.CLOSE_SLOW_CONSUMER, "slow consumer")
             return False

@@ -107,8 +107,9 @@ def test_session_batches_and_record_round_trip() -> None:
 
 def test_session_refuses_reused_job_ids() -> None:
     session = Session(id="s", owner="t", admin=False, replay=ReplayBuffer(3, 100, 1.0))
-    assert session.remember_job("a")
-    assert not session.remember_job("a")
+    assert not session.knows_job("a")
+    session.remember_job("a")
+    assert session.knows_job("a")
 
 
 def test_config_validation_and_labels() -> None:

@@ -266,6 +266,9 @@ async def test_bad_input_gets_error_frames_and_others_carry_on(start_hub: StartH
     run.engine.busy = True
     await ws.send(submit("busy1"))
     assert (await recv(ws, "error"))["code"] == "busy"
+    run.engine.busy = False
+    await ws.send(submit("busy1"))  # a refused id may be retried
+    assert (await job_events(ws, "busy1"))[-1]["kind"] == "done"
     # Invalid UTF-8 in a text frame: the standard close code 1007, nothing else is hurt.
     await ws.send(b"\xff\xfe", text=True)
     assert await close_code(ws) == 1007
