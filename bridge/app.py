@@ -89,8 +89,8 @@ class BridgeApp:
             hub_config(settings), engine=self.engine, store=self.store, metrics=self.metrics
         )
         self.adapters: list[Adapter] = adapters if adapters is not None else self._build_adapters()
-        # On a shared (Redis) store several nodes cooperate: IM job events cross nodes on the
-        # bus and pending IM entries are answered under a run lease.
+        # On a shared (Redis) store several nodes cooperate: IM jobs go through a Redis Streams
+        # consumer group to whichever node has room, and their events cross nodes on the bus.
         self.clustered = self.store.url.startswith(("redis://", "rediss://", "unix://"))
         self.fanout: ClusterFanout | None = None
         publisher: Publisher = self.hub
@@ -120,7 +120,6 @@ class BridgeApp:
         self.draining = False
         self.started_at = clock()
         self._engine_error: str | None = None
-        self._store_error: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.web = self._build_web()
         self._runner: web.AppRunner | None = None
@@ -150,7 +149,7 @@ class BridgeApp:
         app.router.add_get("/ws", self._ws)
         for adapter in self.adapters:
             handler = getattr(adapter, "handle_webhook", None)
-            if handler is not None and getattr(adapter, "mode", "webhook") == "webhook":
+            if handler is not None and self.settings.feishu_mode == "webhook":
                 app.router.add_post(f"/webhooks/{adapter.platform}", self._webhook(adapter))
         from bridge.dashboard.routes import setup_dashboard
         from bridge.ops import BridgeOpsSource
