@@ -8,6 +8,11 @@ measures each acknowledgement from its scheduled send time, so a stalled server 
 queueing delay. Run::
 
     python bench/feishu_webhook.py --rate 200 --seconds 15 [--write-docs]
+
+With ``--target bridge`` the server is the real service instead: ``python -m bridge serve`` in
+webhook mode with its SQLite store, relay and the tiny model answering every event, against a
+minimal fake Feishu OpenAPI served by this process, so the acknowledgements compete with real
+downloads, inference and card updates in the same process.
 """
 
 from __future__ import annotations
@@ -150,6 +155,73 @@ async def serve(port: int, db_path: str) -> None:
     await asyncio.Event().wait()
 
 
+async def fake_openapi() -> tuple[web.AppRunner, str]:
+    """A minimal Feishu OpenAPI on loopback: token, image download, reply and card updates."""
+    photo = (ROOT.parent / "shared" / "data" / "images" / "chelsea.jpg").read_bytes()
+    replies = 0
+
+    async def token(_r: web.Request) -> web.Response:
+        return web.json_response({"code": 0, "tenant_access_token": "t-bench", "expire": 7200})
+
+    async def resource(_r: web.Request) -> web.Response:
+        return web.Response(body=photo, content_type="image/jpeg")
+
+    async def reply(_r: web.Request) -> web.Response:
+        nonlocal replies
+        replies += 1
+        return web.json_response({"code": 0, "data": {"message_id": f"om_r{replies}"}})
+
+    async def patch(_r: web.Request) -> web.Response:
+        return web.json_response({"code": 0, "data": {}})
+
+    app = web.Application()
+    app.router.add_post("/open-apis/auth/v3/tenant_access_token/internal", token)
+    app.router.add_get("/open-apis/im/v1/messages/{mid}/resources/{key}", resource)
+    app.router.add_post("/open-apis/im/v1/messages/{mid}/reply", reply)
+    app.router.add_patch("/open-apis/im/v1/messages/{mid}", patch)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def run_against_bridge(port: int, rate: float, seconds: float, tmp: str) -> dict[str, object]:
+    """Start the real bridge in webhook mode, wait until ready, then load it."""
+    runner, base_url = await fake_openapi()
+    args = [
+        sys.executable, "-m", "bridge", "serve", "--port", str(port),
+        "--store", f"sqlite:///{tmp}/bridge.db", "--log-format", "json",
+        "--max-new-tokens", "32", "--feishu-mode", "webhook",
+        "--feishu-app-id", "cli_bench", "--feishu-app-secret", "bench-secret",
+        "--feishu-verification-token", TOKEN, "--feishu-encrypt-key", KEY,
+        "--feishu-base-url", base_url,
+    ]  # fmt: skip
+    server = _start_server(args, Path(tmp) / "bridge.log")
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(1200):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+            else:
+                raise SystemExit("the bridge did not become ready")
+        return await load(port, rate, seconds)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        await runner.cleanup()
+
+
+def _start_server(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
 def make_event(i: int, cipher: AESCipher) -> tuple[dict[str, str], bytes]:
     """One encrypted, signed image message event, as Feishu sends it."""
     event = {
@@ -280,10 +352,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--port", type=int, default=18931)
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--target",
+        choices=("adapter", "bridge"),
+        default="adapter",
+        help="adapter: the webhook core with a SQLite sink; bridge: the whole real service",
+    )
     parser.add_argument("--serve", metavar="DB", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         asyncio.run(serve(args.port, args.serve))
+        return
+    if args.target == "bridge":
+        with tempfile.TemporaryDirectory() as tmp:
+            result = asyncio.run(run_against_bridge(args.port, args.rate, args.seconds, tmp))
+        print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(

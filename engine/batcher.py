@@ -136,6 +136,23 @@ class Batcher:
         self._notify_depth(depth)
         return batch
 
+    def take_ready(self, limit: int) -> list[Job]:
+        """Without waiting, take up to ``limit`` ready jobs, oldest first (continuous batching
+        admits them between decode steps, so ``wait_s`` does not apply)."""
+        if limit < 1:
+            return []
+        with self._cond:
+            if self._closed or not self._ready:
+                return []
+            batch: list[Job] = []
+            while self._ready and len(batch) < limit:
+                _, job = self._ready.popleft()
+                if not job.finished:
+                    batch.append(job)
+            depth = self._decoding + len(self._ready)
+        self._notify_depth(depth)
+        return batch
+
     def wake(self) -> None:
         """Wake every waiting worker so it re-checks ``should_stop``."""
         with self._cond:

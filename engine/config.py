@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+BATCHING_MODES = ("static", "continuous", "auto")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,10 @@ class EngineConfig:
         decode_threads: threads decoding images off the event loop.
         busy_retry_after_s: the ``retry_after`` hint sent with ``busy``.
         ignore_eos: generate exactly ``max_tokens`` tokens (benchmarks with a fixed output length).
+        batching: ``static`` (gather a batch, one ``generate`` until its last row ends),
+            ``continuous`` (admit waiting jobs between decode steps, up to ``max_batch`` rows;
+            models that cannot support it, e.g. Qwen-VL, fall back to static) or ``auto``
+            (continuous on text backbones verified with it, static elsewhere).
     """
 
     model: str = "tiny"
@@ -46,6 +53,7 @@ class EngineConfig:
     decode_threads: int = 2
     busy_retry_after_s: float = 1.0
     ignore_eos: bool = False
+    batching: Literal["static", "continuous", "auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -62,3 +70,5 @@ class EngineConfig:
             raise ValueError("max_pixels must be >= 1")
         if self.decode_threads < 1:
             raise ValueError("decode_threads must be >= 1")
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}")

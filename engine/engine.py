@@ -14,6 +14,7 @@ import structlog
 from engine.batcher import Batcher
 from engine.cache import AnswerCache, CachedAnswer, cache_key
 from engine.config import EngineConfig
+from engine.continuous import choose_batching, warmup_continuous
 from engine.images import ImageLimits, load_image
 from engine.job import Dispatcher, Handle, Job
 from engine.model import Replica, RowResult, StepUsage, resolve_devices
@@ -146,6 +147,8 @@ class Engine:
                 replicas.append(replica)
                 if self.config.warmup:
                     replica.warmup()
+                    if choose_batching(self.config.batching, replica)[0] == "continuous":
+                        warmup_continuous(replica)
         except BaseException:
             for replica in replicas:
                 replica.close()
@@ -158,13 +161,18 @@ class Engine:
         workers = []
         for replica in replicas:
             self._worker_seq += 1
+            mode, reason = choose_batching(self.config.batching, replica)
+            if reason is not None and self.config.batching == "continuous":
+                log.warning("engine.continuous_unsupported", model=model, reason=reason)
             worker = Worker(
                 f"w{self._worker_seq}-{replica.device}",
                 replica,
                 self._batcher,
                 self._dispatcher,
                 self,
+                batching="continuous" if mode == "continuous" else "static",
             )
+            log.info("engine.batching", worker=worker.worker_id, mode=mode, reason=reason)
             workers.append(worker)
         first = replicas[0]
         self._limits = ImageLimits(
@@ -412,6 +420,11 @@ class Engine:
     def live_rows_per_step(self) -> float:
         """Mean rows producing a token per decode step: the batch size decode really ran at."""
         return self._stats.live_rows_per_step()
+
+    @property
+    def batching(self) -> str:
+        """The batching mode the serving workers run (``static`` or ``continuous``)."""
+        return self._workers[0].batching if self._workers else "static"
 
     @property
     def workers(self) -> tuple[Worker, ...]:

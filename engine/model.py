@@ -162,6 +162,8 @@ class Replica:
         self.model = model
         self.processor = processor
         self.fault_hook: FaultHook | None = None
+        # Continuous batching only: called with the live row count before every decode step.
+        self.step_fault_hook: FaultHook | None = None
         self._lock = threading.Lock()
         tokenizer = getattr(processor, "tokenizer", processor)
         self.tokenizer = tokenizer
@@ -216,6 +218,11 @@ class Replica:
         return cls(name, path, device, dtype, model, processor, ignore_eos)
 
     @property
+    def lock(self) -> threading.Lock:
+        """Held while the model runs: one forward pass sequence at a time per replica."""
+        return self._lock
+
+    @property
     def input_device(self) -> torch.device:
         """Where the inputs go (the first parameter's device under a device_map)."""
         return next(self.model.parameters()).device  # type: ignore[no-any-return]
@@ -262,7 +269,7 @@ class Replica:
             streamer = BatchStreamer(
                 max_tokens=[r.max_tokens for r in rows],
                 eos_ids=self.eos_ids,
-                decode=self._decode,
+                decode=self.decode,
                 on_text=on_text,
                 on_end=lambda i, reason: on_end(
                     i, RowResult(reason, prompt_tokens[i], streamer.rows[i].produced)
@@ -279,7 +286,8 @@ class Replica:
             streamer.finish()
             return StepUsage(streamer.steps, streamer.active_row_steps, len(rows))
 
-    def _decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` without special tokens."""
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def warmup(self) -> None:

@@ -9,16 +9,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 import structlog
 
 from engine.batcher import Batcher
 from engine.job import Dispatcher, Job
 from engine.model import Replica, RowResult, RowSpec, StepUsage, free_memory, is_oom
+from engine.scheduler import ContinuousScheduler
 from engine.types import Started, WorkerStatus
 
 log = structlog.get_logger(__name__)
+
+BatchingMode = Literal["static", "continuous"]
 
 
 class WorkerHooks(Protocol):
@@ -42,7 +45,8 @@ class WorkerHooks(Protocol):
 
 
 class Worker:
-    """One thread driving one :class:`Replica`."""
+    """One thread driving one :class:`Replica`, one ``generate`` per batch (``static``) or with
+    jobs admitted between decode steps (``continuous``, :mod:`engine.scheduler`)."""
 
     def __init__(
         self,
@@ -52,8 +56,10 @@ class Worker:
         dispatcher: Dispatcher,
         hooks: WorkerHooks,
         clock: Callable[[], float] = time.monotonic,
+        batching: BatchingMode = "static",
     ) -> None:
         self.worker_id = worker_id
+        self.batching: BatchingMode = batching
         self.replica = replica
         self._batcher = batcher
         self._dispatcher = dispatcher
@@ -114,7 +120,17 @@ class Worker:
                 if not batch:
                     continue
                 self.in_flight = batch
-                self._run(batch)
+                if self.batching == "continuous":
+                    ContinuousScheduler(
+                        self,
+                        self._batcher,
+                        self._dispatcher,
+                        self._hooks,
+                        self._clock,
+                        self._batcher.max_batch,
+                    ).run(batch)
+                else:
+                    self._run(batch)
                 # Cleared only on a normal return: after a crash the engine retries these jobs.
                 self.in_flight = []
                 for job in batch:

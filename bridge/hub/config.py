@@ -22,6 +22,8 @@ class HubConfig:
         session_ttl_s: how long a session without a connection is kept for resume.
         send_queue_max: outgoing frames queued per connection before it is closed with 4003.
         submit_rate / submit_burst: per-connection token bucket for submits (``rate_limited``).
+        token_submit_rate: submits per second one token may make over all its connections and
+            every node sharing the store (a fixed 1-second window in the store); 0 disables it.
         max_connections_per_token: concurrent connections one token may hold (4008 beyond).
         max_prompt_chars: longest prompt accepted (``too_large`` beyond).
         frame_rate / frame_burst: per-connection bucket for all inbound frames (4008 beyond).
@@ -44,6 +46,7 @@ class HubConfig:
     send_queue_max: int = 1024
     submit_rate: float = 10.0
     submit_burst: int = 20
+    token_submit_rate: float = 50.0
     max_connections_per_token: int = 1000
     max_prompt_chars: int = 16_384
     frame_rate: float = 200.0
@@ -76,6 +79,9 @@ class HubConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"HubConfig.{name} must be positive, got {value!r}")
+        rate = self.token_submit_rate
+        if not (rate == 0 or 1 <= rate < float("inf")):
+            raise ValueError(f"HubConfig.token_submit_rate must be 0 or at least 1, got {rate!r}")
         for token in self.tokens | self.admin_tokens:
             self._labels[token] = token_label(token)
 

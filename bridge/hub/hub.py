@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import secrets
 import time
 from collections.abc import Callable
@@ -26,8 +25,9 @@ from bridge.hub.connection import Action, Close, ConnectionCore, Phase, Send
 from bridge.hub.heartbeat import WheelTimer
 from bridge.hub.jobs import JobRunner
 from bridge.hub.persist import WriteBehind
-from bridge.hub.replay import ReplayBuffer
-from bridge.hub.session import Session, new_session_id
+from bridge.hub.registry import SessionRegistry
+from bridge.hub.session import Session
+from bridge.hub.submitlimit import SharedSubmitLimit
 from bridge.hub.ws import Connection, HubWebSocket
 from bridge.metrics import Metrics
 from bridge.store.base import Store
@@ -39,10 +39,6 @@ from engine.types import (
 log = structlog.get_logger(__name__)
 
 SWEEP_INTERVAL_S = 1.0
-# The ids of sessions with topics, so a restarted hub routes topic events to them at once.
-SUBSCRIBED_KEY = "hub:subscribed-sessions"
-MAX_PRELOAD = 10_000
-SUBSCRIBED_CHUNK = 500  # ids per store value (about 19 KB of JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +89,11 @@ class Hub:
         self._tokens = [t.encode() for t in sorted(cfg.tokens | cfg.admin_tokens)]
         self._admin = [t.encode() for t in sorted(cfg.admin_tokens)]
         self._conns: dict[str, Connection] = {}
-        self._sessions: dict[str, Session] = {}
-        self._topics: dict[str, set[Session]] = {}
         self._per_token: dict[str, int] = {}
         self._jobs = JobRunner(engine, cfg.max_image_bytes, self._emit)
         self._writes = WriteBehind(store, cfg.session_ttl_s, wall)
+        self._registry = SessionRegistry(cfg, store, self._writes, clock, wall)
+        self._shared_limit = SharedSubmitLimit(store, cfg.token_submit_rate, clock)
         resolution = max(0.005, min(0.25, cfg.heartbeat_timeout_s / 20, cfg.heartbeat_s / 20))
         self._timer: WheelTimer[Connection] | None = None
         self._resolution = resolution
@@ -107,8 +103,6 @@ class Hub:
         self._frames_in = 0
         self._frames_out_reported = 0
         self._sent_closed = 0
-        self._subs_dirty = False
-        self._subs_failing = False
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -117,7 +111,7 @@ class Hub:
         task = asyncio.get_running_loop().create_task(self._background(), name="hub-background")
         self._tasks.add(task)
         self._idle.set()
-        await self._preload_subscribed()
+        await self._registry.preload()
         if not self._tokens:
             log.warning("hub_no_tokens", detail="no client tokens: every hello gets 4001")
 
@@ -143,59 +137,11 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for session in self._sessions.values():
-            self._writes.mark(session)
+        self._registry.mark_all()
         await self._writes.flush()
-        await self._save_subscribed()
+        await self._registry.save_subscribed()
         if self._timer is not None:
             self._timer.close()
-
-    async def _preload_subscribed(self) -> None:
-        """Load sessions that follow topics, so IM events reach them before their client returns."""
-        try:
-            ids: list[str] = []
-            chunks = await self.store.get_value(SUBSCRIBED_KEY)
-            for index in range(min(int(chunks or 0), MAX_PRELOAD // SUBSCRIBED_CHUNK)):
-                raw = await self.store.get_value(f"{SUBSCRIBED_KEY}:{index}")
-                ids.extend(json.loads(raw) if raw else [])
-            for session_id in ids:
-                if not isinstance(session_id, str) or session_id in self._sessions:
-                    continue
-                record = await self.store.load_session(session_id)
-                owner = await self._writes.owner_of(session_id) if record else None
-                if record is None or owner is None:
-                    continue
-                admin = any(self.cfg.label_of(t) == owner for t in self.cfg.admin_tokens)
-                replay = self._replay()
-                self._adopt(Session.from_record(record, owner=owner, admin=admin, replay=replay))
-        except Exception as exc:
-            log.warning("hub_preload_failed", error=repr(exc))
-            return
-        log.info("hub_sessions_preloaded", sessions=len(self._sessions))
-
-    def _adopt(self, session: Session) -> None:
-        session.detached_at = self._clock()
-        self._sessions[session.id] = session
-        for topic in session.topics:
-            self._topics.setdefault(topic, set()).add(session)
-
-    async def _save_subscribed(self) -> None:
-        """Record which sessions follow topics (in chunks: store values are small)."""
-        self._subs_dirty = False
-        ids = [s.id for s in self._sessions.values() if s.topics][:MAX_PRELOAD]
-        chunks = [ids[i : i + SUBSCRIBED_CHUNK] for i in range(0, len(ids), SUBSCRIBED_CHUNK)]
-        ttl = self.cfg.session_ttl_s
-        try:
-            for index, chunk in enumerate(chunks):
-                await self.store.set_value(f"{SUBSCRIBED_KEY}:{index}", json.dumps(chunk), ttl)
-            await self.store.set_value(SUBSCRIBED_KEY, str(len(chunks)), ttl)
-        except Exception as exc:
-            if not self._subs_failing:
-                log.warning("hub_store_write_failed", key=SUBSCRIBED_KEY, error=repr(exc))
-            self._subs_failing = True
-            self._subs_dirty = True
-            return
-        self._subs_failing = False
 
     async def _background(self) -> None:
         """Write-behind flushes, replay age trims, session expiry and metric deltas."""
@@ -204,36 +150,14 @@ class Hub:
             await asyncio.sleep(self.cfg.flush_interval_s)
             try:
                 await self._writes.flush()
-                if self._subs_dirty:
-                    await self._save_subscribed()
+                if self._registry.subs_dirty:
+                    await self._registry.save_subscribed()
                 self._report_frames()
                 if self._clock() >= next_sweep:
                     next_sweep = self._clock() + SWEEP_INTERVAL_S
-                    self._sweep()
+                    self._registry.sweep()
             except Exception:
                 log.exception("hub_background_failed")
-
-    def _sweep(self) -> None:
-        now, wall = self._clock(), self._wall()
-        for session in list(self._sessions.values()):
-            before = session.replay.first_seq
-            session.replay.trim_age(wall)
-            if session.replay.first_seq != before:
-                self._writes.mark(session)
-            gone = session.detached_at
-            if session.conn is None and gone is not None and now - gone > self.cfg.session_ttl_s:
-                self._drop_session(session)
-
-    def _drop_session(self, session: Session) -> None:
-        log.info("hub_session_expired", session=session.id)
-        for job in session.jobs.values():
-            job.handle.cancel()
-            job.task.cancel()
-        for topic in session.topics:
-            self._unindex(topic, session)
-        self._sessions.pop(session.id, None)
-        self._writes.dirty.discard(session)
-        self._subs_dirty = True
 
     def _report_frames(self) -> None:
         sent = self._sent_closed + sum(c.sent for c in self._conns.values())
@@ -375,7 +299,7 @@ class Hub:
             if isinstance(frame, p.Hello):
                 await self._hello(conn, frame)
             elif isinstance(frame, p.Submit) and conn.session is not None:
-                self._jobs.submit(conn, conn.session, frame)
+                await self._submit(conn, conn.session, frame)
             elif isinstance(frame, p.Cancel) and conn.session is not None:
                 self._jobs.cancel(conn, conn.session, frame)
             elif isinstance(frame, p.Subscribe):
@@ -387,6 +311,20 @@ class Hub:
         except Exception:
             log.exception("ws_frame_failed", conn_id=conn.id)
             conn.send(p.error("internal", "the server failed to handle this frame"))
+
+    async def _submit(self, conn: Connection, session: Session, frame: p.Submit) -> None:
+        """Apply the token's cluster-wide submit limit, then hand the job to the runner."""
+        label = conn.token_label
+        if label is not None and not session.knows_job(frame.id):
+            allowed = await self._shared_limit.allow(label)
+            if conn.closing:
+                return
+            if not allowed:
+                log.info("ws_token_rate_limited", conn_id=conn.id, job_id=frame.id, token=label)
+                msg = "too many submits for this token; retry in 1s"
+                conn.send(p.error("rate_limited", msg, frame.id))
+                return
+        self._jobs.submit(conn, session, frame)
 
     # --- hello and sessions ----------------------------------------------------------------
     def _authenticate(self, token: str) -> tuple[bool, bool]:
@@ -416,14 +354,14 @@ class Hub:
         conn.counted = True
         session: Session | None = None
         if hello.session is not None:
-            session = await self._find_session(hello.session, label, admin, conn)
+            session = await self._registry.find(hello.session, label, admin, conn.id)
             if conn.closing:
                 return
         resumed = session is not None
         missed = 0
         replay: list[str] = []
         if session is None:
-            session = self._new_session(label, admin)
+            session = self._registry.new_session(label, admin)
         else:
             replay, missed = session.resume_from(hello.last_seq or 0)
             old = session.conn
@@ -449,39 +387,6 @@ class Hub:
             token=label,
         )
 
-    def _new_session(self, label: str, admin: bool) -> Session:
-        session = Session(id=new_session_id(), owner=label, admin=admin, replay=self._replay())
-        session.updated_at = self._wall()
-        self._sessions[session.id] = session
-        self._writes.mark(session)
-        return session
-
-    def _replay(self) -> ReplayBuffer:
-        cfg = self.cfg
-        return ReplayBuffer(cfg.replay_max_events, cfg.replay_max_bytes, cfg.replay_max_age_s)
-
-    async def _find_session(
-        self, session_id: str, label: str, admin: bool, conn: Connection
-    ) -> Session | None:
-        session = self._sessions.get(session_id)
-        if session is not None:
-            return session if hmac.compare_digest(session.owner, label) else None
-        try:
-            async with asyncio.timeout(min(5.0, self.cfg.hello_timeout_s)):
-                record = await self.store.load_session(session_id)
-                owner = await self._writes.owner_of(session_id) if record else None
-        except Exception as exc:
-            log.warning("hub_store_load_failed", conn_id=conn.id, error=repr(exc))
-            return None
-        if record is None or owner is None or not hmac.compare_digest(owner, label):
-            return None
-        session = self._sessions.get(session_id)  # another hello may have loaded it meanwhile
-        if session is None:
-            session = Session.from_record(record, owner=label, admin=admin, replay=self._replay())
-            self._adopt(session)
-            log.info("hub_session_loaded", session=session_id, last_seq=session.last_seq)
-        return session
-
     # --- frames of an open connection ------------------------------------------------------
     def _emit(self, session: Session, tail: str) -> None:
         frame = session.emit(tail, self._wall())
@@ -496,34 +401,17 @@ class Hub:
         if topic == "ops" and not session.admin:
             conn.send(p.error("forbidden", "only admin tokens may subscribe to 'ops'"))
             return
-        if topic not in session.topics:
-            if len(session.topics) >= self.cfg.max_topics:
-                conn.send(p.error("too_large", f"at most {self.cfg.max_topics} topics"))
-                return
-            session.topics.add(topic)
-            self._topics.setdefault(topic, set()).add(session)
-            session.header_dirty = True
-            self._writes.mark(session)
-            self._subs_dirty = True
+        if topic not in session.topics and len(session.topics) >= self.cfg.max_topics:
+            conn.send(p.error("too_large", f"at most {self.cfg.max_topics} topics"))
+            return
+        self._registry.add_topic(session, topic)
         conn.send(p.subscribed(topic))
 
     def _unsubscribe(self, conn: Connection, topic: str) -> None:
         session = conn.session
         assert session is not None
-        if topic in session.topics:
-            session.topics.discard(topic)
-            self._unindex(topic, session)
-            session.header_dirty = True
-            self._writes.mark(session)
-            self._subs_dirty = True
+        self._registry.remove_topic(session, topic)
         conn.send(p.unsubscribed(topic))
-
-    def _unindex(self, topic: str, session: Session) -> None:
-        members = self._topics.get(topic)
-        if members is not None:
-            members.discard(session)
-            if not members:
-                del self._topics[topic]
 
     def _ack(self, conn: Connection, seq: int) -> None:
         session = conn.session
@@ -537,7 +425,7 @@ class Hub:
     # --- the lead's API --------------------------------------------------------------------
     async def publish(self, topic: str, job_id: str, event: JobEvent) -> None:
         """Stream an IM job's event to every session subscribed to ``topic`` (frames carry it)."""
-        members = self._topics.get(topic)
+        members = self._registry.members(topic)
         if not members:
             return
         tail = p.event_tail(job_id, event, topic)
@@ -546,7 +434,7 @@ class Hub:
 
     async def publish_ops(self, payload: dict[str, Any]) -> None:
         """Send a live ops notice to connected sessions subscribed to ``ops`` (not replayed)."""
-        members = self._topics.get("ops")
+        members = self._registry.members("ops")
         if not members:
             return
         frame = p.ops(payload)
@@ -593,7 +481,7 @@ class Hub:
     @property
     def session_count(self) -> int:
         """Sessions held in memory (attached or waiting for a resume)."""
-        return len(self._sessions)
+        return len(self._registry)
 
     async def flush(self) -> None:
         """Write every pending session change to the store now (tests, shutdown)."""

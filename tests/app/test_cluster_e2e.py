@@ -104,6 +104,10 @@ async def test_a_node_killed_mid_job_has_its_job_finished_by_the_other(
         await a.wait_ready()
         await wait_final(feishu, limit_s=90)
         assert len(answers(feishu)) == 1  # the same card, finished by A (reply uuid)
+        for _ in range(100):  # the log line follows the final card update
+            if "relay_answered" in a.log():
+                break
+            await asyncio.sleep(0.05)
         assert "relay_reclaimed" in a.log() and "relay_answered" in a.log()
         assert await a.terminate() == 0
     finally:

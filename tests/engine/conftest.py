@@ -71,14 +71,23 @@ def make_config(path: Path, **overrides: object) -> EngineConfig:
 
 
 @pytest.fixture
-async def make_engine(tiny_path: Path) -> AsyncIterator[object]:
+def batching() -> str:
+    """The batching mode engines of a test get unless it says otherwise (modules override)."""
+    return "auto"
+
+
+@pytest.fixture
+async def make_engine(tiny_path: Path, batching: str) -> AsyncIterator[object]:
     """Factory for started engines; every one is stopped at the end of the test."""
     engines: list[Engine] = []
 
     async def factory(**overrides: object) -> Engine:
+        overrides.setdefault("batching", batching)
         engine = Engine(make_config(tiny_path, **overrides))
         await engine.start()
         engines.append(engine)
+        if overrides["batching"] != "auto":
+            assert engine.batching == overrides["batching"]
         return engine
 
     yield factory

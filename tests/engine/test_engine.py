@@ -18,6 +18,12 @@ PROMPTS = ["Describe the image.", "What is in this picture?", "Hi", "Tell me a s
 PHOTOS = ["chelsea.jpg", "coffee.jpg", "rocket.jpg", "hubble.jpg"]
 
 
+@pytest.fixture(params=["static", "continuous"])
+def batching(request: pytest.FixtureRequest) -> str:
+    """Every engine test runs under both batching modes."""
+    return str(request.param)
+
+
 def request(i: int, **kw: Any) -> JobRequest:
     """A job over the sample photos and prompts, varied by ``i``."""
     return JobRequest(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,7 @@ class Running:
     hub: Hub
     server: TestServer
     engine: FakeEngine
-    store: MemoryStore
+    store: Any
     metrics: Metrics
     url: str
     clients: list[Any] = field(default_factory=list)
@@ -107,16 +108,18 @@ async def start_hub() -> AsyncIterator[StartHub]:
 
     async def start(
         *,
-        store: MemoryStore | None = None,
+        store: Any = None,
         port: int | None = None,
         pieces: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         **overrides: Any,
     ) -> Running:
         cfg = hub_config(**overrides)
         engine = FakeEngine(pieces=pieces)
         store = store or MemoryStore()
         metrics = Metrics()
-        hub = Hub(cfg, engine=engine, store=store, metrics=metrics)
+        hub = Hub(cfg, engine=engine, store=store, metrics=metrics, clock=clock, wall=wall)
         await hub.start()
         app = web.Application()
         app.router.add_get("/ws", hub.handle)

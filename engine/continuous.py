@@ -1,0 +1,374 @@
+"""Continuous batching: a decode loop that admits new rows between steps of a running batch.
+
+``generate`` runs a fixed batch to its end, so a job that arrives meanwhile waits for the
+slowest row. :class:`RunningBatch` instead keeps one KV cache for the rows now decoding, steps
+them one token at a time, drops finished rows at once and merges newly prefilled rows in between
+steps. Rows of different lengths share the cache by left padding: the 2-D attention mask hides
+the padding and every row carries its own position ids, exactly as ``generate`` does for a
+left-padded batch, so greedy answers do not depend on when a row joined.
+
+It is architecture-neutral only for models whose forward takes plain 1-D position ids and whose
+cache is a stack of ordinary ``DynamicLayer`` s; :func:`continuous_support` says whether a model
+qualifies (Qwen-VL's multimodal rope keeps per-call state on the model and does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from engine.model import Replica, RowResult, RowSpec
+from engine.streamer import RowDecoder
+
+# Text backbones on which continuous batching is verified token for token against ``generate``
+# (tests/engine/test_continuous.py); ``batching="auto"`` turns it on only for these.
+KNOWN_GOOD_BACKBONES = frozenset({"llama"})
+
+# Generation settings that make ``generate`` change logits in ways this loop does not reproduce.
+_LOGIT_SETTINGS = {
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+}
+
+
+def continuous_support(model: Any, generation_config: Any) -> str | None:
+    """Why ``model`` cannot run continuous batching, or ``None`` when it can.
+
+    Refused: models keeping position state on the model between calls (Qwen-VL's
+    ``rope_deltas`` / ``get_rope_index``), multi-axis rope, encoder-decoders, caches that are
+    not plain dynamic layers (sliding window, linear attention), and generation settings that
+    alter logits (repetition penalty, n-gram bans, ...), which this greedy loop does not apply.
+    """
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported"
+    for holder in (model, getattr(model, "model", None)):
+        if holder is None:
+            continue
+        if hasattr(holder, "rope_deltas") or hasattr(holder, "get_rope_index"):
+            return "the model keeps multimodal rope state between calls (rope_deltas)"
+    text = config.get_text_config(decoder=True)
+    for attr in ("rope_scaling", "rope_parameters"):
+        rope = getattr(text, attr, None)
+        if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("type") == "mrope"):
+            return "the model uses multi-axis (mrope) positions"
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception as exc:  # an exotic config the cache cannot even describe
+        return f"cannot build a dynamic cache for the model: {type(exc).__name__}"
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return "the model's cache has sliding-window or non-attention layers"
+    for name, neutral in _LOGIT_SETTINGS.items():
+        if getattr(generation_config, name, None) not in neutral:
+            return f"generation setting {name} is not applied by the continuous loop"
+    return None
+
+
+def backbone_of(model: Any) -> str:
+    """The ``model_type`` of the model's text decoder (``llama`` for the tiny LLaVA)."""
+    return str(getattr(model.config.get_text_config(decoder=True), "model_type", ""))
+
+
+@dataclass(slots=True)
+class _Row:
+    """One live row: its key, limits and incremental decoder."""
+
+    key: int
+    max_tokens: int
+    prompt_tokens: int
+    decoder: RowDecoder
+    produced: int = 0
+    text: list[str] = field(default_factory=list)
+
+
+class RunningBatch:
+    """The rows decoding together on one replica, their shared KV cache and per-row positions.
+
+    Callbacks fire on the calling (worker) thread and mirror :class:`~engine.streamer.
+    BatchStreamer`: ``on_text(key, piece)`` with each new piece of a row's answer and
+    ``on_end(key, result)`` once per row (reason ``eos``, ``length`` or ``stopped``);
+    ``should_stop(key)`` is polled for every row at every step. Not thread-safe: one worker
+    thread owns it, under the replica's lock.
+    """
+
+    def __init__(
+        self,
+        replica: Replica,
+        on_text: Callable[[int, str], None],
+        on_end: Callable[[int, RowResult], None],
+        should_stop: Callable[[int], bool],
+    ) -> None:
+        self._replica = replica
+        self._on_text = on_text
+        self._on_end = on_end
+        self._should_stop = should_stop
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token
+        self._positions: torch.Tensor | None = None  # [rows], position of the next input
+        self._next: torch.Tensor | None = None  # [rows], the token to feed at the next step
+        self.steps = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def keys(self) -> list[int]:
+        """The keys of the live rows, in batch order."""
+        return [row.key for row in self._rows]
+
+    @property
+    def cache_length(self) -> int:
+        """Columns in the shared KV cache (the longest row plus left padding)."""
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def clear(self) -> None:
+        """Drop every row and the cache without ending rows (after an out-of-memory error)."""
+        self._rows = []
+        self._cache = None
+        self._mask = self._positions = self._next = None
+
+    def admit(self, keys: Sequence[int], specs: Sequence[RowSpec]) -> None:
+        """Prefill ``specs`` (images through the processor and the model) and merge them in.
+
+        The first token of every new row comes from its prefill and is streamed at once. The
+        running rows are untouched if this raises (e.g. ``torch.OutOfMemoryError``).
+        """
+        replica = self._replica
+        if replica.fault_hook is not None:
+            replica.fault_hook(len(specs))
+        texts = [replica.prompt_text(s.prompt) for s in specs]
+        inputs = replica.processor(
+            text=texts, images=[s.image for s in specs], padding=True, return_tensors="pt"
+        )
+        inputs = inputs.to(replica.input_device)
+        pixels = inputs.get("pixel_values")
+        if pixels is not None and pixels.is_floating_point():
+            inputs["pixel_values"] = pixels.to(replica.dtype)
+        mask = inputs["attention_mask"].long()
+        # As generate does for a left-padded batch: count real tokens, padding at position 0.
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache()
+        out = replica.model(
+            **inputs,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first = out.logits[:, -1, :].argmax(dim=-1)
+        del out
+        self._merge(cache, mask, positions[:, -1] + 1, first)
+        prompt_tokens = [int(n) for n in mask.sum(dim=1).tolist()]
+        new_rows = [
+            _Row(key, spec.max_tokens, count, RowDecoder(replica.decode))
+            for key, spec, count in zip(keys, specs, prompt_tokens, strict=True)
+        ]
+        self._rows.extend(new_rows)
+        self._consume(first.tolist(), start=len(self._rows) - len(new_rows))
+
+    def step(self) -> None:
+        """One decode step for every live row; finished rows leave the batch at once."""
+        if not self._rows:
+            return
+        assert self._cache is not None and self._mask is not None
+        assert self._positions is not None and self._next is not None
+        replica = self._replica
+        if replica.step_fault_hook is not None:
+            replica.step_fault_hook(len(self._rows))
+        ones = torch.ones_like(self._mask[:, :1])
+        mask = torch.cat([self._mask, ones], dim=1)
+        out = replica.model(
+            input_ids=self._next[:, None],
+            attention_mask=mask,
+            position_ids=self._positions[:, None],
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        tokens = out.logits[:, -1, :].argmax(dim=-1)
+        del out
+        self._mask = mask
+        self._positions = self._positions + 1
+        self._next = tokens
+        self.steps += 1
+        self._consume(tokens.tolist(), start=0)
+
+    def stop_requested(self) -> None:
+        """End rows whose job asks to stop (cancelled, timed out) without another step."""
+        ended = [i for i, row in enumerate(self._rows) if self._should_stop(row.key)]
+        for i in ended:
+            row = self._rows[i]
+            self._on_end(row.key, RowResult("stopped", row.prompt_tokens, row.produced))
+        self._drop(ended)
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _consume(self, tokens: list[int], start: int) -> None:
+        """Feed rows ``start..`` their new token, end the finished ones and drop them."""
+        eos = self._replica.eos_ids
+        ended: list[int] = []
+        for i in range(start, len(self._rows)):
+            row = self._rows[i]
+            token = tokens[i - start]
+            if self._should_stop(row.key):
+                ended.append(i)
+                self._on_end(row.key, RowResult("stopped", row.prompt_tokens, row.produced))
+                continue
+            row.produced += 1
+            reason = ""
+            if token in eos:
+                reason = "eos"
+            else:
+                piece = row.decoder.push(token)
+                if piece:
+                    row.text.append(piece)
+                    self._on_text(row.key, piece)
+                if row.produced >= row.max_tokens:
+                    reason = "length"
+            if reason:
+                rest = row.decoder.flush()
+                if rest:
+                    row.text.append(rest)
+                    self._on_text(row.key, rest)
+                ended.append(i)
+                self._on_end(row.key, RowResult(reason, row.prompt_tokens, row.produced))
+        self._drop(ended)
+
+    def _merge(
+        self,
+        cache: DynamicCache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        first: torch.Tensor,
+    ) -> None:
+        """Append prefilled rows to the running batch, left-padding whichever side is shorter.
+
+        Everything is computed before anything is assigned, so a failure leaves the batch as
+        it was.
+        """
+        new_layers = _states(cache)
+        if self._cache is None or self._mask is None:
+            layers, merged_mask = new_layers, mask
+            merged_pos, merged_next = positions, first
+        else:
+            assert self._positions is not None and self._next is not None
+            width = max(self._mask.shape[1], mask.shape[1])
+            old_layers = _states(self._cache)
+            layers = [
+                (
+                    torch.cat([_left_pad(ok, width), _left_pad(nk, width)], dim=0),
+                    torch.cat([_left_pad(ov, width), _left_pad(nv, width)], dim=0),
+                )
+                for (ok, ov), (nk, nv) in zip(old_layers, new_layers, strict=True)
+            ]
+            merged_mask = torch.cat(
+                [_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)], dim=0
+            )
+            merged_pos = torch.cat([self._positions, positions])
+            merged_next = torch.cat([self._next, first])
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = merged_mask
+        self._positions = merged_pos
+        self._next = merged_next
+
+    def _drop(self, indices: list[int]) -> None:
+        """Remove rows ``indices`` and the cache columns no remaining row needs."""
+        if not indices:
+            return
+        gone = set(indices)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self.clear()
+            return
+        assert self._cache is not None and self._mask is not None
+        assert self._positions is not None and self._next is not None
+        index = torch.tensor(keep, device=self._mask.device)
+        mask = self._mask.index_select(0, index)
+        # Leading columns that are padding for every remaining row are dead weight: trim them.
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        layers = [
+            (keys.index_select(0, index)[:, :, start:], values.index_select(0, index)[:, :, start:])
+            for keys, values in _states(self._cache)
+        ]
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = mask[:, start:]
+        self._positions = self._positions.index_select(0, index)
+        self._next = self._next.index_select(0, index)
+
+
+def _states(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's ``(keys, values)``; the cache must hold only filled dynamic layers."""
+    states = []
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+            raise RuntimeError(
+                f"unexpected cache layer {type(layer).__name__} for continuous batching"
+            )
+        states.append((layer.keys, layer.values))
+    return states
+
+
+def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad ``[batch, heads, length, dim]`` key/value states on the left to ``width``."""
+    missing = width - states.shape[2]
+    if missing <= 0:
+        return states
+    pad = states.new_zeros((states.shape[0], states.shape[1], missing, states.shape[3]))
+    return torch.cat([pad, states], dim=2)
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad a ``[batch, length]`` attention mask with zeros on the left to ``width``."""
+    missing = width - mask.shape[1]
+    if missing <= 0:
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
+
+
+def choose_batching(requested: str, replica: Replica) -> tuple[str, str | None]:
+    """The batching mode ``replica`` runs under for ``requested`` and, when it differs, why.
+
+    ``static`` stays static; ``continuous`` is honoured unless the model cannot support it;
+    ``auto`` also requires a text backbone in :data:`KNOWN_GOOD_BACKBONES`.
+    """
+    if requested == "static":
+        return "static", None
+    reason = continuous_support(replica.model, replica.generation_config)
+    if reason is not None:
+        return "static", reason
+    if requested == "auto" and backbone_of(replica.model) not in KNOWN_GOOD_BACKBONES:
+        return "static", f"continuous batching is not verified on {backbone_of(replica.model)!r}"
+    return "continuous", None
+
+
+def warmup_continuous(replica: Replica) -> None:
+    """Run the continuous path once (prefill, a merge, a few steps) so its kernels are primed."""
+    image = Image.new("RGB", (64, 64), (127, 127, 127))
+    batch = RunningBatch(
+        replica, on_text=lambda k, t: None, on_end=lambda k, r: None, should_stop=lambda k: False
+    )
+    with replica.lock, torch.inference_mode():
+        batch.admit([0], [RowSpec(image, "Describe the image.", 3)])
+        batch.step()
+        batch.admit([1], [RowSpec(image, "Hi", 2)])
+        while len(batch):
+            batch.step()
