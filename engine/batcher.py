@@ -49,6 +49,12 @@ class Batcher:
         with self._cond:
             return self._decoding + len(self._ready)
 
+    @property
+    def ready(self) -> int:
+        """Jobs whose image is decoded, waiting to join a batch."""
+        with self._cond:
+            return len(self._ready)
+
     def reserve(self) -> int:
         """Take a slot for a new job; return its position (0 = next).
 

@@ -66,15 +66,15 @@ class ContinuousScheduler:
                     self._track(pending)
                     self._admit(pending)
                     pending = []
-                    self._track()
+                    self._track()  # before the events go out: a Done implies not in flight
                     self._dispatcher.flush()
                 if not self._batch:
                     break
                 rows = len(self._batch)
                 if self._step():
                     self._hooks.on_batch_end(self._worker, StepUsage(1, rows, rows))
-                self._dispatcher.flush()
                 self._track()
+                self._dispatcher.flush()
                 room = self._cap - len(self._batch)
                 if room > 0 and not self._hold and not self._worker.retiring:
                     pending = self._batcher.take_ready(room)

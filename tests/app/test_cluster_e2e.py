@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -21,7 +21,6 @@ from tests.app.test_feishu_e2e import (
     deliver,
     wait_final,
 )
-from tests.conftest import SHARED_DATA
 from tests.redis_fixtures import RedisServer
 
 
@@ -33,15 +32,6 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.cleanup()
-
-
-@pytest.fixture
-async def feishu() -> AsyncIterator[FakeFeishu]:
-    fake = FakeFeishu()
-    fake.images["img_v3_sample_coffee"] = (SHARED_DATA / "images" / "coffee.jpg").read_bytes()
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 def node(

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import websockets
 
 from tests.adapters.fake_feishu import APP_ID, APP_SECRET, FakeFeishu
@@ -19,15 +17,6 @@ from tests.conftest import SHARED_DATA
 SAMPLE = json.loads((SHARED_DATA / "feishu" / "image_message_plain.json").read_text())
 MESSAGE_ID = "om_sample_image_1"
 CHAT_TOPIC = "chat:feishu:oc_sample_chat_1"
-
-
-@pytest.fixture
-async def feishu() -> AsyncIterator[FakeFeishu]:
-    fake = FakeFeishu()
-    fake.images["img_v3_sample_coffee"] = (SHARED_DATA / "images" / "coffee.jpg").read_bytes()
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 def bridge_args(fake: FakeFeishu, db: Path, *extra: str) -> list[str]:

@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from tests.adapters.fake_feishu import APP_ID, APP_SECRET, FakeFeishu
 from tests.app.procs import BridgeProcess
 from tests.app.test_feishu_e2e import MESSAGE_ID, SAMPLE, answers, wait_final
-from tests.conftest import SHARED_DATA
-
-
-@pytest.fixture
-async def feishu() -> AsyncIterator[FakeFeishu]:
-    fake = FakeFeishu()
-    fake.images["img_v3_sample_coffee"] = (SHARED_DATA / "images" / "coffee.jpg").read_bytes()
-    await fake.start()
-    yield fake
-    await fake.stop()
 
 
 async def test_longconn_event_is_acked_answered_once_and_survives_a_dropped_link(

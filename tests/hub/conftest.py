@@ -18,6 +18,9 @@ from bridge.hub import Hub, HubConfig
 from bridge.metrics import Metrics
 from bridge.store.memory import MemoryStore
 from tests.hub.fakes import FakeEngine
+from tests.redis_fixtures import redis_base_url
+
+__all__ = ["redis_base_url"]
 
 # One scaled time unit: every timer in the functional tests is a multiple of it.
 UNIT = 0.1
