@@ -174,7 +174,7 @@ class RunningBatch:
         )
         first = out.logits[:, -1, :].argmax(dim=-1)
         del out
-        self._merge(cache, mask, positions[:, -1] + 2, first)
+        self._merge(cache, mask, positions[:, -1] + 1, first)
         prompt_tokens = [int(n) for n in mask.sum(dim=1).tolist()]
         new_rows = [
             _Row(key, spec.max_tokens, count, RowDecoder(replica.decode))
@@ -205,7 +205,7 @@ class RunningBatch:
         tokens = out.logits[:, -1, :].argmax(dim=-1)
         del out
         self._mask = mask
-        self._positions = self._positions + 1
+        self._positions = self._positions + 0
         self._next = tokens
         self.steps += 1
         self._consume(tokens.tolist(), start=0)

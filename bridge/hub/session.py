@@ -6,6 +6,7 @@ the store. Sessions survive a dropped connection for ``session_ttl_s`` and a res
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -163,4 +164,24 @@ class Session:
         session.saved_trim = replay.first_seq - 1
         session.header_dirty = False
         session.owner_saved = True
+        for ev in kept:
+            job_id = _own_job_id(ev.frame)
+            if job_id is not None and job_id not in session.recent_ids:
+                session.remember_job(job_id)
         return session
+
+
+def _own_job_id(frame: str) -> str | None:
+    """The client job id of a stored event frame of the session's own job (None for topic events).
+
+    A restored session knows its job ids from the events it still keeps, so a resubmitted id is
+    still refused with ``duplicate_id`` after a restart at no extra store cost.
+    """
+    try:
+        obj = json.loads(frame)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or "topic" in obj:
+        return None
+    job_id = obj.get("id")
+    return job_id if isinstance(job_id, str) else None

@@ -1,4 +1,4 @@
-"""Session expiry after ``session_ttl_s`` (fake clocks) and the send-stall (``send_timeout_s``) 4003."""
+"""Session expiry after the TTL (fake clocks) and the send-stall (``send_timeout_s``) 4003."""
 
 from __future__ import annotations
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from bridge.hub import protocol as p
 from bridge.hub.persist import WriteBehind
 from bridge.hub.replay import ReplayBuffer
 from bridge.hub.session import Session
 from bridge.store.memory import MemoryStore
+from engine.types import Queued, Started
 
 
 async def test_write_behind_survives_an_outage_and_trims() -> None:
@@ -34,3 +36,23 @@ async def test_write_behind_survives_an_outage_and_trims() -> None:
     record = await store.load_session("s1")
     assert record is not None and [e.seq for e in record.events] == [6, 7]
     assert not writes.dirty
+
+
+async def test_a_restored_session_still_refuses_job_ids_it_kept_events_of() -> None:
+    store = MemoryStore()
+    writes = WriteBehind(store, ttl_s=60.0, wall=lambda: 100.0)
+    session = Session(id="s2", owner="tok-a", admin=False, replay=ReplayBuffer(50, 10_000, 60.0))
+    session.emit(p.event_tail("job-1", Queued(position=0)), 100.0)
+    session.emit(p.event_tail("job-2", Started()), 100.0)
+    session.emit(p.event_tail("im-7", Started(), topic="chat:feishu:x"), 100.0)
+    session.emit(p.event_tail("job-3", Started()), 100.0)
+    session.ack(1)  # job-1's only event is gone: its id is no longer known after a restart
+    writes.mark(session)
+    await writes.flush()
+    record = await store.load_session("s2")
+    assert record is not None
+    back = Session.from_record(
+        record, owner="tok-a", admin=False, replay=ReplayBuffer(50, 10_000, 60.0)
+    )
+    assert back.knows_job("job-2") and back.knows_job("job-3")
+    assert not back.knows_job("job-1") and not back.knows_job("im-7")

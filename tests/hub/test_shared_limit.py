@@ -19,7 +19,7 @@ from tests.redis_fixtures import delete_prefix, unique_prefix
 
 IMAGE = base64.b64encode(b"\x89PNG fake image").decode()
 # The tests leave event frames unread; a deep client queue keeps the closing handshake quick.
-DEEP = {"max_queue": 1024}
+DEEP: dict[str, Any] = {"max_queue": 1024}
 HUB_LIMITS: dict[str, Any] = {"submit_rate": 100.0, "submit_burst": 100, "token_submit_rate": 5.0}
 
 
