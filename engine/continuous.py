@@ -134,6 +134,13 @@ class RunningBatch:
         return [row.key for row in self._rows]
 
     @property
+    def positions(self) -> dict[int, int]:
+        """Each live row's position id for its next input token (its real length so far)."""
+        if self._positions is None:
+            return {}
+        return dict(zip(self.keys, (int(p) for p in self._positions.tolist()), strict=True))
+
+    @property
     def cache_length(self) -> int:
         """Columns in the shared KV cache (the longest row plus left padding)."""
         return 0 if self._mask is None else int(self._mask.shape[1])
@@ -205,7 +212,7 @@ class RunningBatch:
         tokens = out.logits[:, -1, :].argmax(dim=-1)
         del out
         self._mask = mask
-        self._positions = self._positions + 0
+        self._positions = self._positions + 1
         self._next = tokens
         self.steps += 1
         self._consume(tokens.tolist(), start=0)

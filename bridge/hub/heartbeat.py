@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
+LATENESS_SAMPLES = 100_000
 
 
 class TimerWheel(Generic[K]):
@@ -95,6 +97,8 @@ class WheelTimer(Generic[K]):
         self._closed = False
         self.fired = 0
         self.lateness_max = 0.0
+        #: Recent firing lateness in seconds (bounded), the distribution benchmarks report.
+        self.lateness: deque[float] = deque(maxlen=LATENESS_SAMPLES)
 
     def schedule(self, key: K, when: float) -> None:
         """Fire ``key`` at ``when`` on the hub clock (seconds, same base as ``clock``)."""
@@ -135,7 +139,9 @@ class WheelTimer(Generic[K]):
         now = self._clock()
         if planned is not None:
             # How late the loop ran us: the heartbeat's own jitter under load (for benchmarks).
-            self.lateness_max = max(self.lateness_max, now - planned)
+            late = now - planned
+            self.lateness.append(late)
+            self.lateness_max = max(self.lateness_max, late)
         due = self.wheel.pop_due(now)
         if due:
             self.fired += len(due)

@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ from engine.types import (
 log = structlog.get_logger(__name__)
 
 SWEEP_INTERVAL_S = 1.0
+PING_LATENESS_SAMPLES = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,8 @@ class Hub:
         self._frames_in = 0
         self._frames_out_reported = 0
         self._sent_closed = 0
+        #: Recent heartbeat lateness (ping sent minus ping due, seconds; bounded) for benchmarks.
+        self.ping_lateness: deque[float] = deque(maxlen=PING_LATENESS_SAMPLES)
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -269,7 +273,12 @@ class Hub:
             if conn.stalled_for(now) > self.cfg.send_timeout_s:
                 conn.close(p.CLOSE_SLOW_CONSUMER, "slow consumer")
                 continue
-            for action in conn.core.on_timer(now):
+            core = conn.core
+            ping_due = core.phase is Phase.OPEN and core.ping_ts is None
+            due_at = core.next_ping_at
+            for action in core.on_timer(now):
+                if ping_due and isinstance(action, Send):
+                    self.ping_lateness.append(self._clock() - due_at)
                 self._apply(conn, action)
             self._schedule(conn)
 

@@ -20,7 +20,7 @@ from bridge.relay import BAD_IMAGE_REPLY, TEXT_ONLY_REPLY, Relay
 from bridge.store import Store
 from bridge.store.memory import MemoryStore
 from bridge.store.sqlite import SqliteStore
-from engine.types import BusyError, EngineStatus, JobEvent, JobRequest
+from engine.types import BusyError, EngineStatus, Failed, JobEvent, JobRequest
 from tests.app.fakes import FakeEngine, FakeHandle
 
 
@@ -279,3 +279,29 @@ async def test_intake_failure_raises_so_the_platform_redelivers() -> None:
     store.available = True
     assert await relay.accept(message()) is True
     await settle(relay)
+
+
+class BadImageEngine(FakeEngine):
+    """Refuses every image the way the real engine does: one Failed(bad_image) event."""
+
+    def submit(self, request: JobRequest) -> FakeHandle:
+        handle = super().submit(request)
+
+        async def refused() -> AsyncIterator[JobEvent]:
+            yield Failed("bad_image", "not an image")
+
+        handle.events = refused  # type: ignore[method-assign]
+        return handle
+
+
+async def test_an_image_the_engine_refuses_gets_an_apology_in_the_card(store: Store) -> None:
+    engine, adapter, hub = BadImageEngine(), FakeAdapter(), Recorder()
+    engine.loaded.set()
+    await engine.start()
+    relay = Relay(store, engine, hub, [adapter])
+    await relay.accept(message())
+    await settle(relay)
+    assert adapter.replies["om_1"].failed == BAD_IMAGE_REPLY
+    assert adapter.replies["om_1"].final is None
+    assert [e.kind for _, _, e in hub.events] == ["error"]
+    assert await store.inbox_pending() == []

@@ -97,19 +97,29 @@ def test_rows_admitted_mid_decode_match_generate_alone(replica: Replica) -> None
     reference = [alone(replica, row) for row in rows]
     rec = Recorder()
     batch = rec.batch(replica)
+    fed = dict.fromkeys(range(len(rows)), 0)  # tokens fed back per row so far
+
+    def step() -> None:
+        for key in batch.keys:
+            fed[key] += 1
+        batch.step()
+        # Position ids follow each row's own length, not the padded cache column.
+        for key, position in batch.positions.items():
+            assert position == reference[key][1].prompt_tokens + fed[key], key
+
     with torch.inference_mode():
         batch.admit([0, 1, 2], rows[0:3])  # three prompts of different lengths together
-        batch.step()
-        batch.step()
+        step()
+        step()
         batch.admit([3], rows[3:4])  # joins a running batch with a longer cache
-        batch.step()
+        step()
         batch.admit([4, 5], rows[4:6])
         waiting = [6, 7]
         while len(batch) or waiting:
             if waiting and len(batch) < 4:
                 key = waiting.pop(0)
                 batch.admit([key], rows[key : key + 1])
-            batch.step()
+            step()
     for key, (text, result) in enumerate(reference):
         assert rec.texts.get(key, "") == text, key
         assert rec.ends[key] == result, key

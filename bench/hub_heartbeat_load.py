@@ -1,0 +1,289 @@
+"""Heartbeat lateness of the hub while the engine is saturated (issue: p99 < 100 ms).
+
+Runs the real :class:`bridge.app.BridgeApp` in this process (real engine, tiny model, memory
+store, ``--heartbeat 1 --heartbeat-timeout 2``). One child process holds ``--connections`` idle,
+authenticated WebSockets that answer pings and record when each ping arrives; another keeps
+``--inflight`` jobs (``max_tokens`` 64, real images) running at all times over several
+connections. The server records heartbeat lateness (ping sent minus ping due) per ping; the bench
+reports its distribution with and without load, the wheel's own firing lateness, the clients' ping
+inter-arrival jitter and jobs/s. Loopback only; bounded in time.
+
+    python bench/hub_heartbeat_load.py --connections 1000 --inflight 48 --idle 12 --load 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import multiprocessing as mp
+import os
+import resource
+import socket
+import statistics
+import sys
+import time
+from multiprocessing.connection import Connection as Pipe
+from pathlib import Path
+from typing import Any
+
+import structlog
+import websockets
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bridge.app import BridgeApp
+from bridge.config import load_settings
+
+IDLE_TOKEN = "bench-idle"
+LOAD_CONNS = 6  # the per-connection submit bucket is 10/s: spread the load over several tokens
+IMAGES = Path("/work/shared/data/images")
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-file limit to the hard one; return it."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    """p50/p99/max in milliseconds (empty input gives NaN)."""
+    if not values:
+        return {"n": 0, "p50_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    return {"n": len(ordered), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": ordered[-1] * 1000}
+
+
+# --- idle clients (child process) -------------------------------------------------------------
+def idle_main(port: int, count: int, pipe: Pipe, deadline: float) -> None:
+    raise_nofile()
+    asyncio.run(_idle(port, count, pipe, deadline))
+
+
+async def _idle(port: int, count: int, pipe: Pipe, deadline: float) -> None:
+    url = f"ws://127.0.0.1:{port}/ws"
+    arrivals: list[list[float]] = [[] for _ in range(count)]
+    welcomed = 0
+    hello = json.dumps({"type": "hello", "token": IDLE_TOKEN})
+
+    async def one(i: int) -> None:
+        nonlocal welcomed
+        async with websockets.connect(
+            url, ping_interval=None, compression=None, open_timeout=30
+        ) as ws:
+            await ws.send(hello)
+            json.loads(await ws.recv())
+            welcomed += 1
+            async for raw in ws:
+                frame = json.loads(raw)
+                if frame.get("type") == "ping":
+                    arrivals[i].append(time.monotonic())
+                    await ws.send(json.dumps({"type": "pong", "ts": frame["ts"]}))
+
+    tasks = []
+    for i in range(count):
+        tasks.append(asyncio.create_task(one(i)))
+        if i % 100 == 99:
+            await asyncio.sleep(0.05)
+    while welcomed < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    pipe.send(("welcomed", welcomed))
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    pipe.send(("arrivals", arrivals))
+
+
+# --- the load (child process) -----------------------------------------------------------------
+def load_main(port: int, tokens: list[str], inflight: int, pipe: Pipe, deadline: float) -> None:
+    asyncio.run(_load(port, tokens, inflight, pipe, deadline))
+
+
+async def _load(port: int, tokens: list[str], inflight: int, pipe: Pipe, deadline: float) -> None:
+    url = f"ws://127.0.0.1:{port}/ws"
+    images = [
+        base64.b64encode(p.read_bytes()).decode()
+        for p in sorted(IMAGES.iterdir())
+        if not p.name.startswith("bad_") and p.stat().st_size < 2_000_000
+    ]
+    done_at: list[float] = []
+    errors: dict[str, int] = {}
+    per_conn = max(1, inflight // len(tokens))
+
+    async def conn(k: int, token: str) -> None:
+        async with websockets.connect(url, ping_interval=None, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "hello", "token": token}))
+            json.loads(await ws.recv())
+            n = 0
+
+            async def submit() -> None:
+                nonlocal n
+                n += 1
+                frame = {
+                    "type": "submit",
+                    "id": f"l{k}-{n}",
+                    "prompt": "Describe the picture.",
+                    "image": images[(k + n) % len(images)],
+                    "max_tokens": 64,
+                }
+                await ws.send(json.dumps(frame))
+
+            for _ in range(per_conn):
+                await submit()
+            async for raw in ws:
+                frame = json.loads(raw)
+                kind = frame.get("type")
+                if kind == "ping":
+                    await ws.send(json.dumps({"type": "pong", "ts": frame["ts"]}))
+                elif kind == "error" or (kind == "event" and frame["kind"] in ("done", "error")):
+                    if kind == "event" and frame["kind"] == "done":
+                        done_at.append(time.monotonic())
+                    else:
+                        code = frame.get("code", "?")
+                        errors[code] = errors.get(code, 0) + 1
+                        if code in ("rate_limited", "busy"):
+                            await asyncio.sleep(0.1)
+                    await submit()  # keep the same number in flight
+
+    tasks = [asyncio.create_task(conn(k, t)) for k, t in enumerate(tokens)]
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    crashed = [repr(r) for r in results if isinstance(r, BaseException) and not _cancel(r)]
+    pipe.send(("done", done_at, errors, crashed))
+
+
+def _cancel(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError)
+
+
+# --- the server (this process) ----------------------------------------------------------------
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    raise_nofile()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    port = free_port()
+    load_tokens = [f"bench-load-{i}" for i in range(LOAD_CONNS)]
+    settings = load_settings(
+        {
+            "port": str(port),
+            "token": [IDLE_TOKEN, *load_tokens],
+            "heartbeat": "1",
+            "heartbeat_timeout": "2",
+            "store": "memory://",
+            "model": "tiny",
+            "device": "cpu",
+            "max_new_tokens": "64",
+            "log_level": "warning",
+        },
+        env={},
+    )
+    app = BridgeApp(settings, adapters=[])
+    await app.start()
+    hub = app.hub
+    ctx = mp.get_context("spawn")
+    started = time.monotonic()
+    try:
+        while not app.engine.status().ready:
+            if time.monotonic() - started > 60:
+                raise RuntimeError("the engine did not load in 60 s")
+            await asyncio.sleep(0.1)
+        end = time.monotonic() + 30 + args.idle + args.warmup + args.load
+        idle_rx, idle_tx = ctx.Pipe(duplex=False)
+        idle = ctx.Process(target=idle_main, args=(port, args.connections, idle_tx, end))
+        idle.start()
+        _, welcomed = await asyncio.to_thread(idle_rx.recv)
+        await asyncio.sleep(2.0)  # every connection has had its first ping
+
+        hub.ping_lateness.clear()
+        assert hub._timer is not None
+        hub._timer.lateness.clear()
+        t0 = time.monotonic()
+        await asyncio.sleep(args.idle)
+        t1 = time.monotonic()
+        idle_late, idle_wheel = list(hub.ping_lateness), list(hub._timer.lateness)
+
+        load_end = time.monotonic() + args.warmup + args.load + 1
+        load_rx, load_tx = ctx.Pipe(duplex=False)
+        load = ctx.Process(
+            target=load_main, args=(port, load_tokens, args.inflight, load_tx, load_end)
+        )
+        load.start()
+        await asyncio.sleep(args.warmup)
+        hub.ping_lateness.clear()
+        hub._timer.lateness.clear()
+        depths: list[int] = []
+        t2 = time.monotonic()
+        while time.monotonic() < t2 + args.load:
+            depths.append(app.engine.status().queue_depth)
+            await asyncio.sleep(0.5)
+        t3 = time.monotonic()
+        load_late, load_wheel = list(hub.ping_lateness), list(hub._timer.lateness)
+        _, done_at, errors, crashed = await asyncio.to_thread(load_rx.recv)
+        _, arrivals = await asyncio.to_thread(idle_rx.recv)
+        load.join(10)
+        idle.join(10)
+    finally:
+        await app.stop(grace_s=2.0)
+
+    def jitter(lo: float, hi: float) -> list[float]:
+        gaps = []
+        for times in arrivals:
+            inside = [t for t in times if lo <= t <= hi]
+            gaps += [abs(b - a - 1.0) for a, b in zip(inside, inside[1:], strict=False)]
+        return gaps
+
+    jobs = [t for t in done_at if t2 <= t <= t3]
+    return {
+        "connections": welcomed,
+        "inflight": args.inflight,
+        "torch_threads": args.torch_threads or "default",
+        "idle": {
+            "ping_lateness": quantiles(idle_late),
+            "wheel_lateness": quantiles(idle_wheel),
+            "client_interarrival_jitter": quantiles(jitter(t0, t1)),
+        },
+        "load": {
+            "ping_lateness": quantiles(load_late),
+            "wheel_lateness": quantiles(load_wheel),
+            "client_interarrival_jitter": quantiles(jitter(t2, t3)),
+            "jobs_per_s": len(jobs) / (t3 - t2),
+            "queue_depth_mean": statistics.fmean(depths) if depths else 0.0,
+            "errors": errors,
+            "client_crashes": crashed,
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument("--inflight", type=int, default=48)
+    parser.add_argument("--idle", type=float, default=12.0, help="seconds measured without load")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load not measured")
+    parser.add_argument("--load", type=float, default=20.0, help="seconds measured under load")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(run(args)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
