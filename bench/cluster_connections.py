@@ -261,7 +261,7 @@ class Bridge:
         """(RSS KiB, CPU seconds) now."""
         return proc_rss_kib(self.proc.pid), proc_cpu_s(self.proc.pid)
 
-    async def stop(self, limit_s: float = 30.0) -> int | None:
+    async def stop(self, limit_s: float = 45.0) -> int | None:
         """SIGTERM, wait for the graceful shutdown, SIGKILL past ``limit_s``."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -407,8 +407,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(3.0)
             after = [b.sample() for b in bridges]
             w0 = time.monotonic()
-            await asyncio.sleep(args.window)
-            end = [b.sample() for b in bridges]
+            slices: list[list[float]] = [[] for _ in bridges]
+            last = after
+            for _ in range(max(1, round(args.window / 10))):
+                await asyncio.sleep(args.window / max(1, round(args.window / 10)))
+                now = [b.sample() for b in bridges]
+                for i, (prev, cur) in enumerate(zip(last, now, strict=True)):
+                    slices[i].append(round(cur[1] - prev[1], 2))
+                last = now
+            end = last
             window = time.monotonic() - w0
             out["window_s"] = round(window, 1)
             out["bridges"] = {}
@@ -418,6 +425,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     100 * (base[i][1] - before[i][1]) / args.baseline_window, 2
                 )
                 row["cpu_pct_idle_window"] = round(100 * (end[i][1] - after[i][1]) / window, 2)
+                row["cpu_s_per_slice"] = slices[i]
                 out["bridges"][b.name] = row
             a, b = bridges
             n, settle_s = args.resume_sessions, args.resume_pause
@@ -432,8 +440,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 proc.join(30)
                 if proc.is_alive():
                     proc.kill()
-            codes = await asyncio.gather(*(b.stop() for b in bridges))
+            t2 = time.monotonic()
+            codes = await asyncio.gather(*(b.stop(args.stop_limit) for b in bridges))
             out["bridge_exit_codes"] = list(codes)
+            out["bridges_stopped_s"] = round(time.monotonic() - t2, 1)
             out["bridge_log_events"] = {b.name: log_events(b) for b in bridges}
             with contextlib.suppress(Exception):
                 out["keys_deleted"] = await delete_keys(args.redis, prefix)
@@ -452,6 +462,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=100, help="handshakes in flight")
     parser.add_argument("--connect-limit", type=float, default=150.0)
     parser.add_argument("--start-limit", type=float, default=120.0)
+    parser.add_argument("--stop-limit", type=float, default=45.0, help="SIGTERM to SIGKILL")
     parser.add_argument("--resume-sessions", type=int, default=3, help="per direction")
     parser.add_argument(
         "--resume-pause", type=float, default=1.5, help="seconds between drop and resume"

@@ -1,10 +1,12 @@
-"""CPU benchmark of the engine on the tiny model: dynamic batching versus one generate at a time.
+"""CPU benchmark of the engine on the tiny model: batching modes versus one generate at a time.
 
 Runs the same jobs (sample photos, varied prompts, fixed ``max_tokens``) through an engine with
-``max_batch=1`` (the naive one-request-at-a-time handler) and one with dynamic batching, at
+``max_batch=1`` (the naive one-request-at-a-time handler) and one engine per batching mode
+(``static``: one generate per batch; ``continuous``: jobs admitted between decode steps), at
 several client concurrencies, and prints jobs/s and p50/p95 latency as a Markdown table.
 
-    python bench/engine_cpu.py [--jobs 96] [--max-tokens 32] [--concurrency 1,4,16,48] [--repeat 2]
+    python bench/engine_cpu.py [--jobs 96] [--max-tokens 32] [--concurrency 1,4,16,48]
+        [--repeat 2] [--batching static,continuous]
 """
 
 from __future__ import annotations
@@ -78,11 +80,17 @@ async def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--concurrency", default="1,4,16,48")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--batching",
+        default="static,continuous",
+        help="comma-separated batching modes to compare with sequential",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    modes = [m.strip() for m in args.batching.split(",") if m.strip()]
     images = [(IMAGES / name).read_bytes() for name in PHOTOS]
 
-    def config(max_batch: int) -> EngineConfig:
+    def config(max_batch: int, batching: str) -> EngineConfig:
         return EngineConfig(
             model="tiny",
             device="cpu",
@@ -92,17 +100,22 @@ async def main() -> None:
             max_new_tokens=args.max_tokens,
             cache_ttl_s=0,
             job_timeout_s=600,
+            batching=batching,  # type: ignore[arg-type]
         )
 
     results: dict[tuple[str, int], dict[str, float]] = {}
-    occupancy: dict[tuple[str, int], float] = {}
     live_rows: dict[tuple[str, int], float] = {}
-    engines = {"sequential": Engine(config(1)), "batched": Engine(config(args.max_batch))}
+    engines = {"sequential": Engine(config(1, "static"))}
+    for mode in modes:
+        engines[mode] = Engine(config(args.max_batch, mode))
     for engine in engines.values():
         await engine.start()
+    for mode in modes:
+        if engines[mode].batching != mode:
+            raise SystemExit(f"the tiny model does not run {mode!r} batching")
     try:
         # Modes alternate within each level and the best of ``--repeat`` runs is kept, so load
-        # from other processes on a shared machine penalises both modes alike.
+        # from other processes on a shared machine penalises every mode alike.
         for c in levels:
             for rep in range(args.repeat):
                 for mode, engine in engines.items():
@@ -113,7 +126,6 @@ async def main() -> None:
                     best = results.get((mode, c))
                     if best is None or run["jobs_s"] > best["jobs_s"]:
                         results[(mode, c)] = run
-                        occupancy[(mode, c)] = engine.slot_occupancy
                         live_rows[(mode, c)] = engine.live_rows_per_step
     finally:
         for engine in engines.values():
@@ -128,18 +140,22 @@ async def main() -> None:
         f"max_batch: {args.max_batch}, batch_wait_ms: {args.batch_wait_ms}, "
         f"best of {args.repeat} alternating runs\n"
     )
-    print(
-        "| concurrency | sequential jobs/s | p50 s | p95 s | batched jobs/s | p50 s | p95 s "
-        "| speed-up | slot occupancy | live rows/step |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    names = ["sequential", *modes]
+    header = ["concurrency"]
+    for name in names:
+        header += [f"{name} jobs/s", "p50 s", "p95 s"]
+    header += [f"{m} speed-up" for m in modes] + [f"{m} live rows/step" for m in modes]
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
     for c in levels:
-        s, b = results[("sequential", c)], results[("batched", c)]
-        print(
-            f"| {c} | {s['jobs_s']:.1f} | {s['p50']:.3f} | {s['p95']:.3f} | {b['jobs_s']:.1f} "
-            f"| {b['p50']:.3f} | {b['p95']:.3f} | {b['jobs_s'] / s['jobs_s']:.2f}x "
-            f"| {occupancy[('batched', c)]:.0%} | {live_rows[('batched', c)]:.1f} |"
-        )
+        cells = [str(c)]
+        for name in names:
+            r = results[(name, c)]
+            cells += [f"{r['jobs_s']:.1f}", f"{r['p50']:.3f}", f"{r['p95']:.3f}"]
+        base = results[("sequential", c)]["jobs_s"]
+        cells += [f"{results[(m, c)]['jobs_s'] / base:.2f}x" for m in modes]
+        cells += [f"{live_rows[(m, c)]:.1f}" for m in modes]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

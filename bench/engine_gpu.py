@@ -43,14 +43,17 @@ PHOTOS = [
 ]
 H100_BANDWIDTH = 3.35e12
 
-# The published Qwen2.5-VL-3B-Instruct configuration (architecture fields only).
+# The published Qwen2.5-VL-3B-Instruct configuration (architecture fields only). Checked field by
+# field against the config.json of huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct, as mirrored in
+# public repositories found with code search (two independent copies agree): every value below
+# matches; that file also carries only torch_dtype and transformers_version, which are not
+# architecture. It has no pad_token_id, so the pad id lives in PAD_TOKEN_ID below instead.
 QWEN25_VL_3B: dict[str, Any] = {
     "architectures": ["Qwen2_5_VLForConditionalGeneration"],
     "model_type": "qwen2_5_vl",
     "attention_dropout": 0.0,
     "bos_token_id": 151643,
     "eos_token_id": 151645,
-    "pad_token_id": 151643,
     "vision_start_token_id": 151652,
     "vision_end_token_id": 151653,
     "vision_token_id": 151654,
@@ -90,6 +93,8 @@ QWEN25_VL_3B: dict[str, Any] = {
         "temporal_patch_size": 2,
     },
 }
+# <|endoftext|>: the tokenizer's pad token, used by generate to pad finished rows.
+PAD_TOKEN_ID = 151643
 QWEN_SPECIALS = {
     "<|endoftext|>": 151643,
     "<|im_start|>": 151644,
@@ -200,7 +205,7 @@ def build_model(
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch_dtype)  # type: ignore[no-untyped-call]
     model.eval()
     model.generation_config.eos_token_id = spec["eos_token_id"]
-    model.generation_config.pad_token_id = spec["pad_token_id"]
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
     model.generation_config.do_sample = False
     tokenizer = _tokenizer(spec["vocab_size"])
     image_processor = Qwen2VLImageProcessorPil(

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -77,6 +79,7 @@ async def _idle(port: int, count: int, pipe: Pipe, deadline: float) -> None:
     url = f"ws://127.0.0.1:{port}/ws"
     arrivals: list[list[float]] = [[] for _ in range(count)]
     welcomed = 0
+    all_in = asyncio.Event()
     hello = json.dumps({"type": "hello", "token": IDLE_TOKEN})
 
     async def one(i: int) -> None:
@@ -87,6 +90,8 @@ async def _idle(port: int, count: int, pipe: Pipe, deadline: float) -> None:
             await ws.send(hello)
             json.loads(await ws.recv())
             welcomed += 1
+            if welcomed == count:
+                all_in.set()
             async for raw in ws:
                 frame = json.loads(raw)
                 if frame.get("type") == "ping":
@@ -98,8 +103,8 @@ async def _idle(port: int, count: int, pipe: Pipe, deadline: float) -> None:
         tasks.append(asyncio.create_task(one(i)))
         if i % 100 == 99:
             await asyncio.sleep(0.05)
-    while welcomed < count and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_in.wait(), max(0.0, deadline - time.monotonic()))
     pipe.send(("welcomed", welcomed))
     await asyncio.sleep(max(0.0, deadline - time.monotonic()))
     for task in tasks:
@@ -110,21 +115,26 @@ async def _idle(port: int, count: int, pipe: Pipe, deadline: float) -> None:
 
 # --- the load (child process) -----------------------------------------------------------------
 def load_main(port: int, tokens: list[str], inflight: int, pipe: Pipe, deadline: float) -> None:
-    asyncio.run(_load(port, tokens, inflight, pipe, deadline))
-
-
-async def _load(port: int, tokens: list[str], inflight: int, pipe: Pipe, deadline: float) -> None:
-    url = f"ws://127.0.0.1:{port}/ws"
     images = [
         base64.b64encode(p.read_bytes()).decode()
         for p in sorted(IMAGES.iterdir())
         if not p.name.startswith("bad_") and p.stat().st_size < 2_000_000
     ]
+    asyncio.run(_load(port, tokens, inflight, images, pipe, deadline))
+
+
+async def _load(
+    port: int, tokens: list[str], inflight: int, images: list[str], pipe: Pipe, deadline: float
+) -> None:
+    url = f"ws://127.0.0.1:{port}/ws"
     done_at: list[float] = []
+    tokens: list[int] = []
+    cached = 0
     errors: dict[str, int] = {}
     per_conn = max(1, inflight // len(tokens))
 
     async def conn(k: int, token: str) -> None:
+        nonlocal cached
         async with websockets.connect(url, ping_interval=None, max_size=None) as ws:
             await ws.send(json.dumps({"type": "hello", "token": token}))
             json.loads(await ws.recv())
@@ -136,7 +146,8 @@ async def _load(port: int, tokens: list[str], inflight: int, pipe: Pipe, deadlin
                 frame = {
                     "type": "submit",
                     "id": f"l{k}-{n}",
-                    "prompt": "Describe the picture.",
+                    # A distinct prompt per job: the engine's answer cache must not serve it.
+                    "prompt": f"Describe the picture ({k}-{n}).",
                     "image": images[(k + n) % len(images)],
                     "max_tokens": 64,
                 }
@@ -152,9 +163,12 @@ async def _load(port: int, tokens: list[str], inflight: int, pipe: Pipe, deadlin
                 elif kind == "error" or (kind == "event" and frame["kind"] in ("done", "error")):
                     if kind == "event" and frame["kind"] == "done":
                         done_at.append(time.monotonic())
+                        tokens.append(frame["usage"]["completion_tokens"])
+                        cached += bool(frame.get("cached"))
                     else:
                         code = frame.get("code", "?")
-                        errors[code] = errors.get(code, 0) + 1
+                        key = f"{code}: {frame.get('message', '')}"[:80]
+                        errors[key] = errors.get(key, 0) + 1
                         if code in ("rate_limited", "busy"):
                             await asyncio.sleep(0.1)
                     await submit()  # keep the same number in flight
@@ -165,7 +179,8 @@ async def _load(port: int, tokens: list[str], inflight: int, pipe: Pipe, deadlin
         task.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     crashed = [repr(r) for r in results if isinstance(r, BaseException) and not _cancel(r)]
-    pipe.send(("done", done_at, errors, crashed))
+    stats = {"cached": cached, "mean_tokens": statistics.fmean(tokens) if tokens else 0.0}
+    pipe.send(("done", done_at, errors, crashed, stats))
 
 
 def _cancel(exc: BaseException) -> bool:
@@ -187,12 +202,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "port": str(port),
             "token": [IDLE_TOKEN, *load_tokens],
             "heartbeat": "1",
-            "heartbeat_timeout": "2",
+            "heartbeat-timeout": "2",
             "store": "memory://",
             "model": "tiny",
             "device": "cpu",
-            "max_new_tokens": "64",
-            "log_level": "warning",
+            "max-new-tokens": "64",
+            "log-level": "warning",
         },
         env={},
     )
@@ -237,7 +252,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.5)
         t3 = time.monotonic()
         load_late, load_wheel = list(hub.ping_lateness), list(hub._timer.lateness)
-        _, done_at, errors, crashed = await asyncio.to_thread(load_rx.recv)
+        _, done_at, errors, crashed, job_stats = await asyncio.to_thread(load_rx.recv)
         _, arrivals = await asyncio.to_thread(idle_rx.recv)
         load.join(10)
         idle.join(10)
@@ -248,7 +263,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         gaps = []
         for times in arrivals:
             inside = [t for t in times if lo <= t <= hi]
-            gaps += [abs(b - a - 1.0) for a, b in zip(inside, inside[1:], strict=False)]
+            gaps += [abs(b - a - 1.0) for a, b in itertools.pairwise(inside)]
         return gaps
 
     jobs = [t for t in done_at if t2 <= t <= t3]
@@ -268,6 +283,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "jobs_per_s": len(jobs) / (t3 - t2),
             "queue_depth_mean": statistics.fmean(depths) if depths else 0.0,
             "errors": errors,
+            "jobs": job_stats,
             "client_crashes": crashed,
         },
     }

@@ -13,7 +13,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Literal, cast
 
 import structlog
 from aiohttp import web
@@ -46,6 +46,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         dtype=settings.dtype,
         max_batch=settings.max_batch,
         batch_wait_ms=settings.batch_wait_ms,
+        batching=cast(Literal["static", "continuous", "auto"], settings.batching),
         queue_size=settings.queue_size,
         max_new_tokens=settings.max_new_tokens,
         job_timeout_s=settings.job_timeout,

@@ -172,6 +172,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", _choice("auto", "float32", "bfloat16", "float16"), "auto", "model dtype"),
     Option("max-batch", _int_range(1, 256), 8, "jobs per batched generate call"),
     Option("batch-wait-ms", _float_range(0, 10_000), 10.0, "how long to gather a batch"),
+    Option(
+        "batching",
+        _choice("static", "continuous", "auto"),
+        "static",
+        "static batches, or admit jobs between decode steps (continuous; auto: where verified)",
+    ),
     Option("queue-size", _int_range(1, 1_000_000), 256, "pending jobs before 'busy'"),
     Option("max-new-tokens", _int_range(1, 32_768), 256, "cap on generated tokens per job"),
     Option("job-timeout", _float_range(0.1, 86_400), 120.0, "seconds before a job fails"),
@@ -216,6 +222,7 @@ class Settings:
     dtype: str = "auto"
     max_batch: int = 8
     batch_wait_ms: float = 10.0
+    batching: str = "static"
     queue_size: int = 256
     max_new_tokens: int = 256
     job_timeout: float = 120.0

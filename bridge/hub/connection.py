@@ -172,6 +172,10 @@ class ConnectionCore:
             self.ping_ts = ts
             self.ping_sent_at = now
             self.ping_deadline = now + self.cfg.heartbeat_timeout_s
-            self.next_ping_at = now + self.cfg.heartbeat_s
+            # A fixed cadence from the due time, so timer lateness never stretches the interval;
+            # after a long stall (a blocked loop) start afresh instead of sending a burst.
+            interval = self.cfg.heartbeat_s
+            due = self.next_ping_at
+            self.next_ping_at = due + interval if now - due < interval else now + interval
             return [Send(p.ping(ts))]
         return []

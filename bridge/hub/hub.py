@@ -41,6 +41,7 @@ log = structlog.get_logger(__name__)
 
 SWEEP_INTERVAL_S = 1.0
 PING_LATENESS_SAMPLES = 200_000
+MAX_RESOLUTION_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +97,11 @@ class Hub:
         self._writes = WriteBehind(store, cfg.session_ttl_s, wall)
         self._registry = SessionRegistry(cfg, store, self._writes, clock, wall)
         self._shared_limit = SharedSubmitLimit(store, cfg.token_submit_rate, clock)
-        resolution = max(0.005, min(0.25, cfg.heartbeat_timeout_s / 20, cfg.heartbeat_s / 20))
+        # Fine slots keep pings punctual (a key fires up to one slot late); the wheel's heap
+        # makes each firing cost the same whatever the slot count.
+        resolution = max(
+            0.005, min(MAX_RESOLUTION_S, cfg.heartbeat_timeout_s / 20, cfg.heartbeat_s / 20)
+        )
         self._timer: WheelTimer[Connection] | None = None
         self._resolution = resolution
         self._tasks: set[asyncio.Task[None]] = set()
@@ -300,8 +305,11 @@ class Hub:
         actions, frame = core.receive(text, self._clock())
         for action in actions:
             self._apply(conn, action)
-        if core.last_pong_at is not had_pong and core.rtt_s is not None:
-            self.metrics.ws_heartbeat_rtt.observe(core.rtt_s)
+        if core.last_pong_at is not had_pong:
+            # The pong deadline is gone: the next ping is due earlier than the wheel has it.
+            self._schedule(conn)
+            if core.rtt_s is not None:
+                self.metrics.ws_heartbeat_rtt.observe(core.rtt_s)
         if frame is None or conn.closing:
             return
         try:

@@ -73,7 +73,7 @@ def make_config(path: Path, **overrides: object) -> EngineConfig:
 @pytest.fixture
 def batching() -> str:
     """The batching mode engines of a test get unless it says otherwise (modules override)."""
-    return "auto"
+    return EngineConfig().batching
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ async def make_engine(tiny_path: Path, batching: str) -> AsyncIterator[object]:
         engine = Engine(make_config(tiny_path, **overrides))
         await engine.start()
         engines.append(engine)
-        if overrides["batching"] != "auto":
+        if overrides["batching"] in ("static", "continuous"):
             assert engine.batching == overrides["batching"]
         return engine
 

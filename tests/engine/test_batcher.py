@@ -87,3 +87,22 @@ def test_requeue_goes_first_and_stop_wakes_takers(dispatcher: Dispatcher) -> Non
     batcher.wake()
     taker.join(10)
     assert result == [[]]
+
+
+def test_take_ready_never_waits_and_respects_the_limit(dispatcher: Dispatcher) -> None:
+    batcher = Batcher(capacity=10, max_batch=8, wait_s=60.0)
+    assert batcher.take_ready(4) == []  # nothing ready: returns at once, no 60 s wait
+    jobs = [make_job(i, dispatcher) for i in range(5)]
+    for job in jobs:
+        batcher.reserve()
+        batcher.push(job)
+    jobs[1].fail("cancelled", "gone")
+    assert batcher.ready == 5
+    assert batcher.take_ready(0) == []
+    assert batcher.take_ready(2) == [jobs[0], jobs[2]]  # the cancelled job is skipped
+    assert batcher.take_ready(9) == jobs[3:]
+    assert batcher.depth == 0
+    batcher.reserve()
+    batcher.push(make_job(7, dispatcher))
+    batcher.close()
+    assert batcher.take_ready(3) == []

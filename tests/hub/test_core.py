@@ -113,3 +113,16 @@ def test_frame_flood_closes_4008_and_errors_keep_the_connection() -> None:
         actions, _ = core.receive('{"type":"ping"}', clock())
         closes += [a for a in actions if isinstance(a, Close)]
     assert closes == [Close(4008, "too many frames")]
+
+
+def test_pings_keep_a_fixed_cadence_when_the_timer_runs_late() -> None:
+    clock = FakeClock()
+    core = opened(clock)
+    start = clock()
+    core.on_timer(clock.advance(45.3))  # fired 0.3 s late
+    core.receive(json.dumps({"type": "pong", "ts": core.ping_ts}), clock.advance(0.1))
+    assert core.next_deadline() == start + 90.0  # not start + 90.3: lateness does not add up
+    core.on_timer(start + 90.0)
+    core.receive(json.dumps({"type": "pong", "ts": core.ping_ts}), start + 90.1)
+    core.on_timer(start + 300.0)  # a stall longer than the interval: no burst of catch-up pings
+    assert core.next_ping_at == start + 345.0

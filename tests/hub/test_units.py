@@ -119,3 +119,26 @@ def test_config_validation_and_labels() -> None:
     assert cfg.label_of("secret") == token_label("secret") and "secret" not in cfg.label_of(
         "secret"
     )
+
+
+def test_timer_wheel_with_many_slots_and_reschedules_stays_exact() -> None:
+    wheel: TimerWheel[int] = TimerWheel(0.01)
+    for key in range(1000):
+        wheel.schedule(key, 1.0 + key * 0.013)
+    for key in range(0, 1000, 2):  # move half of them later, as a pong does with a deadline
+        wheel.schedule(key, 100.0 + key * 0.013)
+    for key in range(0, 1000, 4):
+        wheel.cancel(key)
+    fired: list[int] = []
+    now = 0.0
+    while len(wheel):
+        due = wheel.next_due()
+        assert due is not None and due >= now
+        now = due
+        batch = wheel.pop_due(now)
+        assert batch, "next_due named a slot with nothing in it"
+        fired += batch
+    expected_odd = list(range(1, 1000, 2))
+    expected_moved = [k for k in range(0, 1000, 2) if k % 4]
+    assert fired == expected_odd + expected_moved
+    assert wheel.next_due() is None and wheel.pop_due(1e9) == []

@@ -101,6 +101,22 @@ async def test_pings_arrive_at_the_interval_and_pongs_record_rtt(start_hub: Star
         await pong_waiter
 
 
+async def test_a_prompt_pong_keeps_the_ping_interval_free_of_the_pong_deadline(
+    start_hub: StartHub,
+) -> None:
+    # Regression: the wheel kept the pong deadline after the pong came, so every ping went out
+    # heartbeat + heartbeat_timeout after the previous one (55 s instead of 45 s by default).
+    run = await start_hub(heartbeat_s=3 * UNIT, heartbeat_timeout_s=30 * UNIT)
+    ws, _ = await run.hello()
+    times = []
+    for _ in range(3):
+        ping = await recv(ws, "ping", within=10)
+        times.append(time.monotonic())
+        await ws.send(json.dumps({"type": "pong", "ts": ping["ts"]}))
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(3 * UNIT * 0.9 <= gap < 15 * UNIT for gap in gaps), gaps
+
+
 async def test_silent_client_is_closed_4002_within_interval_plus_deadline(
     start_hub: StartHub,
 ) -> None:
