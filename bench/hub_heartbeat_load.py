@@ -128,7 +128,7 @@ async def _load(
 ) -> None:
     url = f"ws://127.0.0.1:{port}/ws"
     done_at: list[float] = []
-    tokens: list[int] = []
+    generated: list[int] = []
     cached = 0
     errors: dict[str, int] = {}
     per_conn = max(1, inflight // len(tokens))
@@ -163,7 +163,7 @@ async def _load(
                 elif kind == "error" or (kind == "event" and frame["kind"] in ("done", "error")):
                     if kind == "event" and frame["kind"] == "done":
                         done_at.append(time.monotonic())
-                        tokens.append(frame["usage"]["completion_tokens"])
+                        generated.append(frame["usage"]["completion_tokens"])
                         cached += bool(frame.get("cached"))
                     else:
                         code = frame.get("code", "?")
@@ -179,7 +179,7 @@ async def _load(
         task.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     crashed = [repr(r) for r in results if isinstance(r, BaseException) and not _cancel(r)]
-    stats = {"cached": cached, "mean_tokens": statistics.fmean(tokens) if tokens else 0.0}
+    stats = {"cached": cached, "mean_tokens": statistics.fmean(generated) if generated else 0.0}
     pipe.send(("done", done_at, errors, crashed, stats))
 
 
@@ -188,9 +188,24 @@ def _cancel(exc: BaseException) -> bool:
 
 
 # --- the server (this process) ----------------------------------------------------------------
+async def receive(pipe: Pipe, timeout_s: float) -> Any:
+    """The next message from a child, or an error if it sends none in time (it crashed)."""
+    if not await asyncio.to_thread(pipe.poll, timeout_s):
+        raise RuntimeError(f"a client process sent nothing in {timeout_s} s")
+    return pipe.recv()
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_nofile()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if args.slow_callback_ms:
+        # asyncio's debug mode logs every loop step longer than this, naming the callback.
+        loop = asyncio.get_running_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = args.slow_callback_ms / 1000
+        logging.basicConfig(level=logging.WARNING)
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     if args.torch_threads:
         import torch
 
@@ -225,7 +240,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         idle_rx, idle_tx = ctx.Pipe(duplex=False)
         idle = ctx.Process(target=idle_main, args=(port, args.connections, idle_tx, end))
         idle.start()
-        _, welcomed = await asyncio.to_thread(idle_rx.recv)
+        _, welcomed = await receive(idle_rx, 90)
         await asyncio.sleep(2.0)  # every connection has had its first ping
 
         hub.ping_lateness.clear()
@@ -252,8 +267,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.5)
         t3 = time.monotonic()
         load_late, load_wheel = list(hub.ping_lateness), list(hub._timer.lateness)
-        _, done_at, errors, crashed, job_stats = await asyncio.to_thread(load_rx.recv)
-        _, arrivals = await asyncio.to_thread(idle_rx.recv)
+        _, done_at, errors, crashed, job_stats = await receive(load_rx, 60)
+        _, arrivals = await receive(idle_rx, 90)
         load.join(10)
         idle.join(10)
     finally:
@@ -271,6 +286,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "connections": welcomed,
         "inflight": args.inflight,
         "torch_threads": args.torch_threads or "default",
+        "switch_interval_ms": sys.getswitchinterval() * 1000,
         "idle": {
             "ping_lateness": quantiles(idle_late),
             "wheel_lateness": quantiles(idle_wheel),
@@ -297,6 +313,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load not measured")
     parser.add_argument("--load", type=float, default=20.0, help="seconds measured under load")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads")
+    parser.add_argument(
+        "--slow-callback-ms", type=float, default=0, help="log loop steps longer than this"
+    )
+    parser.add_argument(
+        "--switch-interval-ms", type=float, default=0, help="sys.setswitchinterval (GIL handoff)"
+    )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args)), indent=2))
 

@@ -99,6 +99,11 @@ class Relay:
         Raises:
             StoreUnavailable: nothing could be recorded; the platform must re-deliver.
         """
+        # Shielded: if the caller gives up waiting (the webhook's deadline), the intake still
+        # completes, so a recorded and claimed message is always scheduled too.
+        return await asyncio.shield(self._accept(msg))
+
+    async def _accept(self, msg: InboundMessage) -> bool:
         entry_id = self.entry_id(msg)
         entry = InboxEntry(entry_id, msg.to_json().encode(), self._clock())
         await self._store.inbox_add(entry)

@@ -14,7 +14,6 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -24,6 +23,7 @@ from bridge.hub import protocol as p
 from bridge.hub.config import HubConfig
 from bridge.hub.connection import Action, Close, ConnectionCore, Phase, Send
 from bridge.hub.heartbeat import WheelTimer
+from bridge.hub.info import ConnectionInfo, connection_info
 from bridge.hub.jobs import JobRunner
 from bridge.hub.persist import WriteBehind
 from bridge.hub.registry import SessionRegistry
@@ -39,26 +39,11 @@ from engine.types import (
 
 log = structlog.get_logger(__name__)
 
+__all__ = ["ConnectionInfo", "Hub"]
+
 SWEEP_INTERVAL_S = 1.0
 PING_LATENESS_SAMPLES = 200_000
 MAX_RESOLUTION_S = 0.02
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionInfo:
-    """A live connection as the dashboard and ``/api/connections`` show it (never the token)."""
-
-    id: str
-    session: str | None
-    remote: str
-    connected_at: float
-    last_pong_at: float | None
-    rtt_ms: float | None
-    topics: list[str]
-    sent: int
-    received: int
-    state: str
-    token_label: str | None
 
 
 class Hub:
@@ -462,29 +447,7 @@ class Hub:
     def connections(self) -> list[ConnectionInfo]:
         """Every live connection, for the dashboard and ``/api/connections``."""
         now, wall = self._clock(), self._wall()
-        out = []
-        for conn in self._conns.values():
-            core = conn.core
-            session = conn.session
-            state = "closing" if conn.closing else core.phase.value
-            out.append(
-                ConnectionInfo(
-                    id=conn.id,
-                    session=session.id if session else None,
-                    remote=conn.remote,
-                    connected_at=wall - (now - core.connected_at),
-                    last_pong_at=None
-                    if core.last_pong_at is None
-                    else wall - (now - core.last_pong_at),
-                    rtt_ms=None if core.rtt_s is None else round(core.rtt_s * 1000, 3),
-                    topics=sorted(session.topics) if session else [],
-                    sent=conn.sent,
-                    received=core.received,
-                    state=state,
-                    token_label=conn.token_label,
-                )
-            )
-        return out
+        return [connection_info(conn, now, wall) for conn in self._conns.values()]
 
     async def kick(self, conn_id: str) -> bool:
         """Close a connection with 4000 (operator); False if there is no such connection."""
