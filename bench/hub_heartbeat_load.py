@@ -26,7 +26,9 @@ import resource
 import socket
 import statistics
 import sys
+import threading
 import time
+import traceback
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
@@ -114,11 +116,13 @@ async def _idle(port: int, count: int, pipe: Pipe, deadline: float) -> None:
 
 
 # --- the load (child process) -----------------------------------------------------------------
-def load_main(port: int, tokens: list[str], inflight: int, pipe: Pipe, deadline: float) -> None:
+def load_main(
+    port: int, tokens: list[str], inflight: int, max_bytes: int, pipe: Pipe, deadline: float
+) -> None:
     images = [
         base64.b64encode(p.read_bytes()).decode()
         for p in sorted(IMAGES.iterdir())
-        if not p.name.startswith("bad_") and p.stat().st_size < 2_000_000
+        if not p.name.startswith("bad_") and p.stat().st_size <= max_bytes
     ]
     asyncio.run(_load(port, tokens, inflight, images, pipe, deadline))
 
@@ -188,6 +192,48 @@ def _cancel(exc: BaseException) -> bool:
 
 
 # --- the server (this process) ----------------------------------------------------------------
+class StallWatch:
+    """A thread that names what the loop thread was doing whenever the loop stalls.
+
+    The loop bumps a timestamp every 5 ms; when it is older than ``stall_s`` the watcher samples
+    the loop thread's stack (in ``select`` means the thread was runnable but not running: GIL or
+    CPU starvation; anywhere else is a long step on the loop) and the other threads' top frames.
+    """
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.beat = time.monotonic()
+        self.samples: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._loop_ident = threading.get_ident()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        def tick() -> None:
+            self.beat = time.monotonic()
+            loop.call_later(0.005, tick)
+
+        tick()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.01):
+            if time.monotonic() - self.beat < self.stall_s:
+                continue
+            frames = sys._current_frames()
+            loop_frame = frames.get(self._loop_ident)
+            where = traceback.format_stack(loop_frame, limit=3)[-1] if loop_frame else "?"
+            key = "loop: " + " ".join(where.split())[:160]
+            self.samples[key] = self.samples.get(key, 0) + 1
+            for ident, frame in frames.items():
+                if ident not in (self._loop_ident, threading.get_ident()):
+                    top = " ".join(traceback.format_stack(frame, limit=1)[-1].split())[:160]
+                    self.samples["other: " + top] = self.samples.get("other: " + top, 0) + 1
+
+
 async def receive(pipe: Pipe, timeout_s: float) -> Any:
     """The next message from a child, or an error if it sends none in time (it crashed)."""
     if not await asyncio.to_thread(pipe.poll, timeout_s):
@@ -226,6 +272,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         env={},
     )
+    watch = StallWatch(args.stall_ms / 1000) if args.stall_ms else None
     app = BridgeApp(settings, adapters=[])
     await app.start()
     hub = app.hub
@@ -253,11 +300,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         load_end = time.monotonic() + args.warmup + args.load + 1
         load_rx, load_tx = ctx.Pipe(duplex=False)
-        load = ctx.Process(
-            target=load_main, args=(port, load_tokens, args.inflight, load_tx, load_end)
-        )
+        load_args = (port, load_tokens, args.inflight, args.max_image_bytes, load_tx, load_end)
+        load = ctx.Process(target=load_main, args=load_args)
         load.start()
         await asyncio.sleep(args.warmup)
+        if watch is not None:
+            watch.start(asyncio.get_running_loop())
         hub.ping_lateness.clear()
         hub._timer.lateness.clear()
         depths: list[int] = []
@@ -267,6 +315,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(0.5)
         t3 = time.monotonic()
         load_late, load_wheel = list(hub.ping_lateness), list(hub._timer.lateness)
+        if watch is not None:
+            watch.stop()
         _, done_at, errors, crashed, job_stats = await receive(load_rx, 60)
         _, arrivals = await receive(idle_rx, 90)
         load.join(10)
@@ -286,6 +336,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "connections": welcomed,
         "inflight": args.inflight,
         "torch_threads": args.torch_threads or "default",
+        "max_image_bytes": args.max_image_bytes,
         "switch_interval_ms": sys.getswitchinterval() * 1000,
         "idle": {
             "ping_lateness": quantiles(idle_late),
@@ -301,6 +352,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "errors": errors,
             "jobs": job_stats,
             "client_crashes": crashed,
+            "stalls": sorted(watch.samples.items(), key=lambda kv: -kv[1])[:25] if watch else [],
         },
     }
 
@@ -318,6 +370,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--switch-interval-ms", type=float, default=0, help="sys.setswitchinterval (GIL handoff)"
+    )
+    parser.add_argument(
+        "--max-image-bytes", type=int, default=2_000_000, help="skip larger sample images"
+    )
+    parser.add_argument(
+        "--stall-ms", type=float, default=0, help="sample the loop's stack when it stalls this long"
     )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args)), indent=2))

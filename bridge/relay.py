@@ -106,10 +106,8 @@ class Relay:
     async def _accept(self, msg: InboundMessage) -> bool:
         entry_id = self.entry_id(msg)
         entry = InboxEntry(entry_id, msg.to_json().encode(), self._clock())
-        await self._store.inbox_add(entry)
-        claims = [await self._store.claim(key, DEDUPE_TTL_S) for key in msg.dedupe_keys]
-        if not all(claims):
-            log.info("im_duplicate", entry=entry_id, event_id=msg.event_id, claims=claims)
+        if not await self._store.accept_entry(entry, msg.dedupe_keys, DEDUPE_TTL_S):
+            log.info("im_duplicate", entry=entry_id, event_id=msg.event_id)
             return False
         log.info("im_accepted", entry=entry_id, chat=msg.chat_id, images=len(msg.images))
         if self._queue is not None:

@@ -30,6 +30,9 @@ class HubConfig:
         send_timeout_s: a single write that cannot complete in this time marks a slow consumer.
         flush_interval_s: write-behind period of replay buffers and session headers to the store.
         max_topics: subscriptions one session may hold.
+        handoff_timeout_s: in a cluster, how long a resume waits for the node holding the session
+            to release it before loading it from the store anyway (that node may be dead); at
+            most half of ``hello_timeout_s`` is used, since the hello deadline runs meanwhile.
     """
 
     tokens: frozenset[str] = frozenset()
@@ -54,6 +57,7 @@ class HubConfig:
     send_timeout_s: float = 30.0
     flush_interval_s: float = 0.5
     max_topics: int = 64
+    handoff_timeout_s: float = 1.0
     _labels: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +79,7 @@ class HubConfig:
             "frame_burst": self.frame_burst,
             "send_timeout_s": self.send_timeout_s,
             "flush_interval_s": self.flush_interval_s,
+            "handoff_timeout_s": self.handoff_timeout_s,
         }
         for name, value in positive.items():
             if value <= 0:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import secrets
 import time
 from collections import deque
@@ -19,12 +18,15 @@ from typing import Any
 import structlog
 from aiohttp import WSMsgType, web
 
+from bridge.cluster.bus import Bus
 from bridge.hub import protocol as p
+from bridge.hub.auth import TokenGate
 from bridge.hub.config import HubConfig
 from bridge.hub.connection import Action, Close, ConnectionCore, Phase, Send
 from bridge.hub.heartbeat import WheelTimer
 from bridge.hub.info import ConnectionInfo, connection_info
 from bridge.hub.jobs import JobRunner
+from bridge.hub.moves import SessionMoves
 from bridge.hub.persist import WriteBehind
 from bridge.hub.registry import SessionRegistry
 from bridge.hub.session import Session
@@ -44,6 +46,10 @@ __all__ = ["ConnectionInfo", "Hub"]
 SWEEP_INTERVAL_S = 1.0
 PING_LATENESS_SAMPLES = 200_000
 MAX_RESOLUTION_S = 0.02
+#: A resume whose ``last_seq`` is more than this (plus the replay bound) past the session's own
+#: last seq cannot come from seqs lost in a crash (one flush interval holds far fewer): the resume
+#: is refused and the client gets a new session (``resumed: false``).
+MAX_SEQ_AHEAD = 1_000_000
 
 
 class Hub:
@@ -56,6 +62,10 @@ class Hub:
         metrics: Prometheus metrics to update.
         clock: monotonic seconds (injectable for tests).
         wall: wall-clock seconds since the epoch (replay ages, dashboard times).
+        bus: the cluster bus; with one, sessions move between nodes (claim, release, forwarded
+            job events, see :mod:`bridge.hub.moves`). None keeps the single-node behaviour.
+        node_id: this node's id in the cluster, unique and stable across restarts where possible
+            (a random one when not given).
     """
 
     def __init__(
@@ -67,6 +77,8 @@ class Hub:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        bus: Bus | None = None,
+        node_id: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.engine = engine
@@ -74,13 +86,25 @@ class Hub:
         self.metrics = metrics
         self._clock = clock
         self._wall = wall
-        self._tokens = [t.encode() for t in sorted(cfg.tokens | cfg.admin_tokens)]
-        self._admin = [t.encode() for t in sorted(cfg.admin_tokens)]
+        self._gate = TokenGate(cfg)
         self._conns: dict[str, Connection] = {}
-        self._per_token: dict[str, int] = {}
         self._jobs = JobRunner(engine, cfg.max_image_bytes, self._emit)
-        self._writes = WriteBehind(store, cfg.session_ttl_s, wall)
+        self.node_id = node_id or "n-" + secrets.token_hex(6)
+        cluster_id = self.node_id if bus is not None else None
+        self._writes = WriteBehind(store, cfg.session_ttl_s, wall, cluster_id)
         self._registry = SessionRegistry(cfg, store, self._writes, clock, wall)
+        self._moves: SessionMoves | None = None
+        if bus is not None:
+            self._moves = SessionMoves(
+                bus,
+                self.node_id,
+                cfg,
+                self._registry,
+                self._writes,
+                clock,
+                self._emit,
+                self._taken_elsewhere,
+            )
         self._shared_limit = SharedSubmitLimit(store, cfg.token_submit_rate, clock)
         # Fine slots keep pings punctual (a key fires up to one slot late); the wheel's heap
         # makes each firing cost the same whatever the slot count.
@@ -105,8 +129,10 @@ class Hub:
         task = asyncio.get_running_loop().create_task(self._background(), name="hub-background")
         self._tasks.add(task)
         self._idle.set()
+        if self._moves is not None:
+            await self._moves.start()
         await self._registry.preload()
-        if not self._tokens:
+        if not self._gate.configured:
             log.warning("hub_no_tokens", detail="no client tokens: every hello gets 4001")
 
     async def shutdown(self, reason: str = "shutdown", grace_s: float = 5.0) -> None:
@@ -127,11 +153,15 @@ class Hub:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - self._clock()))
         await self._jobs.stop(deadline - self._clock())
+        if self._moves is not None:
+            # After the jobs, so their last events forwarded to moved sessions go out too.
+            await self._moves.stop(min(2.0, deadline - self._clock()))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        self._registry.mark_all()
+        unsaved = self._registry.mark_unsaved()
+        log.info("hub_shutdown_flush", sessions=len(self._registry), unsaved=unsaved)
         await self._writes.flush()
         await self._registry.save_subscribed()
         if self._timer is not None:
@@ -150,6 +180,8 @@ class Hub:
                 if self._clock() >= next_sweep:
                     next_sweep = self._clock() + SWEEP_INTERVAL_S
                     self._registry.sweep()
+                    if self._moves is not None:
+                        self._moves.sweep()
             except Exception:
                 log.exception("hub_background_failed")
 
@@ -241,11 +273,7 @@ class Hub:
         label = conn.token_label
         if label is not None and conn.counted:
             conn.counted = False
-            left = self._per_token.get(label, 1) - 1
-            if left > 0:
-                self._per_token[label] = left
-            else:
-                self._per_token.pop(label, None)
+            self._gate.release(label)
         session = conn.session
         if session is not None and session.conn is conn:
             session.conn = None
@@ -329,43 +357,38 @@ class Hub:
         self._jobs.submit(conn, session, frame)
 
     # --- hello and sessions ----------------------------------------------------------------
-    def _authenticate(self, token: str) -> tuple[bool, bool]:
-        """(valid, admin) by constant-time comparison against every configured token."""
-        given = token.encode("utf-8", "surrogatepass")
-        valid = False
-        admin = False
-        for known in self._tokens:
-            valid |= hmac.compare_digest(given, known)
-        for known in self._admin:
-            admin |= hmac.compare_digest(given, known)
-        return valid and bool(token), admin
-
     async def _hello(self, conn: Connection, hello: p.Hello) -> None:
-        valid, admin = self._authenticate(hello.token)
+        valid, admin = self._gate.authenticate(hello.token)
         if not valid:
             log.info("ws_unauthorized", conn_id=conn.id, remote=conn.remote)
             self._apply(conn, Close(p.CLOSE_UNAUTHORIZED, "unauthorized"))
             return
         label = self.cfg.label_of(hello.token)
-        if self._per_token.get(label, 0) >= self.cfg.max_connections_per_token:
+        if not self._gate.acquire(label):
             log.info("ws_token_cap", conn_id=conn.id, token=label)
             self._apply(conn, Close(p.CLOSE_POLICY, "too many connections for this token"))
             return
-        self._per_token[label] = self._per_token.get(label, 0) + 1
         conn.token_label = label
         conn.counted = True
         session: Session | None = None
         if hello.session is not None:
-            session = await self._registry.find(hello.session, label, admin, conn.id)
+            session = await self._find(conn, hello.session, label, admin)
             if conn.closing:
                 return
+        last_seq = hello.last_seq or 0
+        if session is not None and not self._plausible(conn, session, last_seq):
+            session = None
         resumed = session is not None
         missed = 0
         replay: list[str] = []
         if session is None:
             session = self._registry.new_session(label, admin)
         else:
-            replay, missed = session.resume_from(hello.last_seq or 0)
+            if session.advance(last_seq):
+                # The store was behind what the client saw (a crash): never reuse those seqs.
+                self._writes.mark(session)
+                log.warning("ws_seq_advanced", conn_id=conn.id, session=session.id, seq=last_seq)
+            replay, missed = session.resume_from(last_seq)
             old = session.conn
             if old is not None and old is not conn:
                 log.info("ws_session_taken_over", conn_id=old.id, by=conn.id, session=session.id)
@@ -389,8 +412,49 @@ class Hub:
             token=label,
         )
 
+    async def _find(
+        self, conn: Connection, session_id: str, label: str, admin: bool
+    ) -> Session | None:
+        """The session to resume; in a cluster, first taken over from the node holding it."""
+        moves = self._moves
+        if moves is None or session_id in self._registry.sessions:
+            return await self._registry.find(session_id, label, admin, conn.id)
+        answer = await moves.claim(session_id, label, conn.id)
+        session = await self._registry.find(session_id, label, admin, conn.id)
+        moves.adopted(session_id, session, answer)  # no await between the load and this
+        if session is not None:
+            await moves.hold(session)
+        return session
+
+    def _plausible(self, conn: Connection, session: Session, last_seq: int) -> bool:
+        """Whether a resume's ``last_seq`` can be real (see :data:`MAX_SEQ_AHEAD`)."""
+        limit = session.last_seq + self.cfg.replay_max_events + MAX_SEQ_AHEAD
+        if last_seq <= limit:
+            return True
+        log.warning(
+            "ws_resume_refused",
+            conn_id=conn.id,
+            session=session.id,
+            last_seq=last_seq,
+            session_last_seq=session.last_seq,
+        )
+        return False
+
+    def _taken_elsewhere(self, session: Session) -> None:
+        """Another node resumed ``session``: close its connection here (4005)."""
+        conn = session.conn
+        if conn is not None:
+            log.info("ws_session_moved", conn_id=conn.id, session=session.id, to=session.moved_to)
+            self._apply(conn, Close(p.CLOSE_TAKEN_OVER, "session taken over by another node"))
+
     # --- frames of an open connection ------------------------------------------------------
     def _emit(self, session: Session, tail: str) -> None:
+        if session.moved_to is not None:
+            # A job that outlived its session's move: the node holding it now numbers the event.
+            current = self._moves.route(session, tail) if self._moves is not None else None
+            if current is None:
+                return
+            session = current
         frame = session.emit(tail, self._wall())
         self._writes.dirty.add(session)
         conn = session.conn

@@ -57,6 +57,9 @@ class SessionRegistry:
         self.topics: dict[str, set[Session]] = {}
         self.subs_dirty = False
         self._subs_failing = False
+        # Each node of a cluster records its own subscribed sessions (they would overwrite).
+        node = writes.node_id
+        self.subs_key = SUBSCRIBED_KEY if node is None else f"{SUBSCRIBED_KEY}@{node}"
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -115,9 +118,9 @@ class SessionRegistry:
         """Load sessions that follow topics, so IM events reach them before their client returns."""
         try:
             ids: list[str] = []
-            chunks = await self.store.get_value(SUBSCRIBED_KEY)
+            chunks = await self.store.get_value(self.subs_key)
             for index in range(min(int(chunks or 0), MAX_PRELOAD // SUBSCRIBED_CHUNK)):
-                raw = await self.store.get_value(f"{SUBSCRIBED_KEY}:{index}")
+                raw = await self.store.get_value(f"{self.subs_key}:{index}")
                 ids.extend(json.loads(raw) if raw else [])
             for session_id in ids:
                 if not isinstance(session_id, str) or session_id in self.sessions:
@@ -126,6 +129,8 @@ class SessionRegistry:
                 owner = await self.writes.owner_of(session_id) if record else None
                 if record is None or owner is None:
                     continue
+                if not await self._held_here(session_id):
+                    continue  # it moved to another node since: that node delivers its topics
                 admin = any(self.cfg.label_of(t) == owner for t in self.cfg.admin_tokens)
                 replay = self.replay()
                 self.adopt(Session.from_record(record, owner=owner, admin=admin, replay=replay))
@@ -133,6 +138,25 @@ class SessionRegistry:
             log.warning("hub_preload_failed", error=repr(exc))
             return
         log.info("hub_sessions_preloaded", sessions=len(self.sessions))
+
+    async def _held_here(self, session_id: str) -> bool:
+        """Whether the store names no other node as the session's holder (always, single-node)."""
+        node = self.writes.node_id
+        if node is None:
+            return True
+        holder = await self.writes.node_of(session_id)
+        return holder is None or holder == node
+
+    def release(self, session: str | Session) -> Session | None:
+        """Let go of a session another node took over: out of every index, not cancelled."""
+        found = self.sessions.get(session) if isinstance(session, str) else session
+        if found is None or self.sessions.get(found.id) is not found:
+            return None
+        del self.sessions[found.id]
+        for topic in found.topics:
+            self._unindex(topic, found)
+        self.subs_dirty = True
+        return found
 
     # --- topics ----------------------------------------------------------------------------
     def add_topic(self, session: Session, topic: str) -> None:
@@ -170,11 +194,11 @@ class SessionRegistry:
         ttl = self.cfg.session_ttl_s
         try:
             for index, chunk in enumerate(chunks):
-                await self.store.set_value(f"{SUBSCRIBED_KEY}:{index}", json.dumps(chunk), ttl)
-            await self.store.set_value(SUBSCRIBED_KEY, str(len(chunks)), ttl)
+                await self.store.set_value(f"{self.subs_key}:{index}", json.dumps(chunk), ttl)
+            await self.store.set_value(self.subs_key, str(len(chunks)), ttl)
         except Exception as exc:
             if not self._subs_failing:
-                log.warning("hub_store_write_failed", key=SUBSCRIBED_KEY, error=repr(exc))
+                log.warning("hub_store_write_failed", key=self.subs_key, error=repr(exc))
             self._subs_failing = True
             self.subs_dirty = True
             return
@@ -205,7 +229,15 @@ class SessionRegistry:
         self.writes.dirty.discard(session)
         self.subs_dirty = True
 
-    def mark_all(self) -> None:
-        """Schedule every session for the next flush (shutdown)."""
+    def mark_unsaved(self) -> int:
+        """Schedule every session the store lags behind for the next flush (shutdown); the count.
+
+        Only sessions with something unwritten are marked, so a shutdown with many idle sessions
+        costs no store round trip for them.
+        """
+        marked = 0
         for session in self.sessions.values():
-            self.writes.mark(session)
+            if session.needs_save():
+                self.writes.mark(session)
+                marked += 1
+        return marked

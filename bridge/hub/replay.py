@@ -109,6 +109,19 @@ class ReplayBuffer:
         offset = start - self._events[0].seq
         return [self._events[i] for i in range(offset, len(self._events))], missed
 
+    def advance(self, seq: int) -> None:
+        """Move ``last_seq`` up to ``seq`` without events (seqs a crashed writer already used).
+
+        Every kept event is older than ``seq`` and the buffer must stay gap-free, so they are
+        dropped; a resume from below ``seq`` then reports the difference as ``missed``.
+        """
+        if seq <= self.last_seq:
+            return
+        self._events.clear()
+        self.bytes = 0
+        self.last_seq = seq
+        self.first_seq = seq + 1
+
     def _drop_oldest(self) -> None:
         ev = self._events.popleft()
         self.bytes -= len(ev.frame)

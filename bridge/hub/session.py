@@ -46,6 +46,8 @@ class Session:
         jobs: live jobs by client job id (the hub keeps the value: handle and task).
         conn: the attached connection, or None while the client is away.
         detached_at: monotonic time the last connection left (None while attached).
+        node_saved: whether the store names this node as the session's holder (cluster only).
+        moved_to: the node this session was handed to; its jobs here forward events there.
     """
 
     id: str
@@ -62,6 +64,8 @@ class Session:
     saved_trim: int = 0
     header_dirty: bool = True
     owner_saved: bool = False
+    node_saved: bool = False
+    moved_to: str | None = None
 
     @property
     def last_seq(self) -> int:
@@ -94,6 +98,28 @@ class Session:
         """Frames to replay after ``last_seq`` and the count no longer kept (``missed``)."""
         events, missed = self.replay.since(last_seq)
         return [ev.frame for ev in events], missed
+
+    def advance(self, seq: int) -> bool:
+        """Number the next event after ``seq`` (the seq rule after a crash); True if it moved.
+
+        Used when a client or the previous node has seen seqs the store never got: reusing them
+        would make a correct client drop new events as duplicates.
+        """
+        if seq <= self.replay.last_seq:
+            return False
+        self.replay.advance(seq)
+        self.unsaved = []
+        self.header_dirty = True
+        return True
+
+    def needs_save(self) -> bool:
+        """Whether the store lacks something of this session (events, trim, header, owner)."""
+        return (
+            bool(self.unsaved)
+            or self.header_dirty
+            or not self.owner_saved
+            or self.replay.first_seq - 1 > self.saved_trim
+        )
 
     def ack(self, seq: int) -> None:
         """Drop replay up to ``seq``."""

@@ -116,6 +116,18 @@ class Store(Protocol):
         """
         ...
 
+    async def accept_entry(self, entry: InboxEntry, keys: Sequence[str], ttl_s: float) -> bool:
+        """Record ``entry`` as :meth:`inbox_add` does, then :meth:`claim` every key, in one step.
+
+        Where the backend allows it (SQLite: one transaction) this costs one round trip instead
+        of one per key, which keeps a webhook's acknowledgement fast. The entry is always
+        recorded before any key is claimed, so a crash never leaves a claim with no entry.
+
+        Returns:
+            True if every key was newly claimed (a new message), False otherwise (a duplicate).
+        """
+        ...
+
     async def inbox_attempt(self, entry_id: str) -> int:
         """Count one more attempt at a pending entry; return the new count (0 if not pending)."""
         ...

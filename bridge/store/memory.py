@@ -112,6 +112,10 @@ class MemoryStore:
             return
         self._inbox.setdefault(entry.entry_id, entry)
 
+    async def accept_entry(self, entry: InboxEntry, keys: Sequence[str], ttl_s: float) -> bool:
+        await self.inbox_add(entry)
+        return all([await self.claim(key, ttl_s) for key in keys])
+
     async def inbox_attempt(self, entry_id: str) -> int:
         check_key(entry_id, "entry_id")
         self._check()

@@ -190,6 +190,20 @@ class RedisStore:
         args = [entry.entry_id, entry.payload, repr(entry.accepted_at), entry.attempts]
         await self._script("INBOX_ADD", self._inbox_keys(entry.entry_id), args)
 
+    async def accept_entry(self, entry: InboxEntry, keys: Sequence[str], ttl_s: float) -> bool:
+        for key in keys:
+            check_key(key)
+        ms = _ms(check_ttl(ttl_s))
+        await self.inbox_add(entry)  # first, so a claim never stands without its entry
+
+        async def claims(c: aioredis.Redis) -> list[Any]:
+            pipe = c.pipeline(transaction=False)
+            for key in keys:
+                pipe.set(self._k("claim", key), b"1", nx=True, px=ms)
+            return list(await pipe.execute())
+
+        return all(bool(r) for r in await self._run("accept_entry", claims))
+
     async def inbox_attempt(self, entry_id: str) -> int:
         check_key(entry_id, "entry_id")
         return int(await self._script("INBOX_ATTEMPT", [self._k("inbox", "e", entry_id)], []))

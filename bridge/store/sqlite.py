@@ -149,15 +149,7 @@ class SqliteStore:
     async def claim(self, key: str, ttl_s: float) -> bool:
         check_key(key)
         check_ttl(ttl_s)
-
-        def op(conn: sqlite3.Connection, now: float) -> bool:
-            row = conn.execute("SELECT expires_at FROM claims WHERE key = ?", (key,)).fetchone()
-            if row is not None and row[0] > now:
-                return False
-            conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?)", (key, now + ttl_s))
-            return True
-
-        return await self._call(op)
+        return await self._call(lambda conn, now: _claim(conn, now, key, ttl_s))
 
     async def release(self, key: str) -> None:
         check_key(key)
@@ -206,13 +198,19 @@ class SqliteStore:
     # --- the IM inbox ------------------------------------------------------------------------
     async def inbox_add(self, entry: InboxEntry) -> None:
         check_entry(entry)
-        await self._call(
-            lambda conn, now: conn.execute(
-                "INSERT OR IGNORE INTO inbox (entry_id, payload, accepted_at, attempts)"
-                " VALUES (?, ?, ?, ?)",
-                (entry.entry_id, entry.payload, entry.accepted_at, entry.attempts),
-            )
-        )
+        await self._call(lambda conn, now: _inbox_add(conn, entry))
+
+    async def accept_entry(self, entry: InboxEntry, keys: Sequence[str], ttl_s: float) -> bool:
+        check_entry(entry)
+        for key in keys:
+            check_key(key)
+        check_ttl(ttl_s)
+
+        def op(conn: sqlite3.Connection, now: float) -> bool:
+            _inbox_add(conn, entry)
+            return all([_claim(conn, now, key, ttl_s) for key in keys])
+
+        return await self._call(op)
 
     async def inbox_attempt(self, entry_id: str) -> int:
         check_key(entry_id, "entry_id")
@@ -382,3 +380,19 @@ def _purge(conn: sqlite3.Connection, now: float) -> None:
         (now,),
     )
     conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+
+
+def _claim(conn: sqlite3.Connection, now: float, key: str, ttl_s: float) -> bool:
+    row = conn.execute("SELECT expires_at FROM claims WHERE key = ?", (key,)).fetchone()
+    if row is not None and row[0] > now:
+        return False
+    conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?)", (key, now + ttl_s))
+    return True
+
+
+def _inbox_add(conn: sqlite3.Connection, entry: InboxEntry) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO inbox (entry_id, payload, accepted_at, attempts)"
+        " VALUES (?, ?, ?, ?)",
+        (entry.entry_id, entry.payload, entry.accepted_at, entry.attempts),
+    )

@@ -77,7 +77,7 @@ async def recv(
     """The next frame of one of ``types`` (answering pings on the way unless told not to)."""
     async with asyncio.timeout(within):
         while True:
-            frame = json.loads(await ws.recv())
+            frame: dict[str, Any] = json.loads(await ws.recv())
             if frame["type"] == "ping" and answer_pings and "ping" not in types:
                 await ws.send(json.dumps({"type": "pong", "ts": frame["ts"]}))
                 continue
@@ -116,13 +116,25 @@ async def start_hub() -> AsyncIterator[StartHub]:
         pieces: int = 3,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        engine: Any = None,
+        bus: Any = None,
+        node_id: str | None = None,
         **overrides: Any,
     ) -> Running:
         cfg = hub_config(**overrides)
-        engine = FakeEngine(pieces=pieces)
+        engine = engine or FakeEngine(pieces=pieces)
         store = store or MemoryStore()
         metrics = Metrics()
-        hub = Hub(cfg, engine=engine, store=store, metrics=metrics, clock=clock, wall=wall)
+        hub = Hub(
+            cfg,
+            engine=engine,
+            store=store,
+            metrics=metrics,
+            clock=clock,
+            wall=wall,
+            bus=bus,
+            node_id=node_id,
+        )
         await hub.start()
         app = web.Application()
         app.router.add_get("/ws", hub.handle)

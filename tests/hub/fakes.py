@@ -111,3 +111,40 @@ class FakeEngine:
         return EngineStatus(
             ready=True, model="fake", dtype="none", workers=(), queue_depth=0, queue_capacity=8
         )
+
+
+@dataclass
+class SlowHandle:
+    """A long job: Queued, Started, ``pieces`` deltas ``delay_s`` apart, Done."""
+
+    job_id: str
+    pieces: int
+    delay_s: float
+    cancelled: bool = False
+
+    async def events(self) -> AsyncIterator[JobEvent]:
+        yield Queued(position=0)
+        yield Started()
+        for i in range(self.pieces):
+            if self.cancelled:
+                yield Failed("cancelled", "cancelled by the client")
+                return
+            await asyncio.sleep(self.delay_s)
+            yield Delta(f"d{i} ")
+        text = "".join(f"d{i} " for i in range(self.pieces))
+        yield Done(text=text, usage=Usage(prompt_tokens=7, completion_tokens=self.pieces))
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class SlowEngine(FakeEngine):
+    """An engine whose jobs emit many deltas slowly (a job that outlives a client's move)."""
+
+    def __init__(self, pieces: int = 300, delay_s: float = 0.004) -> None:
+        super().__init__(pieces=pieces)
+        self.delay_s = delay_s
+
+    def submit(self, request: JobRequest) -> SlowHandle:  # type: ignore[override]
+        self.requests.append(request)
+        return SlowHandle(request.job_id, self.pieces, self.delay_s)

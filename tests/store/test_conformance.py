@@ -296,3 +296,22 @@ async def test_bad_keys_and_entries_are_refused_and_store_keeps_working(harness:
     assert await s.inbox_pending() == []
     assert await s.load_session("s") is None
     await s.ping()
+
+
+async def test_accept_entry_records_then_claims_in_one_step(harness: Harness) -> None:
+    store = harness.store
+    entry = InboxEntry("feishu:om_acc", b"payload", 1.0)
+    keys = ("feishu:msg:om_acc", "feishu:evt:ev_acc")
+    assert await store.accept_entry(entry, keys, harness.long_ttl) is True
+    assert [e.entry_id for e in await store.inbox_pending()] == ["feishu:om_acc"]
+    # A re-delivery (same message, new event id) is a duplicate and records nothing new.
+    again = ("feishu:msg:om_acc", "feishu:evt:ev_other")
+    duplicate = InboxEntry("feishu:om_acc", b"x", 2.0)
+    assert await store.accept_entry(duplicate, again, harness.long_ttl) is False
+    pending = await store.inbox_pending()
+    assert len(pending) == 1 and pending[0].payload == b"payload"
+    for key in keys:
+        assert await store.claim(key, harness.long_ttl) is False
+    await store.inbox_complete("feishu:om_acc")
+    assert await store.accept_entry(entry, ("feishu:msg:om_new",), harness.long_ttl) is True
+    assert await store.inbox_pending() == []  # a completed entry is never re-run

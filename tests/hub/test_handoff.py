@@ -1,0 +1,210 @@
+"""Sessions moving between two hubs sharing one store and one LocalBus (two nodes, one process)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from bridge.cluster.bus import LocalBus
+from bridge.hub.handoff import CLAIMS_CHANNEL, Claim, decode, node_channel
+from bridge.hub.persist import NODE_KEY
+from bridge.store.memory import MemoryStore
+from engine.types import Delta
+from tests.hub.conftest import ADMIN, TOKEN, Running, StartHub, close_code, eventually, recv
+from tests.hub.fakes import SlowEngine
+from tests.hub.test_ws import submit
+
+TERMINAL = ("done", "error")
+
+
+async def two_nodes(
+    start_hub: StartHub, pieces: int = 300, delay_s: float = 0.004, **overrides: Any
+) -> tuple[Running, Running, MemoryStore, LocalBus]:
+    store, bus = MemoryStore(), LocalBus()
+    nodes = [
+        await start_hub(
+            store=store,
+            bus=bus,
+            node_id=name,
+            engine=SlowEngine(pieces=pieces, delay_s=delay_s),
+            **overrides,
+        )
+        for name in ("A", "B")
+    ]
+    return nodes[0], nodes[1], store, bus
+
+
+async def take(ws: Any, got: list[dict[str, Any]], count: int) -> None:
+    """Read up to ``count`` more events into ``got`` (fewer when the job ends)."""
+    for _ in range(count):
+        frame = await recv(ws, "event")
+        got.append(frame)
+        if frame["kind"] in TERMINAL:
+            return
+
+
+def check_stream(got: list[dict[str, Any]], pieces: int) -> None:
+    """Seqs 1..n with no gap or duplicate, and the job's events in order ending with done."""
+    assert [f["seq"] for f in got] == list(range(1, len(got) + 1))
+    assert [f["kind"] for f in got[:2]] == ["queued", "started"]
+    deltas = [f["text"] for f in got if f["kind"] == "delta"]
+    assert deltas == [f"d{i} " for i in range(pieces)]
+    assert got[-1]["kind"] == "done" and got[-1]["text"] == "".join(deltas)
+
+
+async def test_a_job_follows_its_session_to_another_node_and_back(start_hub: StartHub) -> None:
+    a, b, store, _ = await two_nodes(start_hub)
+    ws, welcome = await a.hello()
+    sid = welcome["session"]
+    await ws.send(submit("long"))
+    got: list[dict[str, Any]] = []
+    await take(ws, got, 40)
+    await ws.close()
+    ws_b, welcome_b = await b.hello(session=sid, last_seq=got[-1]["seq"])
+    assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+    assert await store.get_value(NODE_KEY + sid) == "B"
+    await take(ws_b, got, 100)
+    assert got[-1]["kind"] not in TERMINAL, "the job must still run on A (make it longer)"
+    # Back to A while the client is still connected to B: B closes it with 4005.
+    ws_a, welcome_a = await a.hello(session=sid, last_seq=got[-1]["seq"])
+    assert welcome_a["resumed"] is True and welcome_a["missed"] == 0
+    assert await close_code(ws_b) == 4005
+    await take(ws_a, got, 10_000)
+    check_stream(got, 300)
+    assert a.hub.session_count == 1 and b.hub.session_count == 0
+
+
+async def test_a_job_that_ends_while_the_client_moves_is_replayed_on_the_new_node(
+    start_hub: StartHub,
+) -> None:
+    a, b, _, _ = await two_nodes(start_hub, pieces=30, delay_s=0.002)
+    ws, welcome = await a.hello()
+    await ws.send(submit("j"))
+    got: list[dict[str, Any]] = []
+    await take(ws, got, 3)
+    await ws.close()
+    # Node A released nothing yet: wait until the job is over there, then resume on B.
+    await eventually(lambda: not a.hub._registry.sessions[welcome["session"]].jobs)
+    ws_b, welcome_b = await b.hello(session=welcome["session"], last_seq=got[-1]["seq"])
+    assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+    await take(ws_b, got, 10_000)
+    check_stream(got, 30)
+
+
+async def test_a_connected_client_is_taken_over_with_4005(start_hub: StartHub) -> None:
+    a, b, _, _ = await two_nodes(start_hub)
+    ws_a, welcome = await a.hello()
+    ws_b, welcome_b = await b.hello(session=welcome["session"], last_seq=0)
+    assert welcome_b["resumed"] is True
+    assert await close_code(ws_a) == 4005
+    await ws_b.send(json.dumps({"type": "ping", "ts": 1}))
+    assert (await recv(ws_b, "pong"))["ts"] == 1
+
+
+async def test_topic_events_reach_the_session_once_on_its_current_node(
+    start_hub: StartHub,
+) -> None:
+    a, b, _, _ = await two_nodes(start_hub)
+    ws, welcome = await a.hello()
+    await ws.send(json.dumps({"type": "subscribe", "topic": "chat:feishu:c1"}))
+    await recv(ws, "subscribed")
+    await ws.close()
+    ws_b, _ = await b.hello(session=welcome["session"], last_seq=0)
+    for node in (a, b):  # the cluster fan-out hands every IM event to every node's hub
+        await node.hub.publish("chat:feishu:c1", "im-1", Delta("hello"))
+    frame = await recv(ws_b, "event")
+    assert frame["topic"] == "chat:feishu:c1" and frame["seq"] == 1
+    await ws_b.send(json.dumps({"type": "ping", "ts": 2}))
+    assert (await recv(ws_b, "pong", "event"))["type"] == "pong"  # no second copy
+    assert a.hub._registry.members("chat:feishu:c1") is None
+
+
+async def test_a_dead_holder_costs_one_deadline_then_the_store_is_used(
+    start_hub: StartHub,
+) -> None:
+    a, b, store, _ = await two_nodes(start_hub, handoff_timeout_s=0.1)
+    ws, welcome = await a.hello()
+    sid = welcome["session"]
+    await a.hub.flush()
+    await ws.close()
+    assert a.hub._moves is not None
+    await a.hub._moves.handoff.stop(0.1)  # node A is gone from the bus: it never answers
+    assert await store.get_value(NODE_KEY + sid) == "A"
+    started = time.monotonic()
+    _, welcome_b = await b.hello(session=sid, last_seq=0)
+    assert welcome_b["resumed"] is True
+    assert time.monotonic() - started >= 0.1
+
+
+async def test_a_live_node_that_no_longer_holds_the_session_answers_at_once(
+    start_hub: StartHub,
+) -> None:
+    a, b, store, _ = await two_nodes(start_hub, handoff_timeout_s=30.0)
+    ws, welcome = await a.hello()
+    sid = welcome["session"]
+    await a.hub.flush()
+    await ws.close()
+    a.hub._registry.release(sid)  # as after a restart: the store still names A
+    assert await store.get_value(NODE_KEY + sid) == "A"
+    started = time.monotonic()
+    _, welcome_b = await b.hello(session=sid, last_seq=0)
+    assert welcome_b["resumed"] is True and time.monotonic() - started < 10.0
+
+
+async def test_another_token_cannot_move_a_session(start_hub: StartHub) -> None:
+    a, b, _, _ = await two_nodes(start_hub)
+    ws_a, welcome = await a.hello()
+    _, stranger = await b.hello(token=ADMIN, session=welcome["session"], last_seq=0)
+    assert stranger["resumed"] is False and stranger["session"] != welcome["session"]
+    await ws_a.send(json.dumps({"type": "ping", "ts": 3}))
+    assert (await recv(ws_a, "pong"))["ts"] == 3  # still connected on A
+    assert welcome["session"] in a.hub._registry.sessions
+
+
+async def test_hostile_bus_messages_are_ignored(start_hub: StartHub) -> None:
+    a, _, _, bus = await two_nodes(start_hub)
+    ws, welcome = await a.hello()
+    for junk in (
+        b"",
+        b"\xff\xfe",
+        b"[]",
+        b'{"t":"claim"}',
+        b'{"t":"claim","sid":"","node":"X","req":"r"}',
+        json.dumps({"t": "event", "sid": welcome["session"], "tail": 5}).encode(),
+        json.dumps({"t": "released", "sid": "s", "node": "X", "req": "r", "last_seq": -1}).encode(),
+        json.dumps({"t": "nope", "sid": "s", "node": "X", "req": "r"}).encode(),
+    ):
+        await bus.publish(CLAIMS_CHANNEL, junk)
+        await bus.publish(node_channel("A"), junk)
+    # Claims for a session A does not hold, or by a token that does not own it, change nothing.
+    for sid, owner in (("s_unknown", "tok-x"), (welcome["session"], "tok-not-the-owner")):
+        claim = {"t": "claim", "sid": sid, "node": "X", "req": "r", "owner": owner}
+        await bus.publish(CLAIMS_CHANNEL, json.dumps(claim).encode())
+    await ws.send(json.dumps({"type": "ping", "ts": 4}))
+    assert (await recv(ws, "pong"))["ts"] == 4
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"null", b'{"t":"event","sid":"s","tail":"x"}', b'{"t":"claim","sid":"s","node":1}'],
+)
+def test_decode_refuses_malformed_messages(payload: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode(payload)
+
+
+def test_decode_reads_a_claim() -> None:
+    msg = decode(b'{"t":"claim","sid":"s","node":"B","req":"r1","owner":"tok-1","expect":"A"}')
+    assert msg == Claim("s", "B", "r1", "tok-1", "A")
+
+
+async def test_single_node_hub_has_no_cluster_state(start_hub: StartHub) -> None:
+    run = await start_hub()
+    ws, welcome = await run.hello(token=TOKEN)
+    await run.hub.flush()
+    assert run.hub._moves is None
+    assert await run.store.get_value(NODE_KEY + welcome["session"]) is None
+    await ws.close()

@@ -1,0 +1,78 @@
+"""Two hubs on two loopback ports sharing a real Redis (RedisStore + RedisBus): a session and its
+running job move A → B → A with every event delivered once, in order, with no gap."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from bridge.cluster.redis_bus import RedisBus
+from bridge.hub.persist import NODE_KEY
+from bridge.store.redis import RedisStore
+from tests.hub.conftest import Running, StartHub, close_code
+from tests.hub.fakes import SlowEngine
+from tests.hub.test_handoff import TERMINAL, check_stream, take
+from tests.hub.test_ws import submit
+from tests.redis_fixtures import delete_prefix, unique_prefix
+
+HUB_DB = 13
+PIECES = 400
+
+
+@pytest.fixture
+async def redis_nodes(
+    start_hub: StartHub, redis_base_url: str
+) -> AsyncIterator[tuple[Running, Running]]:
+    prefix = unique_prefix()
+    url = f"{redis_base_url}/{HUB_DB}?prefix={prefix}"
+    stores = [RedisStore(url), RedisStore(url)]
+    buses = [RedisBus(url), RedisBus(url)]
+    nodes: list[Running] = []
+    try:
+        for store in stores:
+            await store.open()
+        nodes += [
+            await start_hub(
+                store=store,
+                bus=bus,
+                node_id=name,
+                engine=SlowEngine(pieces=PIECES, delay_s=0.004),
+                handoff_timeout_s=2.0,
+                hello_timeout_s=5.0,
+            )
+            for name, store, bus in zip(("A", "B"), stores, buses, strict=True)
+        ]
+        yield nodes[0], nodes[1]
+    finally:
+        for node in nodes:
+            await node.hub.shutdown(grace_s=0.5)
+        for bus in buses:
+            await bus.close()
+        for store in stores:
+            await store.close()
+        delete_prefix(f"{redis_base_url}/{HUB_DB}", prefix)
+
+
+async def test_a_running_job_follows_its_session_across_nodes_on_redis(
+    redis_nodes: tuple[Running, Running],
+) -> None:
+    a, b = redis_nodes
+    ws, welcome = await a.hello()
+    sid = welcome["session"]
+    await ws.send(submit("long"))
+    got: list[dict[str, Any]] = []
+    await take(ws, got, 60)
+    await ws.close()  # the client drops mid-job
+    ws_b, welcome_b = await b.hello(session=sid, last_seq=got[-1]["seq"])
+    assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+    await take(ws_b, got, 150)
+    assert got[-1]["kind"] not in TERMINAL, "the job must still run on A (make it longer)"
+    assert await b.store.get_value(NODE_KEY + sid) == "B"
+    ws_a, welcome_a = await a.hello(session=sid, last_seq=got[-1]["seq"])  # and back
+    assert welcome_a["resumed"] is True and welcome_a["missed"] == 0
+    assert await close_code(ws_b) == 4005
+    await take(ws_a, got, 10_000)
+    check_stream(got, PIECES)
+    assert len(got) == PIECES + 3
