@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -192,6 +193,24 @@ def _cancel(exc: BaseException) -> bool:
 
 
 # --- the server (this process) ----------------------------------------------------------------
+class GcPauses:
+    """Records how long each cyclic garbage collection held the GIL, per generation."""
+
+    def __init__(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._started)
+
+    def clear(self) -> None:
+        for values in self.pauses.values():
+            values.clear()
+
+
 class StallWatch:
     """A thread that names what the loop thread was doing whenever the loop stalls.
 
@@ -273,6 +292,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         env={},
     )
     watch = StallWatch(args.stall_ms / 1000) if args.stall_ms else None
+    gc_pauses = GcPauses()
+    gc.callbacks.append(gc_pauses)
     app = BridgeApp(settings, adapters=[])
     await app.start()
     hub = app.hub
@@ -289,6 +310,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         idle.start()
         _, welcomed = await receive(idle_rx, 90)
         await asyncio.sleep(2.0)  # every connection has had its first ping
+        if args.gc_freeze:
+            # Move everything alive now (torch, transformers, the model, the connections) out
+            # of the collector's reach, so a full collection scans only what jobs allocate.
+            gc.collect()
+            gc.freeze()
+            await asyncio.sleep(1.5)  # the pings that collection delayed are not measured
 
         hub.ping_lateness.clear()
         assert hub._timer is not None
@@ -308,6 +335,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             watch.start(asyncio.get_running_loop())
         hub.ping_lateness.clear()
         hub._timer.lateness.clear()
+        gc_pauses.clear()
         depths: list[int] = []
         t2 = time.monotonic()
         while time.monotonic() < t2 + args.load:
@@ -337,6 +365,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "inflight": args.inflight,
         "torch_threads": args.torch_threads or "default",
         "max_image_bytes": args.max_image_bytes,
+        "gc_freeze": args.gc_freeze,
         "switch_interval_ms": sys.getswitchinterval() * 1000,
         "idle": {
             "ping_lateness": quantiles(idle_late),
@@ -352,6 +381,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "errors": errors,
             "jobs": job_stats,
             "client_crashes": crashed,
+            "gc_pauses": {f"gen{g}": quantiles(v) for g, v in gc_pauses.pauses.items()},
             "stalls": sorted(watch.samples.items(), key=lambda kv: -kv[1])[:25] if watch else [],
         },
     }
@@ -376,6 +406,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--stall-ms", type=float, default=0, help="sample the loop's stack when it stalls this long"
+    )
+    parser.add_argument(
+        "--gc-freeze", action="store_true", help="gc.freeze() once the app and clients are up"
     )
     args = parser.parse_args()
     print(json.dumps(asyncio.run(run(args)), indent=2))

@@ -19,11 +19,12 @@ import structlog
 from aiohttp import web
 
 from adapters.base import Adapter
-from bridge.cluster import JobQueue
+from bridge.cluster import Bus, JobQueue
 from bridge.config import Settings
 from bridge.errors import error_response, json_errors
 from bridge.fanout import ClusterFanout
 from bridge.health import Readiness, add_health_routes
+from bridge.heap import freeze_heap
 from bridge.hub import Hub, HubConfig
 from bridge.logs import add_tap, remove_tap
 from bridge.metrics import CONTENT_TYPE, Metrics
@@ -61,6 +62,7 @@ def hub_config(settings: Settings) -> HubConfig:
         admin_tokens=admin,
         heartbeat_s=settings.heartbeat,
         heartbeat_timeout_s=settings.heartbeat_timeout,
+        token_submit_rate=settings.token_submit_rate,
     )
 
 
@@ -86,26 +88,35 @@ class BridgeApp:
                 self.metrics, latency=lambda s: self.ops.chart.record_latency(s)
             ),
         )
-        self.hub = Hub(
-            hub_config(settings), engine=self.engine, store=self.store, metrics=self.metrics
-        )
         self.adapters: list[Adapter] = adapters if adapters is not None else self._build_adapters()
         # On a shared (Redis) store several nodes cooperate: IM jobs go through a Redis Streams
         # consumer group to whichever node has room, and their events cross nodes on the bus.
+        # Sessions move between nodes over the same bus (the hub hands them off on resume).
         self.clustered = self.store.url.startswith(("redis://", "rediss://", "unix://"))
+        node_id = f"{socket.gethostname()}:{settings.port}"
+        bus: Bus | None = None
+        if self.clustered:
+            from bridge.cluster.redis_bus import RedisBus
+
+            bus = RedisBus(self.store.url)
+        self.hub = Hub(
+            hub_config(settings),
+            engine=self.engine,
+            store=self.store,
+            metrics=self.metrics,
+            bus=bus,
+            node_id=node_id,
+        )
         self.fanout: ClusterFanout | None = None
         publisher: Publisher = self.hub
         queue: JobQueue | None = None
-        if self.clustered:
-            from bridge.cluster.redis_bus import RedisBus
+        if bus is not None:
             from bridge.cluster.redis_jobs import RedisJobQueue
 
-            self.fanout = ClusterFanout(RedisBus(self.store.url), self.hub)
+            self.fanout = ClusterFanout(bus, self.hub)
             publisher = self.fanout
             queue = RedisJobQueue(
-                self.store.url,
-                consumer=f"{socket.gethostname()}:{settings.port}",
-                claim_idle_s=settings.cluster_lease,
+                self.store.url, consumer=node_id, claim_idle_s=settings.cluster_lease
             )
         self.relay = Relay(
             self.store,
@@ -249,6 +260,7 @@ class BridgeApp:
             log.error("engine_start_failed", error=self._engine_error)
             return
         log.info("engine_ready", model=self.settings.model, status=self.engine.status().model)
+        freeze_heap()
         for adapter in self.adapters:
             await adapter.start(self.relay.accept)
         await self.relay.start()

@@ -185,6 +185,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("heartbeat", _float_range(0.01, 3600), 45.0, "seconds between server pings"),
     Option("heartbeat-timeout", _float_range(0.01, 3600), 10.0, "seconds to wait for a pong"),
     Option("token", _tokens, (), "client token for /ws (repeatable)", secret=True, repeatable=True),
+    Option(
+        "token-submit-rate",
+        _float_range(0, 100_000),
+        50.0,
+        "submits per second per client token across all nodes (0: no limit)",
+    ),
     Option("admin-token", _optional_secret, None, "token for /dashboard and /api/*", secret=True),
     Option("feishu-mode", _choice("off", "webhook", "longconn"), "off", "off, webhook, longconn"),
     Option("feishu-app-id", _text, "", "the Feishu bot's App ID"),
@@ -230,6 +236,7 @@ class Settings:
     heartbeat: float = 45.0
     heartbeat_timeout: float = 10.0
     token: tuple[str, ...] = ()
+    token_submit_rate: float = 50.0
     admin_token: str | None = None
     feishu_mode: str = "off"
     feishu_app_id: str = ""

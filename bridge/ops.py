@@ -14,6 +14,7 @@ from bridge.dashboard.source import (
     page_rows,
 )
 from bridge.dashboard.timeline import Timeline
+from bridge.heap import freeze_heap
 
 if TYPE_CHECKING:
     from bridge.app import BridgeApp
@@ -65,4 +66,5 @@ class BridgeOpsSource:
             raise ValueError("a model name must be one non-empty line")
         async with self._swap_lock:
             await swap(name)
+        freeze_heap()
         return {"model": self._app.engine.status().model}

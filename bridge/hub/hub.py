@@ -150,6 +150,9 @@ class Hub:
         for conn in list(self._conns.values()):
             conn.send(p.bye(reason), force=True)
             conn.close(p.CLOSE_GOING_AWAY, reason, flush_s=min(1.0, grace_s))
+        # Write what the store lacks while the clients go: the closes wait on the network.
+        self._registry.mark_unsaved()
+        early = asyncio.get_running_loop().create_task(self._writes.flush_all())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - self._clock()))
         await self._jobs.stop(deadline - self._clock())
@@ -160,9 +163,10 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await early
         unsaved = self._registry.mark_unsaved()
         log.info("hub_shutdown_flush", sessions=len(self._registry), unsaved=unsaved)
-        await self._writes.flush()
+        await self._writes.flush_all()
         await self._registry.save_subscribed()
         if self._timer is not None:
             self._timer.close()

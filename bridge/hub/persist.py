@@ -23,6 +23,9 @@ OWNER_KEY = "hub:session-owner:"
 #: The node that holds a session in memory (only written when the hub runs in a cluster).
 NODE_KEY = "hub:session-node:"
 STORE_TIMEOUT_S = 5.0
+#: The deadline of the last flush at shutdown: thousands of unsaved sessions on a busy store take
+#: longer than one periodic flush may, and nothing after it would write them.
+SHUTDOWN_FLUSH_S = 20.0
 #: Batches written at the same time in one flush.
 FLUSH_CONCURRENCY = 64
 
@@ -53,26 +56,46 @@ class WriteBehind:
         self._lock = asyncio.Lock()
         self.flushes = 0
         self.failures = 0
+        self.written = 0
 
     def mark(self, session: Session) -> None:
         """Schedule ``session`` for the next flush."""
         self.dirty.add(session)
 
-    async def flush(self) -> None:
-        """Write every dirty session; failures keep their batches for the next flush."""
+    async def flush(self, timeout_s: float = STORE_TIMEOUT_S) -> bool:
+        """Write every dirty session within ``timeout_s``; failures keep their batches for the
+        next flush. True when everything was written."""
         if not self.dirty:
-            return
+            return True
         async with self._lock:
             sessions, self.dirty = self.dirty, set()
-            await self._flush(sessions)
+            return await self._flush(sessions, timeout_s)
+
+    async def flush_all(self, timeout_s: float = SHUTDOWN_FLUSH_S) -> bool:
+        """Flush until nothing is dirty (shutdown); True when clean.
+
+        A flush cut short by its deadline is continued while it makes progress and ``timeout_s``
+        lasts; one that writes nothing (the store is down) ends it at once, so an outage never
+        holds a shutdown up.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.dirty and (left := deadline - loop.time()) > 0:
+            before = self.written
+            if not await self.flush(left) and self.written == before:
+                break
+        if self.dirty:
+            log.error("hub_sessions_not_saved", sessions=len(self.dirty))
+            return False
+        return True
 
     async def flush_one(self, session: Session) -> bool:
         """Write ``session`` now, after any flush in progress (a handoff); True when stored."""
         async with self._lock:
             self.dirty.discard(session)
-            return await self._flush({session})
+            return await self._flush({session}, STORE_TIMEOUT_S)
 
-    async def _flush(self, sessions: set[Session]) -> bool:
+    async def _flush(self, sessions: set[Session], timeout_s: float) -> bool:
         wall = self._wall()
         pending = [(s, b) for s in sessions if (b := s.take_batch(wall)) is not None]
         if not pending:
@@ -85,17 +108,20 @@ class WriteBehind:
                 await self._write(session, batch)
             session.batch_done(batch)
             done.add(session)
+            self.written += 1
 
         try:
             # One deadline for the whole flush: a hung store fails it as a unit, cheaply.
-            async with asyncio.timeout(STORE_TIMEOUT_S), asyncio.TaskGroup() as group:
+            async with asyncio.timeout(timeout_s), asyncio.TaskGroup() as group:
                 for session, batch in pending:
                     group.create_task(write(session, batch))
-        except Exception as exc:  # StoreUnavailable, timeouts, backend bugs: retry later
+        except BaseException as exc:  # StoreUnavailable, timeouts, bugs, cancels: retry later
             for session, batch in pending:
                 if session not in done:
                     session.batch_failed(batch)
                     self.dirty.add(session)
+            if not isinstance(exc, Exception):
+                raise  # cancelled (shutdown): the batches wait for the last flush
             self.failures += 1
             if not self._failing:
                 error = repr(exc.exceptions[0]) if isinstance(exc, ExceptionGroup) else repr(exc)

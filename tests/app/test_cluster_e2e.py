@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from tests.app.test_feishu_e2e import (
     deliver,
     wait_final,
 )
+from tests.conftest import SHARED_DATA
 from tests.redis_fixtures import RedisServer
 
 
@@ -142,3 +144,45 @@ async def test_redis_stopped_and_started_the_bridge_carries_on_and_loses_nothing
         assert await a.terminate() == 0
     finally:
         a.ensure_dead()
+
+
+async def test_a_client_resumes_on_the_other_node_mid_job_with_no_gap(
+    tmp_path: Path, feishu: FakeFeishu, redis_server: RedisServer
+) -> None:
+    extra = ("--max-new-tokens", "400")
+    a = node(tmp_path, "a", feishu, redis_server, *extra).start()
+    b = node(tmp_path, "b", feishu, redis_server, *extra).start()
+    image = base64.b64encode((SHARED_DATA / "images" / "astronaut.png").read_bytes()).decode()
+    try:
+        await asyncio.gather(a.wait_ready(), b.wait_ready())
+        seen: list[dict[str, object]] = []
+        async with websockets.connect(a.ws_url, max_size=2**24) as ws:
+            await ws.send(json.dumps({"type": "hello", "token": "client-token"}))
+            session = json.loads(await ws.recv())["session"]
+            await ws.send(
+                json.dumps({"type": "submit", "id": "long", "prompt": "Describe", "image": image})
+            )
+            while len([f for f in seen if f["kind"] == "delta"]) < 5:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                if frame.get("type") == "event":
+                    seen.append(frame)
+        # The client drops mid-job and comes back on the other node.
+        last = int(seen[-1]["seq"])  # type: ignore[call-overload]
+        async with websockets.connect(b.ws_url, max_size=2**24) as ws:
+            hello = {"type": "hello", "token": "client-token", "session": session, "last_seq": last}
+            await ws.send(json.dumps(hello))
+            welcome = json.loads(await ws.recv())
+            assert welcome["resumed"] is True and welcome["session"] == session
+            while seen[-1]["kind"] not in ("done", "error"):
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 120))
+                if frame.get("type") == "event":
+                    seen.append(frame)
+        seqs = [int(f["seq"]) for f in seen]  # type: ignore[call-overload]
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert seen[-1]["kind"] == "done"
+        deltas = "".join(str(f["text"]) for f in seen if f["kind"] == "delta")
+        assert deltas == seen[-1]["text"]
+        assert await a.terminate() == 0 and await b.terminate() == 0
+    finally:
+        a.ensure_dead()
+        b.ensure_dead()

@@ -131,7 +131,7 @@ async def test_resumes_on_the_next_process_after_shutdown(start_hub: StartHub) -
         # Published before the client is back: the restarted hub preloaded the subscribed session.
         for i in range(5, 8):
             await nxt.hub.publish("chat:feishu:oc_7", "feishu:m1", Delta(f"a{i}"))
-        rest = []
+        rest: list[dict[str, Any]] = []
         async with asyncio.timeout(10):
             while len(rest) < 3:
                 frame = await anext(frames)

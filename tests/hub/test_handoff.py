@@ -208,3 +208,25 @@ async def test_single_node_hub_has_no_cluster_state(start_hub: StartHub) -> None
     assert run.hub._moves is None
     assert await run.store.get_value(NODE_KEY + welcome["session"]) is None
     await ws.close()
+
+
+async def test_a_holder_that_could_not_store_its_last_events_never_has_its_seqs_reused(
+    start_hub: StartHub,
+) -> None:
+    from bridge.hub.handoff import Answer
+
+    a, _, store, _ = await two_nodes(start_hub)
+    ws, welcome = await a.hello()
+    sid = welcome["session"]
+    await ws.close()
+    await a.hub.flush()
+    session = a.hub._registry.sessions[sid]
+    assert a.hub._moves is not None
+    # As if node B held the session up to seq 9 but its store write failed before it let go.
+    a.hub._moves.adopted(sid, session, Answer("released", sid, "B", "r", last_seq=9))
+    assert session.last_seq == 9 and session.resume_from(3) == ([], 6)
+    a.hub._emit(session, '"id":"x","kind":"started"}')
+    assert session.last_seq == 10
+    await a.hub.flush()
+    record = await store.load_session(sid)
+    assert record is not None and record.last_seq == 10

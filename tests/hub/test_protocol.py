@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.hub import protocol as p
-from engine.types import Delta, Done, Failed, Queued, Started, Usage
+from engine.types import Delta, Done, Failed, JobEvent, Queued, Started, Usage
 
 LIMITS = {"max_prompt_chars": 100, "max_image_bytes": 30}
 
@@ -92,7 +92,7 @@ def test_garbage(text: str, code: str) -> None:
 
 
 def test_event_frames_are_exact_json() -> None:
-    events = [
+    events: list[JobEvent] = [
         Queued(2),
         Started(),
         Delta('hé\n"x"'),

@@ -13,7 +13,7 @@ from bridge.hub.config import token_label
 from bridge.hub.submitlimit import SharedSubmitLimit
 from bridge.store.memory import MemoryStore
 from bridge.store.redis import RedisStore
-from tests.hub.conftest import TOKEN, StartHub, recv
+from tests.hub.conftest import TOKEN, Running, StartHub, recv
 from tests.hub.fakes import FakeClock
 from tests.redis_fixtures import delete_prefix, unique_prefix
 
@@ -78,6 +78,7 @@ async def test_a_store_outage_lets_submits_through_and_warns_once(start_hub: Sta
     assert list(got.values()) == ["accepted"] * 4
     warnings = [e for e in logs if e["event"] == "hub_shared_limit_unavailable"]
     assert len(warnings) == 1 and TOKEN not in repr(warnings)
+    store.available = True  # so the hub's shutdown can persist its sessions at once
 
 
 async def test_disabled_limit_and_recovery_without_a_hub() -> None:
@@ -102,10 +103,11 @@ async def test_the_limit_holds_across_hubs_on_real_redis(
     prefix = unique_prefix()
     url = f"{redis_base_url}/14?prefix={prefix}"
     stores = [RedisStore(url), RedisStore(url)]
+    nodes: list[Running] = []
     try:
         for store in stores:
             await store.open()
-        nodes = [await start_hub(store=s, **HUB_LIMITS) for s in stores]
+        nodes += [await start_hub(store=s, **HUB_LIMITS) for s in stores]
         sockets = [(await node.hello(**DEEP))[0] for node in nodes]
         started = time.monotonic()
         for i in range(8):
@@ -122,6 +124,8 @@ async def test_the_limit_holds_across_hubs_on_real_redis(
         counter = f"{prefix}ctr:hub:submit-rate:{token_label(TOKEN)}"
         assert any(counter in key for key in await _keys(stores[0], prefix))
     finally:
+        for node in nodes:  # persist before the stores close, not against closed ones
+            await node.hub.shutdown(grace_s=0.5)
         for store in stores:
             await store.close()
         delete_prefix(f"{redis_base_url}/14", prefix)

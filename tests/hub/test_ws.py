@@ -306,7 +306,7 @@ async def test_submit_rate_limit_and_frame_flood(start_hub: StartHub) -> None:
     ws, _ = await run.hello()
     for i in range(5):
         await ws.send(submit(f"r{i}"))
-    errors = []
+    errors: list[dict[str, Any]] = []
     done = 0
     while done < 3 or len(errors) < 2:
         frame = await recv(ws, "event", "error")
