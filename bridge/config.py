@@ -175,7 +175,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "batching",
         _choice("static", "continuous", "auto"),
-        "static",
+        "auto",
         "static batches, or admit jobs between decode steps (continuous; auto: where verified)",
     ),
     Option("queue-size", _int_range(1, 1_000_000), 256, "pending jobs before 'busy'"),
@@ -228,7 +228,7 @@ class Settings:
     dtype: str = "auto"
     max_batch: int = 8
     batch_wait_ms: float = 10.0
-    batching: str = "static"
+    batching: str = "auto"
     queue_size: int = 256
     max_new_tokens: int = 256
     job_timeout: float = 120.0
