@@ -160,14 +160,7 @@ class RunningBatch:
         replica = self._replica
         if replica.fault_hook is not None:
             replica.fault_hook(len(specs))
-        texts = [replica.prompt_text(s.prompt) for s in specs]
-        inputs = replica.processor(
-            text=texts, images=[s.image for s in specs], padding=True, return_tensors="pt"
-        )
-        inputs = inputs.to(replica.input_device)
-        pixels = inputs.get("pixel_values")
-        if pixels is not None and pixels.is_floating_point():
-            inputs["pixel_values"] = pixels.to(replica.dtype)
+        inputs = replica.encode([s.prompt for s in specs], [s.image for s in specs])
         mask = inputs["attention_mask"].long()
         # As generate does for a left-padded batch: count real tokens, padding at position 0.
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)

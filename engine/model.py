@@ -227,6 +227,16 @@ class Replica:
         """Where the inputs go (the first parameter's device under a device_map)."""
         return next(self.model.parameters()).device  # type: ignore[no-any-return]
 
+    def encode(self, prompts: list[str], images: list[Any]) -> Any:
+        """Prompts with their images as model inputs, on this replica's device and dtype."""
+        texts = [self.prompt_text(p) for p in prompts]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.input_device)
+        pixels = inputs.get("pixel_values")
+        if pixels is not None and pixels.is_floating_point():
+            inputs["pixel_values"] = pixels.to(self.dtype)
+        return inputs
+
     def prompt_text(self, prompt: str) -> str:
         """The chat-templated text for one image plus ``prompt``."""
         messages = [
@@ -257,14 +267,7 @@ class Replica:
         with self._lock, torch.inference_mode():
             if self.fault_hook is not None:
                 self.fault_hook(len(rows))
-            texts = [self.prompt_text(r.prompt) for r in rows]
-            inputs = self.processor(
-                text=texts, images=[r.image for r in rows], padding=True, return_tensors="pt"
-            )
-            inputs = inputs.to(self.input_device)
-            pixels = inputs.get("pixel_values")
-            if pixels is not None and pixels.is_floating_point():
-                inputs["pixel_values"] = pixels.to(self.dtype)
+            inputs = self.encode([r.prompt for r in rows], [r.image for r in rows])
             prompt_tokens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
             streamer = BatchStreamer(
                 max_tokens=[r.max_tokens for r in rows],
