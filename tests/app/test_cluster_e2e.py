@@ -17,9 +17,11 @@ from tests.app.procs import BridgeProcess
 from tests.app.test_feishu_e2e import (
     CHAT_TOPIC,
     MESSAGE_ID,
+    SAMPLE,
     answers,
     bridge_args,
     deliver,
+    final_text,
     wait_final,
 )
 from tests.conftest import SHARED_DATA
@@ -123,24 +125,48 @@ async def wait_readyz(
     raise AssertionError(f"/readyz never answered {status}")
 
 
-async def test_redis_stopped_and_started_the_bridge_carries_on_and_loses_nothing(
+def variant(i: int) -> str:
+    """The sample image message as another message (its own message id and event id)."""
+    return SAMPLE["body"].replace(MESSAGE_ID, f"om_load_{i}").replace("ev_sample_1", f"ev_load_{i}")
+
+
+async def test_redis_stopped_and_started_under_load_loses_no_acknowledged_job(
     tmp_path: Path, feishu: FakeFeishu, redis_server: RedisServer
 ) -> None:
-    a = node(tmp_path, "a", feishu, redis_server).start()
+    a = node(tmp_path, "a", feishu, redis_server, "--max-new-tokens", "200").start()
     try:
         await a.wait_ready()
+        # Jobs in flight when Redis goes away.
+        statuses = await asyncio.gather(*(deliver(a, variant(i)) for i in range(8)))
+        assert statuses == [200] * 8
         redis_server.stop()
         body = await wait_readyz(a, 503)
         assert "store" in str(body["reason"])
         # With Redis down nothing can be recorded, so nothing is acknowledged: Feishu re-delivers.
-        assert await deliver(a) >= 500
+        refused = await asyncio.gather(*(deliver(a, variant(i)) for i in range(8, 12)))
+        assert all(code >= 500 for code in refused)
         async with aiohttp.ClientSession() as http, http.get(a.base + "/healthz") as resp:
             assert resp.status == 200
         redis_server.start()
         await wait_readyz(a, 200)
-        assert await deliver(a) == 200
-        await wait_final(feishu)
-        assert len(answers(feishu)) == 1 and answers(feishu)[0].parent_id == MESSAGE_ID
+        # Feishu re-delivers everything: the refused ones are new now, the rest are duplicates.
+        again = await asyncio.gather(*(deliver(a, variant(i)) for i in range(12)))
+        assert again == [200] * 12
+        for _ in range(1200):
+            done = {r.parent_id for r in feishu.replies}
+            if (
+                all(
+                    any(final_text(feishu, r.message_id) is not None for r in answers(feishu, pid))
+                    for pid in done
+                )
+                and len(done) == 12
+            ):
+                break
+            await asyncio.sleep(0.1)
+        parents = [r.parent_id for r in feishu.replies]
+        assert sorted(parents) == sorted(f"om_load_{i}" for i in range(12))  # one card each
+        for parent in parents:
+            assert final_text(feishu, answers(feishu, parent)[0].message_id) is not None, parent
         assert await a.terminate() == 0
     finally:
         a.ensure_dead()
