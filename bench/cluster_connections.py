@@ -19,12 +19,9 @@ import asyncio
 import base64
 import contextlib
 import json
-import logging
 import multiprocessing as mp
 import os
-import resource
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -35,34 +32,15 @@ from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import delete_keys, free_port, quiet_logs, raise_nofile  # noqa: E402
 
 TOKENS = tuple(f"bench-conn-token-{i:02d}" for i in range(16))  # the hub caps 1000 per token
 IMAGE = Path("/work/shared/data/images/coffee.jpg")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def raise_nofile() -> int:
-    """Raise the soft open-file limit to the hard one (children inherit it); return it."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def quiet_logs() -> None:
-    """Only warnings from this process's own structlog users."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-
-
-def free_port() -> int:
-    """A loopback TCP port that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proc_rss_kib(pid: int) -> int:
@@ -338,26 +316,6 @@ def log_events(bridge: Bridge) -> dict[str, int]:
 
 
 # --- orchestration --------------------------------------------------------------------------------
-
-
-async def delete_keys(redis_url: str, prefix: str) -> int:
-    """Remove every key under this run's prefix (and only those)."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(redis_url)
-    removed = 0
-    try:
-        batch: list[bytes] = []
-        async for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                removed += await client.unlink(*batch)
-                batch.clear()
-        if batch:
-            removed += await client.unlink(*batch)
-    finally:
-        await client.aclose()
-    return removed
 
 
 def _per_bridge(

@@ -24,10 +24,8 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -38,11 +36,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
-import structlog
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from adapters.base import AdapterStatus, ImageRef, InboundMessage, MessageSink
+from bench.common import cpu_s, delete_keys, quiet_logs
 from bridge.relay import Publisher, Relay
 from bridge.store import Store
 from engine.types import (
@@ -59,11 +56,6 @@ from engine.types import (
 
 ANSWER_WORDS = ("a", "cup", "of", "coffee")
 IMAGE = b"\x89PNG bench image"
-
-
-def quiet_logs() -> None:
-    """Keep the relay's per-job info lines off the terminal (they would dominate the CPU)."""
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 # --- fakes: engine, adapter, hub ----------------------------------------------------------------
@@ -295,12 +287,6 @@ async def settle(node: Node, limit_s: float = 60.0) -> None:
     raise RuntimeError("inbox entries still pending after the run")
 
 
-def cpu_s() -> float:
-    """User plus system CPU seconds of this process so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _ms(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -416,27 +402,6 @@ async def split(
     }
     print(json.dumps(result), flush=True)
     return result
-
-
-async def delete_keys(redis_url: str, prefix: str) -> int:
-    """Remove every key this run created (and only those)."""
-    from bridge.store.redis_client import make_client, split_redis_url
-
-    client_url, _ = split_redis_url(redis_url)
-    client = make_client(client_url)
-    removed = 0
-    try:
-        batch: list[bytes] = []
-        async for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                removed += await client.unlink(*batch)
-                batch.clear()
-        if batch:
-            removed += await client.unlink(*batch)
-    finally:
-        await client.aclose()
-    return removed
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:

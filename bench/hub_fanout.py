@@ -15,10 +15,8 @@ import base64
 import contextlib
 import functools
 import json
-import logging
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import struct
 import sys
@@ -26,29 +24,14 @@ import time
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import cpu_s, quiet_logs, raise_nofile
+
 TOKEN = "bench-token"
 TOPIC = "chat:bench:room"
-
-
-def raise_nofile() -> int:
-    """Raise the soft open-file limit to the hard one; return it."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def quiet_logs() -> None:
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 # --- clients (child process) ------------------------------------------------------------------

@@ -23,8 +23,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import resource
-import socket
 import statistics
 import sys
 import threading
@@ -39,25 +37,13 @@ import websockets
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import free_port, raise_nofile
 from bridge.app import BridgeApp
 from bridge.config import load_settings
 
 IDLE_TOKEN = "bench-idle"
 LOAD_CONNS = 6  # the per-connection submit bucket is 10/s: spread the load over several tokens
 IMAGES = Path("/work/shared/data/images")
-
-
-def raise_nofile() -> int:
-    """Raise the soft open-file limit to the hard one; return it."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def quantiles(values: list[float]) -> dict[str, float]:

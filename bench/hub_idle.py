@@ -14,20 +14,18 @@ import argparse
 import asyncio
 import gc
 import json
-import logging
 import multiprocessing as mp
 import os
-import resource
 import sys
 import time
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
-import structlog
 from aiohttp import web
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import cpu_s, quiet_logs, raise_nofile
 from bridge.hub import Hub, HubConfig
 from bridge.metrics import Metrics
 from bridge.store.memory import MemoryStore
@@ -36,25 +34,9 @@ from tests.hub.fakes import FakeEngine
 TOKEN = "bench-token"
 
 
-def raise_nofile() -> int:
-    """Raise the soft open-file limit to the hard one; return it."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
-
-
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def quiet_logs() -> None:
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 # --- clients (child processes) ----------------------------------------------------------------

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 from aiohttp import web  # noqa: E402
 
 import bridge.hub.persist as persist  # noqa: E402
-from bench.cluster_connections import TOKENS, client_main, quiet_logs, raise_nofile  # noqa: E402
+from bench.cluster_connections import TOKENS, client_main  # noqa: E402
+from bench.common import quiet_logs, raise_nofile  # noqa: E402
 from bridge.hub import Hub, HubConfig  # noqa: E402
 from bridge.metrics import Metrics  # noqa: E402
 from bridge.store.redis import RedisStore  # noqa: E402

@@ -124,7 +124,7 @@ class BridgeApp:
             publisher,
             self.adapters,
             clock=clock,
-            lease_s=settings.cluster_lease if self.clustered else None,
+            lease_s=settings.cluster_lease,
             sweep_s=max(0.5, settings.cluster_lease / 4),
             queue=queue,
             max_concurrency=max(4, 2 * settings.max_batch),

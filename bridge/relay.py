@@ -60,7 +60,7 @@ class Relay:
         *,
         clock: Callable[[], float] = time.time,
         max_concurrency: int = 64,
-        lease_s: float | None = None,
+        lease_s: float = 60.0,
         sweep_s: float = 15.0,
         queue: JobQueue | None = None,
     ) -> None:
@@ -73,17 +73,16 @@ class Relay:
         self._slots = asyncio.Semaphore(max_concurrency)
         self._stopping = False
         self._recover_task: asyncio.Task[None] | None = None
-        # With a shared store (several nodes), a run lease keeps two nodes from answering one
-        # entry at once and lets the others take over a dead node's entries when it expires.
+        # With a queue (Redis Streams consumer group, several nodes), the node with free capacity
+        # takes the job and a dead node's unacked jobs are claimed by the others. A periodic
+        # sweep re-queues strays (accepted, never queued) under a run lease, so one node does it.
+        self._queue = queue
         self._lease_s = lease_s
         self._sweep_s = sweep_s
-        # With a queue (Redis Streams consumer group), the node with free capacity takes the job
-        # and a dead node's unacked jobs are claimed by the others.
-        self._queue = queue
         self._max_concurrency = max_concurrency
         self._consume_task: asyncio.Task[None] | None = None
         self._acks: set[asyncio.Future[None]] = set()
-        self._stale_s = max(300.0, 5 * (lease_s or 60.0))
+        self._stale_s = max(300.0, 5 * lease_s)
 
     @staticmethod
     def entry_id(msg: InboundMessage) -> str:
@@ -120,8 +119,6 @@ class Relay:
                         await self._store.release(key)
                 raise
             return True
-        if self._lease_s is not None:
-            await self._store.claim(_lease_key(entry_id), self._lease_s)
         self._schedule(entry)
         return True
 
@@ -166,8 +163,8 @@ class Relay:
                 delay = min(delay * 2, 30.0)
                 continue
             delay = 0.5
-            if self._lease_s is None:
-                return
+            if self._queue is None:
+                return  # one node: its own pending entries, once, at start
             await asyncio.sleep(self._sweep_s)
 
     async def _sweep(self) -> None:
@@ -175,17 +172,16 @@ class Relay:
         for entry in await self._store.inbox_pending(limit=1000):
             if entry.entry_id in self._tasks:
                 continue
-            if self._queue is not None and now - entry.accepted_at < self._stale_s:
-                continue  # the queue is delivering it; only strays (lost before put) are swept
-            if self._lease_s is not None and not await self._store.claim(
-                _lease_key(entry.entry_id), self._lease_s
-            ):
-                continue  # another node is answering it
-            log.info("relay_recovered", entry=entry.entry_id)
-            if self._queue is not None:
-                await self._queue.put(entry.entry_id, entry.payload)
-            else:
+            if self._queue is None:
+                log.info("relay_recovered", entry=entry.entry_id)
                 self._schedule(entry)
+                continue
+            if now - entry.accepted_at < self._stale_s:
+                continue  # the queue is delivering it; only strays (lost before put) are swept
+            if not await self._store.claim(_lease_key(entry.entry_id), self._lease_s):
+                continue  # another node is re-queueing it
+            log.info("relay_recovered", entry=entry.entry_id)
+            await self._queue.put(entry.entry_id, entry.payload)
 
     def _schedule(self, entry: InboxEntry) -> asyncio.Task[None] | None:
         if entry.entry_id in self._tasks or self._stopping:

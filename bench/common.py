@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmark scripts: process limits, CPU time, quiet logs, ports, cleanup."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import socket
+
+import structlog
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-file limit to the hard one (children inherit it); return it."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def cpu_s() -> float:
+    """CPU seconds (user + system) this process has used."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def quiet_logs() -> None:
+    """Only warnings from structlog users in this process: info lines would dominate the CPU."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def delete_keys(redis_url: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` (a bench's own namespace); return how many."""
+    import redis.asyncio as aioredis
+
+    from bridge.store.redis_client import split_redis_url
+
+    client_url, _ = split_redis_url(redis_url)
+    client = aioredis.Redis.from_url(client_url)
+    removed = 0
+    try:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            removed += await client.unlink(*batch)
+    finally:
+        await client.aclose()
+    return removed
