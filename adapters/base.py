@@ -261,8 +261,15 @@ class Adapter(Protocol):
         """
         ...
 
-    async def open_reply(self, msg: InboundMessage) -> ReplyStream:
-        """Post the (idempotent) reply that will carry the streamed answer.
+    async def open_reply(
+        self, msg: InboundMessage, existing_reply_id: str | None = None
+    ) -> ReplyStream:
+        """Post the (idempotent) reply that will carry the streamed answer, or resume one.
+
+        With ``existing_reply_id`` (the ``reply_message_id`` of a reply posted for ``msg`` by an
+        earlier run) nothing is posted: the stream is bound to that reply and its first update
+        edits it. The relay keeps that id because a platform's idempotency key may be forgotten
+        (Feishu: after an hour) before a crashed job is run again.
 
         Raises:
             ReplyError: the reply could not be posted.

@@ -141,7 +141,7 @@ class BenchAdapter:
     async def fetch_image(self, msg: InboundMessage, ref: ImageRef) -> bytes:
         return IMAGE
 
-    async def open_reply(self, msg: InboundMessage) -> _Reply:
+    async def open_reply(self, msg: InboundMessage, existing_reply_id: str | None = None) -> _Reply:
         return _Reply(self, f"{msg.platform}:{msg.message_id}")
 
     async def send_text_reply(self, msg: InboundMessage, text: str) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -155,47 +156,73 @@ async def serve(port: int, db_path: str) -> None:
     await asyncio.Event().wait()
 
 
-async def fake_openapi() -> tuple[web.AppRunner, str]:
-    """A minimal Feishu OpenAPI on loopback: token, image download, reply and card updates."""
-    photo = (ROOT.parent / "shared" / "data" / "images" / "chelsea.jpg").read_bytes()
-    replies = 0
+class FakeOpenApi:
+    """A minimal Feishu OpenAPI on loopback: token, image download, reply and card updates.
 
-    async def token(_r: web.Request) -> web.Response:
+    It also counts what the bridge did with each message, so a run proves every event was
+    answered exactly once (one reply card per message, each ending in a final "done" card).
+    """
+
+    def __init__(self) -> None:
+        self.photo = (ROOT.parent / "shared" / "data" / "images" / "chelsea.jpg").read_bytes()
+        self.replies: dict[str, int] = {}  # source message id -> reply cards posted
+        self.reply_source: dict[str, str] = {}  # reply message id -> source message id
+        self.done: set[str] = set()  # source message ids whose card reached "done"
+        self.expected = 0  # set once known: ``all_done`` fires when that many are answered
+        self.all_done = asyncio.Event()
+        self.runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    async def start(self) -> None:
+        """Serve on an ephemeral loopback port."""
+        app = web.Application()
+        app.router.add_post("/open-apis/auth/v3/tenant_access_token/internal", self._token)
+        app.router.add_get("/open-apis/im/v1/messages/{mid}/resources/{key}", self._resource)
+        app.router.add_post("/open-apis/im/v1/messages/{mid}/reply", self._reply)
+        app.router.add_patch("/open-apis/im/v1/messages/{mid}", self._patch)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.base_url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        """Close the listener."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def _token(self, _r: web.Request) -> web.Response:
         return web.json_response({"code": 0, "tenant_access_token": "t-bench", "expire": 7200})
 
-    async def resource(_r: web.Request) -> web.Response:
-        return web.Response(body=photo, content_type="image/jpeg")
+    async def _resource(self, _r: web.Request) -> web.Response:
+        return web.Response(body=self.photo, content_type="image/jpeg")
 
-    async def reply(_r: web.Request) -> web.Response:
-        nonlocal replies
-        replies += 1
-        return web.json_response({"code": 0, "data": {"message_id": f"om_r{replies}"}})
+    async def _reply(self, r: web.Request) -> web.Response:
+        source = r.match_info["mid"]
+        self.replies[source] = self.replies.get(source, 0) + 1
+        reply_id = f"om_r_{source}"
+        self.reply_source[reply_id] = source
+        return web.json_response({"code": 0, "data": {"message_id": reply_id}})
 
-    async def patch(_r: web.Request) -> web.Response:
+    async def _patch(self, r: web.Request) -> web.Response:
+        body = await r.json()
+        if '"template":"green"' in body.get("content", ""):
+            self.done.add(self.reply_source.get(r.match_info["mid"], "?"))
+            if self.expected and len(self.done) >= self.expected:
+                self.all_done.set()
         return web.json_response({"code": 0, "data": {}})
-
-    app = web.Application()
-    app.router.add_post("/open-apis/auth/v3/tenant_access_token/internal", token)
-    app.router.add_get("/open-apis/im/v1/messages/{mid}/resources/{key}", resource)
-    app.router.add_post("/open-apis/im/v1/messages/{mid}/reply", reply)
-    app.router.add_patch("/open-apis/im/v1/messages/{mid}", patch)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
 async def run_against_bridge(port: int, rate: float, seconds: float, tmp: str) -> dict[str, object]:
-    """Start the real bridge in webhook mode, wait until ready, then load it."""
-    runner, base_url = await fake_openapi()
+    """Start the real bridge in webhook mode, wait until ready, load it, wait for every answer."""
+    fake = FakeOpenApi()
+    await fake.start()
     args = [
         sys.executable, "-m", "bridge", "serve", "--port", str(port),
         "--store", f"sqlite:///{tmp}/bridge.db", "--log-format", "json",
         "--max-new-tokens", "32", "--feishu-mode", "webhook",
         "--feishu-app-id", "cli_bench", "--feishu-app-secret", "bench-secret",
         "--feishu-verification-token", TOKEN, "--feishu-encrypt-key", KEY,
-        "--feishu-base-url", base_url,
+        "--feishu-base-url", fake.base_url,
     ]  # fmt: skip
     server = _start_server(args, Path(tmp) / "bridge.log")
     try:
@@ -210,11 +237,30 @@ async def run_against_bridge(port: int, rate: float, seconds: float, tmp: str) -
                 await asyncio.sleep(0.1)
             else:
                 raise SystemExit("the bridge did not become ready")
-        return await load(port, rate, seconds)
+        result = await load(port, rate, seconds)
+        # Every distinct message (the warm-up sends are among them) must get exactly one card.
+        expected = len({source_index(i) for i in range(int(rate * seconds))})
+        loop = asyncio.get_running_loop()
+        load_end = loop.time()
+        fake.expected = expected
+        if len(fake.done) >= expected:
+            fake.all_done.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(fake.all_done.wait(), 300)
+        result.update(
+            {
+                "messages": expected,
+                "answered": len(fake.done),
+                "cards_posted": sum(fake.replies.values()),
+                "messages_with_two_cards": sum(1 for n in fake.replies.values() if n > 1),
+                "drain_s_after_load": round(loop.time() - load_end, 1),
+            }
+        )
+        return result
     finally:
         server.terminate()
         server.wait(timeout=30)
-        await runner.cleanup()
+        await fake.stop()
 
 
 def _start_server(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -222,8 +268,13 @@ def _start_server(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
+def source_index(i: int) -> int:
+    """Which message send ``i`` carries: every tenth send re-delivers the message of ``i - 5``."""
+    return i if i % 10 else max(0, i - 5)
+
+
 def make_event(i: int, cipher: AESCipher) -> tuple[dict[str, str], bytes]:
-    """One encrypted, signed image message event, as Feishu sends it."""
+    """One encrypted, signed image message event (message ``i``), as Feishu sends it."""
     event = {
         "schema": "2.0",
         "header": {
@@ -261,7 +312,7 @@ async def load(port: int, rate: float, seconds: float) -> dict[str, object]:
     """Send events open-loop and collect acknowledgement latencies."""
     cipher = AESCipher(KEY)
     total = int(rate * seconds)
-    events = [make_event(i if i % 10 else max(0, i - 5), cipher) for i in range(total)]
+    events = [make_event(source_index(i), cipher) for i in range(total)]
     url = f"http://127.0.0.1:{port}/webhooks/feishu"
     latencies: list[float] = []
     statuses: dict[int, int] = {}

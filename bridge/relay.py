@@ -2,8 +2,10 @@
 
 Intake (:meth:`Relay.accept`) records a message durably and dedupes it before the platform gets
 its acknowledgement; processing runs afterwards and marks the inbox entry complete only when the
-chat has its answer. After a crash, :meth:`Relay.start` re-runs every entry still pending; the
-platform's reply idempotency key (derived from the message id) makes a repeated post harmless.
+chat has its answer. After a crash, :meth:`Relay.start` re-runs every entry still pending. A re-run
+never posts a second answer: the id of a posted reply card is kept in the store (``reply:<entry>``)
+and the re-run edits that card, and a sent text reply leaves a marker (``texted:<entry>``); the
+platform's reply idempotency key (derived from the message id) covers the moment in between.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ TEXT_ONLY_REPLY = (
 BAD_IMAGE_REPLY = "Sorry, I could not read that image. Please send a JPEG, PNG, WebP or GIF photo."
 FAILED_REPLY = "Sorry, something went wrong while looking at your image. Please try again."
 BUSY_RETRY_S = 2.0
+# How long the store keeps a posted card's id (``reply:<entry>``) and the text-sent marker
+# (``texted:<entry>``): 8 days, past INBOX_DONE_RETENTION_S (7 days), the longest the bridge
+# remembers any message (redeliveries stop at 6 h, dedupe keys at 24 h). A pending entry recovered
+# up to 8 days after its reply was posted still edits that reply; nothing deletes these keys, so
+# they must expire on their own.
+REPLY_KEY_TTL_S = DEDUPE_TTL_S * 8
 MAX_ATTEMPTS = 8
 
 
@@ -209,7 +217,7 @@ class Relay:
             delay = 1.0
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 try:
-                    await self._answer(adapter, msg)
+                    await self._answer(adapter, msg, entry.entry_id)
                     await self._complete(entry.entry_id)
                     return
                 except (AdapterError, StoreUnavailable, OSError) as exc:
@@ -234,34 +242,88 @@ class Relay:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    async def _answer(self, adapter: Adapter, msg: InboundMessage) -> None:
-        job_id = f"{msg.platform}:{msg.message_id}"
+    async def _answer(self, adapter: Adapter, msg: InboundMessage, job_id: str) -> None:
+        """Answer ``msg`` in its chat and on the hub, posting at most one reply across re-runs.
+
+        ``job_id`` is the inbox entry id (``<platform>:<message id>``); it is also the engine job
+        id, the hub's event id and the key of what the store remembers about posted replies.
+        """
         if not msg.images:
-            await adapter.send_text_reply(msg, TEXT_ONLY_REPLY)
+            await self._send_text_once(adapter, msg, job_id, TEXT_ONLY_REPLY)
             log.info("relay_text_only", job=job_id)
             return
         try:
             image = await adapter.fetch_image(msg, msg.images[0])
         except ImageFetchError as exc:
             log.warning("relay_image_fetch_failed", job=job_id, error=str(exc))
-            await adapter.send_text_reply(msg, BAD_IMAGE_REPLY)
+            opened = await self._store.get_value(_reply_key(job_id))
+            if opened is not None:  # an earlier run posted the card: the apology goes there
+                resumed = await adapter.open_reply(msg, existing_reply_id=opened)
+                await resumed.fail(BAD_IMAGE_REPLY)
+            else:
+                await self._send_text_once(adapter, msg, job_id, BAD_IMAGE_REPLY)
             await self._hub.publish(msg.topic, job_id, Failed("bad_image", str(exc)))
             return
         prompt = msg.text.strip() or DEFAULT_PROMPT
         handle = await self._submit(JobRequest(job_id=job_id, image=image, prompt=prompt))
-        reply: ReplyStream = await adapter.open_reply(msg)
-        so_far = ""
-        async for event in handle.events():
-            await self._publish(msg.topic, job_id, event)
-            if isinstance(event, Delta):
-                so_far += event.text
-                await reply.update(so_far)
-            elif isinstance(event, Done):
-                await reply.finish(event.text)
-                log.info("relay_answered", job=job_id, tokens=event.usage.completion_tokens)
-            elif isinstance(event, Failed):
-                await reply.fail(BAD_IMAGE_REPLY if event.code == "bad_image" else FAILED_REPLY)
-                log.info("relay_failed", job=job_id, code=event.code)
+        try:
+            reply = await self._open_reply_once(adapter, msg, job_id)
+            so_far = ""
+            async for event in handle.events():
+                await self._publish(msg.topic, job_id, event)
+                if isinstance(event, Delta):
+                    so_far += event.text
+                    await reply.update(so_far)
+                elif isinstance(event, Done):
+                    await reply.finish(event.text)
+                    log.info("relay_answered", job=job_id, tokens=event.usage.completion_tokens)
+                elif isinstance(event, Failed):
+                    await reply.fail(BAD_IMAGE_REPLY if event.code == "bad_image" else FAILED_REPLY)
+                    log.info("relay_failed", job=job_id, code=event.code)
+        except BaseException:
+            handle.cancel()  # an abandoned attempt must not keep generating; a retry resubmits
+            raise
+
+    async def _open_reply_once(
+        self, adapter: Adapter, msg: InboundMessage, job_id: str
+    ) -> ReplyStream:
+        """Post the answer card and record its id, or resume the card an earlier run posted.
+
+        The platform's reply idempotency key alone is not enough: Feishu forgets a ``uuid`` after
+        an hour, so a job recovered after a longer outage would post a second card.
+
+        Raises:
+            StoreUnavailable: the id could not be read or recorded; ``_run`` retries the attempt.
+        """
+        key = _reply_key(job_id)
+        existing = await self._store.get_value(key)
+        if existing is not None:
+            log.info("relay_reply_resumed", job=job_id, reply_id=existing)
+            return await adapter.open_reply(msg, existing_reply_id=existing)
+        reply = await adapter.open_reply(msg)
+        # If this write fails, StoreUnavailable goes to _run's attempt loop and the retry posts
+        # again with the same uuid, which Feishu answers with this same card (within its hour), so
+        # the answer is not lost. What remains: a crash after Feishu's 200 and before this write,
+        # recovered more than an hour later, posts a second card.
+        await self._store.set_value(key, reply.reply_message_id, ttl_s=REPLY_KEY_TTL_S)
+        log.info("relay_reply_recorded", job=job_id, reply_id=reply.reply_message_id)
+        return reply
+
+    async def _send_text_once(
+        self, adapter: Adapter, msg: InboundMessage, job_id: str, text: str
+    ) -> None:
+        """Send a short text reply unless an earlier run of this entry already sent one.
+
+        Raises:
+            StoreUnavailable: the marker could not be read or written; ``_run`` retries (a resend
+                within Feishu's hour reuses the uuid; the same narrow window as for cards remains).
+        """
+        key = _texted_key(job_id)
+        if await self._store.get_value(key) is not None:
+            log.info("relay_text_already_sent", job=job_id)
+            return
+        await adapter.send_text_reply(msg, text)
+        await self._store.set_value(key, "1", ttl_s=REPLY_KEY_TTL_S)
 
     async def _submit(self, request: JobRequest) -> Any:
         while True:
@@ -305,3 +367,13 @@ class Relay:
 
 def _lease_key(entry_id: str) -> str:
     return f"run:{entry_id}"
+
+
+def _reply_key(entry_id: str) -> str:
+    """Store key of the reply card posted for an inbox entry (its platform message id)."""
+    return f"reply:{entry_id}"
+
+
+def _texted_key(entry_id: str) -> str:
+    """Store key marking that an inbox entry's one-off text reply was sent."""
+    return f"texted:{entry_id}"

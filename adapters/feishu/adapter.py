@@ -213,22 +213,34 @@ class FeishuAdapter:
         except FeishuApiError as exc:
             raise ImageFetchError(f"image {ref.key[:64]} of {msg.message_id}: {exc}") from None
 
-    async def open_reply(self, msg: InboundMessage) -> FeishuReplyStream:
-        """Post the reply card for ``msg``; its ``uuid`` is derived from the message id.
+    async def open_reply(
+        self, msg: InboundMessage, existing_reply_id: str | None = None
+    ) -> FeishuReplyStream:
+        """Post the reply card for ``msg`` (``uuid`` derived from the message id), or resume one.
 
         Calling it again for the same message (a retry, or after a restart within Feishu's hour
-        of uuid memory) returns the same card instead of posting a second one.
+        of uuid memory) returns the same card instead of posting a second one. Past that hour only
+        the card's id can prevent a second card: with ``existing_reply_id`` nothing is posted and
+        the stream's first update or ``finish`` PATCHes that card.
 
         Raises:
             ReplyError: the card could not be posted.
         """
-        content = card_content(answer_card("", "thinking"))
-        try:
-            reply_id = await self.api.reply(
-                msg.message_id, "interactive", content, idempotency_uuid(msg.message_id, "answer")
-            )
-        except FeishuApiError as exc:
-            raise ReplyError(f"reply to {msg.message_id}: {exc}") from None
+        if existing_reply_id is not None:
+            reply_id = existing_reply_id
+            log.info("feishu.reply_resumed", message_id=msg.message_id, reply_id=reply_id)
+        else:
+            content = card_content(answer_card("", "thinking"))
+            try:
+                reply_id = await self.api.reply(
+                    msg.message_id,
+                    "interactive",
+                    content,
+                    idempotency_uuid(msg.message_id, "answer"),
+                )
+            except FeishuApiError as exc:
+                raise ReplyError(f"reply to {msg.message_id}: {exc}") from None
+            log.info("feishu.reply_opened", message_id=msg.message_id, reply_id=reply_id)
         stream = FeishuReplyStream(
             self.api,
             source_message_id=msg.message_id,
@@ -237,7 +249,6 @@ class FeishuAdapter:
             monotonic=self._monotonic,
         )
         self._streams.add(stream)
-        log.info("feishu.reply_opened", message_id=msg.message_id, reply_id=reply_id)
         return stream
 
     async def send_text_reply(self, msg: InboundMessage, text: str) -> None:

@@ -3,7 +3,7 @@
 It behaves like the real service where the adapter cares (tokens, uuid-idempotent replies,
 PATCH, resources, endpoint, pbbp2 frames, re-delivery of unacked events) and injects faults on
 demand: 429 with a reset header, code 99991400, 5xx, token expiry, dropped pongs, abrupt closes,
-fragmented events.
+fragmented events, and the end of Feishu's one hour of reply uuid memory (``forget_uuids``).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class FakeFeishu:
         self.requests: list[tuple[str, str]] = []  # (route, path)
         self.replies: list[Reply] = []
         self.reply_posts = 0
+        self.uuids: dict[str, str] = {}  # reply uuid -> message id, until forget_uuids()
         self.patches: list[tuple[float, str, str]] = []  # (loop time, message_id, content)
         self.tokens_issued = 0
         self.token_expire_s = 7200
@@ -83,6 +84,10 @@ class FakeFeishu:
     def expire_tokens(self) -> None:
         """Invalidate every issued token (the next call answers 99991663)."""
         self.valid_tokens.clear()
+
+    def forget_uuids(self) -> None:
+        """Forget every reply uuid, as Feishu does after an hour: a replayed uuid posts anew."""
+        self.uuids.clear()
 
     async def start(self) -> None:
         """Serve the OpenAPI and the gateway on loopback ports."""
@@ -161,9 +166,8 @@ class FakeFeishu:
         body = await request.json()
         self.reply_posts += 1
         uuid = body.get("uuid", "")
-        for reply in self.replies:
-            if uuid and reply.uuid == uuid:
-                return web.json_response({"code": 0, "data": {"message_id": reply.message_id}})
+        if uuid and uuid in self.uuids:
+            return web.json_response({"code": 0, "data": {"message_id": self.uuids[uuid]}})
         reply = Reply(
             message_id=f"om_reply_{next(self._ids)}",
             parent_id=request.match_info["mid"],
@@ -172,6 +176,8 @@ class FakeFeishu:
             uuid=uuid,
         )
         self.replies.append(reply)
+        if uuid:
+            self.uuids[uuid] = reply.message_id
         return web.json_response({"code": 0, "data": {"message_id": reply.message_id}})
 
     async def _patch(self, request: web.Request) -> web.Response:

@@ -215,6 +215,23 @@ async def test_open_reply_is_idempotent_per_message(fake: FakeFeishu, http: Aioh
     assert len(fake.replies) == 2 and fake.replies[1].msg_type == "text"
 
 
+async def test_open_reply_resumes_a_card_without_posting_after_feishu_forgot_the_uuid(
+    fake: FakeFeishu, http: AiohttpClient
+) -> None:
+    adapter = FeishuAdapter(config(fake), http=http)
+    card_id = (await adapter.open_reply(MSG)).reply_message_id
+    fake.forget_uuids()  # more than an hour later: Feishu no longer knows the uuid
+    posts = fake.reply_posts
+    stream = await adapter.open_reply(MSG, existing_reply_id=card_id)
+    assert stream.reply_message_id == card_id
+    assert fake.reply_posts == posts and len(fake.replies) == 1  # nothing posted
+    await stream.finish("a cat on a sofa")
+    assert [mid for _, mid, _ in fake.patches] == [card_id]
+    assert json.loads(fake.patches[-1][2])["elements"][0]["text"]["content"] == "a cat on a sofa"
+    again = await adapter.open_reply(MSG)  # without the id, a forgotten uuid posts a second card
+    assert again.reply_message_id != card_id and len(fake.replies) == 2
+
+
 async def test_stream_updates_are_coalesced_under_five_per_second(
     fake: FakeFeishu, http: AiohttpClient
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +16,9 @@ from adapters.base import (
     InboundMessage,
     MessageSink,
 )
-from bridge.relay import BAD_IMAGE_REPLY, TEXT_ONLY_REPLY, Relay
-from bridge.store import Store
+from bridge.relay import BAD_IMAGE_REPLY, REPLY_KEY_TTL_S, TEXT_ONLY_REPLY, Relay
+from bridge.store import Store, StoreUnavailable
+from bridge.store.base import INBOX_DONE_RETENTION_S
 from bridge.store.memory import MemoryStore
 from bridge.store.sqlite import SqliteStore
 from engine.types import BusyError, EngineStatus, Failed, JobEvent, JobRequest
@@ -51,7 +52,11 @@ class FakeStream:
 
 
 class FakeAdapter:
-    """Records replies keyed by message id, as Feishu's uuid idempotency would collapse them."""
+    """Records replies keyed by message id, as Feishu's uuid idempotency would collapse them.
+
+    ``posts`` counts reply POSTs: each would be a second card once Feishu forgot the uuid (after
+    an hour), so a re-run must resume the recorded card instead (``opened`` lists the ids passed).
+    """
 
     platform = "feishu"
 
@@ -59,6 +64,7 @@ class FakeAdapter:
         self.image = image
         self.replies: dict[str, Reply] = {}
         self.posts = 0
+        self.opened: list[str | None] = []
         self.texts: list[tuple[str, str]] = []
         self.downloads = 0
         self.fetch_error: str | None = None
@@ -75,8 +81,14 @@ class FakeAdapter:
             raise ImageFetchError(self.fetch_error)
         return self.image
 
-    async def open_reply(self, msg: InboundMessage) -> FakeStream:
-        self.posts += 1
+    async def open_reply(
+        self, msg: InboundMessage, existing_reply_id: str | None = None
+    ) -> FakeStream:
+        self.opened.append(existing_reply_id)
+        if existing_reply_id is None:
+            self.posts += 1
+        else:
+            assert existing_reply_id == "r-" + msg.message_id
         reply = self.replies.setdefault(msg.message_id, Reply(msg.message_id))
         return FakeStream(reply)
 
@@ -116,6 +128,14 @@ async def ready_engine() -> FakeEngine:
     engine.loaded.set()
     await engine.start()
     return engine
+
+
+async def until(check: Callable[[], Awaitable[bool]]) -> None:
+    for _ in range(500):
+        if await check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
 
 
 async def settle(relay: Relay) -> None:
@@ -186,11 +206,16 @@ async def test_restart_between_deliveries_still_one_answer(tmp_path: Path) -> No
 class StuckEngine(FakeEngine):
     """Accepts jobs and never answers: the process 'dies' mid-job."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.streaming = asyncio.Event()  # set once the relay waits for the answer (card open)
+
     def submit(self, request: JobRequest) -> FakeHandle:
         self.submitted.append(request)
         handle = FakeHandle(request, self.answer)
 
         async def never() -> AsyncIterator[JobEvent]:
+            self.streaming.set()
             await asyncio.Event().wait()
             yield  # type: ignore[misc]
 
@@ -228,6 +253,116 @@ async def test_accepted_but_unanswered_job_is_rerun_after_restart(tmp_path: Path
     assert await second.inbox_pending() == []
     await relay2.stop(1.0)
     await second.close()
+
+
+async def crash_with_the_card_open(store: Store, adapter: FakeAdapter) -> None:
+    """A first process posts the card, then dies before the answer: the entry stays pending."""
+    stuck = StuckEngine()
+    stuck.loaded.set()
+    relay = Relay(store, stuck, Recorder(), [adapter])
+    assert await relay.accept(message()) is True
+    async with asyncio.timeout(5):
+        await stuck.streaming.wait()
+    await relay.stop(0.1)
+    pending = [entry.entry_id for entry in await store.inbox_pending()]
+    assert adapter.posts == 1 and pending == ["feishu:om_1"]
+
+
+async def test_rerun_after_a_crash_mid_answer_finishes_the_same_card(store: Store) -> None:
+    adapter = FakeAdapter()
+    await crash_with_the_card_open(store, adapter)
+    relay2 = Relay(store, await ready_engine(), Recorder(), [adapter])  # a new process
+    await relay2.start()
+    await until(lambda: _no_pending(store))
+    await relay2.stop(1.0)
+    assert adapter.posts == 1  # no second card, even after Feishu forgot the uuid
+    assert adapter.opened == [None, "r-om_1"]  # the re-run resumed the recorded card
+    assert adapter.replies["om_1"].final == "a cat on a sofa"
+    assert REPLY_KEY_TTL_S > INBOX_DONE_RETENTION_S
+
+
+async def test_bad_image_on_rerun_goes_into_the_card_already_posted(store: Store) -> None:
+    adapter = FakeAdapter()
+    await crash_with_the_card_open(store, adapter)
+    adapter.fetch_error = "image expired"
+    relay2 = Relay(store, await ready_engine(), Recorder(), [adapter])
+    await relay2.start()
+    await until(lambda: _no_pending(store))
+    await relay2.stop(1.0)
+    assert adapter.posts == 1 and adapter.opened == [None, "r-om_1"]
+    assert adapter.replies["om_1"].failed == BAD_IMAGE_REPLY
+    assert adapter.texts == []
+
+
+@pytest.mark.parametrize("case", ["text_only", "bad_image"])
+async def test_text_reply_is_sent_once_when_rerun_after_a_crash(
+    store: Store, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adapter = FakeAdapter()
+    if case == "bad_image":
+        adapter.fetch_error = "image too large"
+    sent = asyncio.Event()
+
+    async def die_before_completing(entry_id: str) -> None:
+        sent.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(store, "inbox_complete", die_before_completing)
+    relay = Relay(store, await ready_engine(), Recorder(), [adapter])
+    await relay.accept(message(images=0 if case == "text_only" else 1, text="hello"))
+    async with asyncio.timeout(5):
+        await sent.wait()  # the text is out; the process dies before completing the entry
+    await relay.stop(0.1)
+    monkeypatch.undo()
+    assert len(await store.inbox_pending()) == 1
+
+    relay2 = Relay(store, await ready_engine(), Recorder(), [adapter])
+    await relay2.start()
+    await until(lambda: _no_pending(store))
+    await relay2.stop(1.0)
+    text = TEXT_ONLY_REPLY if case == "text_only" else BAD_IMAGE_REPLY
+    assert adapter.texts == [("om_1", text)]
+
+
+class HandleKeepingEngine(FakeEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.handles: list[FakeHandle] = []
+
+    def submit(self, request: JobRequest) -> FakeHandle:
+        self.handles.append(super().submit(request))
+        return self.handles[-1]
+
+
+async def test_card_id_not_recorded_is_retried_and_the_answer_still_arrives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store, engine, adapter = MemoryStore(), HandleKeepingEngine(), FakeAdapter()
+    engine.loaded.set()
+    await engine.start()
+    real_set_value = store.set_value
+    failures = [StoreUnavailable("blip")]
+
+    async def flaky_set_value(key: str, value: str, ttl_s: float | None = None) -> None:
+        if key.startswith("reply:") and failures:
+            raise failures.pop()
+        await real_set_value(key, value, ttl_s)
+
+    monkeypatch.setattr(store, "set_value", flaky_set_value)
+    relay = Relay(store, engine, Recorder(), [adapter])
+    await relay.accept(message())
+    await until(lambda: _no_pending(store))
+    await relay.stop(1.0)
+    # The retry posted again with the same uuid: Feishu answers with the same card (within
+    # its hour), so the one reply gets the answer and its id is recorded this time.
+    assert adapter.posts == 2 and list(adapter.replies) == ["om_1"]
+    assert adapter.replies["om_1"].final == "a cat on a sofa"
+    assert await store.get_value("reply:feishu:om_1") == "r-om_1"
+    assert [h.cancelled for h in engine.handles] == [True, False]  # the abandoned job stopped
+
+
+async def _no_pending(store: Store) -> bool:
+    return await store.inbox_pending() == []
 
 
 async def test_text_only_gets_a_helpful_reply_and_bad_image_an_apology(store: Store) -> None:
