@@ -7,7 +7,7 @@ sink that records each message durably in SQLite (python's sqlite3 in a worker t
 measures each acknowledgement from its scheduled send time, so a stalled server cannot hide
 queueing delay. Run::
 
-    python bench/feishu_webhook.py --rate 200 --seconds 15 [--write-docs]
+    python bench/feishu_webhook.py --rate 200 --seconds 15 [--target bridge]
 
 With ``--target bridge`` the server is the real service instead: ``python -m bridge serve`` in
 webhook mode with its SQLite store, relay and the tiny model answering every event, against a
@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import sqlite3
 import statistics
 import subprocess
@@ -46,7 +45,6 @@ from adapters.http import MockTransport  # noqa: E402
 
 TOKEN = "bench-verification-token"
 KEY = "bench-encrypt-key"
-SECTION = "## Feishu webhook"
 
 
 class SqliteSink:
@@ -346,63 +344,12 @@ async def load(port: int, rate: float, seconds: float) -> dict[str, object]:
     }
 
 
-def write_docs(result: dict[str, object], command: str) -> None:
-    """Replace (or add) this benchmark's section of docs/benchmarks.md, leaving others alone."""
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    r = result
-    row = (
-        f"| {r['rate_per_s']}/s | {r['events']} | {r['p50_ms']} ms | {r['p90_ms']} ms "
-        f"| {r['p99_ms']} ms | {r['max_ms']} ms | {r['statuses']} |"
-    )
-    machine = (
-        f"{_cpu_name()}, {os.cpu_count()} CPUs visible, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}; server and load generator share the machine; "
-        f"load average {os.getloadavg()[0]:.1f} at the end of the run (other work shares the CPUs)"
-    )
-    section = f"""{SECTION}
-
-Webhook acknowledgement latency: encrypted, signed `im.message.receive_v1` events POSTed over
-loopback HTTP, open-loop at a fixed rate (10% re-deliveries), each one decrypted, verified and
-durably recorded (SQLite in a worker thread, WAL, `synchronous=FULL`, dedupe on message id and
-event id) before the 200. Latency is measured from each event's scheduled send time.
-Target: p99 < 50 ms at 200 events/s.
-
-| rate | events | p50 | p90 | p99 | max | statuses |
-| --- | --- | --- | --- | --- | --- | --- |
-{row}
-
-- Command: `{command}`
-- Machine: {machine}.
-"""
-    start = text.find(SECTION)
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt + 1 :] if nxt != -1 else "")
-        text = text.replace(section + "## ", section + "\n## ")
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(text)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     """Parse arguments; run the server (``--serve``) or the whole benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--port", type=int, default=18931)
-    parser.add_argument("--write-docs", action="store_true")
     parser.add_argument(
         "--target",
         choices=("adapter", "bridge"),
@@ -435,9 +382,6 @@ def main() -> None:
             server.terminate()
             server.wait(timeout=10)
     print(json.dumps(result))
-    if args.write_docs:
-        command = f"python bench/feishu_webhook.py --rate {args.rate:g} --seconds {args.seconds:g}"
-        write_docs(result, command)
 
 
 if __name__ == "__main__":
