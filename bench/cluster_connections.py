@@ -35,10 +35,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import delete_keys, free_port, quiet_logs, raise_nofile  # noqa: E402
+from bench.common import IMAGES, delete_keys, free_port, quiet_logs, raise_nofile  # noqa: E402
 
 TOKENS = tuple(f"bench-conn-token-{i:02d}" for i in range(16))  # the hub caps 1000 per token
-IMAGE = Path("/work/shared/data/images/coffee.jpg")
+IMAGE = IMAGES / "coffee.jpg"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

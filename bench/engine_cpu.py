@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import IMAGES
 from engine import Done, Engine, EngineConfig, JobRequest
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 PHOTOS = ["chelsea.jpg", "coffee.jpg", "rocket.jpg", "hubble.jpg", "astronaut.png"]
 
 

@@ -32,7 +32,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+from bench.common import IMAGES
+
 PHOTOS = [
     "astronaut.png",
     "chelsea.jpg",
@@ -288,21 +289,27 @@ class GpuSampler:
 
 
 async def throughput(
-    model_dir: Path,
+    model: str,
     images: list[bytes],
     jobs: int,
     concurrency: int,
     max_tokens: int,
     max_batch: int,
+    device: str = "auto",
+    dtype: str = "bfloat16",
 ) -> dict[str, float]:
-    """Jobs/s, tokens/s, p50/p95 latency and GPU utilisation for one engine setting."""
+    """Jobs/s, tokens/s, p50/p95 latency and GPU utilisation for one engine setting.
+
+    ``model`` is a model folder (or ``tiny``); ``device``/``dtype`` default to the GPU run's and
+    are overridden by the CPU test that keeps this path alive.
+    """
     from engine import Done, Engine, EngineConfig, JobRequest
 
     engine = Engine(
         EngineConfig(
-            model=str(model_dir),
-            device="auto",
-            dtype="bfloat16",
+            model=model,
+            device=device,
+            dtype=dtype,
             max_batch=max_batch,
             batch_wait_ms=5,
             queue_size=4096,
@@ -348,20 +355,24 @@ async def throughput(
     }
 
 
-def decode_step_time(model_dir: Path, batch: int, steps: int = 64) -> tuple[float, int]:
+def decode_step_time(
+    model: str, batch: int, steps: int = 64, device: str = "cuda:0", dtype: str = "bfloat16"
+) -> tuple[float, int]:
     """Seconds per decode step at ``batch`` rows (prefill excluded) and the weight bytes."""
     import torch
     from PIL import Image
 
     from engine.model import Replica, RowSpec
 
-    replica = Replica.load(str(model_dir), "cuda:0", "bfloat16", ignore_eos=True)
+    replica = Replica.load(model, device, dtype, ignore_eos=True)
     image = Image.new("RGB", (448, 448), (120, 130, 140))
     rows = [RowSpec(image, f"Describe {i}.", steps) for i in range(batch)]
     stamps: list[float] = []
+    on_gpu = device.startswith("cuda")
 
     def mark() -> None:
-        torch.cuda.synchronize()
+        if on_gpu:
+            torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
     replica.warmup()
@@ -394,46 +405,75 @@ async def main() -> None:
     parser.add_argument(
         "--model-dir", type=Path, default=None, help="reuse a model folder built earlier"
     )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="run another model instead of building Qwen2.5-VL-3B (e.g. 'tiny' for a CPU dry run)",
+    )
+    parser.add_argument("--device", default="cuda:0", help="cuda:0, or cpu for a dry run")
+    parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
-    if importlib.util.find_spec("torchvision") is None:
-        sys.exit("Qwen2.5-VL's processor needs torchvision (matching the installed torch)")
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU (or --model tiny --device cpu for a dry run)")
     tmp = None
-    model_dir = args.model_dir
-    if model_dir is None or not (model_dir / "config.json").exists():
-        tmp = Path(tempfile.mkdtemp(prefix="qwen25vl3b-"))
-        model_dir = build_model(args.model_dir or tmp, device="cuda")
-        torch.cuda.empty_cache()
+    if args.model is not None:
+        model = args.model
+    else:
+        if importlib.util.find_spec("torchvision") is None:
+            sys.exit("Qwen2.5-VL's processor needs torchvision (matching the installed torch)")
+        model_dir = args.model_dir
+        if model_dir is None or not (model_dir / "config.json").exists():
+            tmp = Path(tempfile.mkdtemp(prefix="qwen25vl3b-"))
+            model_dir = build_model(args.model_dir or tmp, device=args.device, dtype=args.dtype)
+            if on_gpu:
+                torch.cuda.empty_cache()
+        model = str(model_dir)
+    engine_device = args.device if not on_gpu else "auto"
     try:
         images = photos()
-        seq = await throughput(model_dir, images, args.jobs, args.concurrency, args.max_tokens, 1)
-        bat = await throughput(
-            model_dir, images, args.jobs, args.concurrency, args.max_tokens, args.concurrency
-        )
-        step1, weight_bytes = decode_step_time(model_dir, 1)
-        step16, _ = decode_step_time(model_dir, args.concurrency)
+        common = (images, args.jobs, args.concurrency, args.max_tokens)
+        seq = await throughput(model, *common, 1, engine_device, args.dtype)
+        bat = await throughput(model, *common, args.concurrency, engine_device, args.dtype)
+        step1, weight_bytes = decode_step_time(model, 1, device=args.device, dtype=args.dtype)
+        step_n, _ = decode_step_time(model, args.concurrency, device=args.device, dtype=args.dtype)
     finally:
         if tmp is not None and args.model_dir is None:
             shutil.rmtree(tmp, ignore_errors=True)
+    print(report(args, seq, bat, step1, step_n, weight_bytes))
+
+
+def report(
+    args: argparse.Namespace,
+    seq: dict[str, float],
+    bat: dict[str, float],
+    step1: float,
+    step_n: float,
+    weight_bytes: int,
+) -> str:
+    """The Markdown figures of one run."""
+    import torch
+
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     floor = weight_bytes / args.bandwidth
-    print(
-        f"device: {torch.cuda.get_device_name(0)}; weights {weight_bytes / 1e9:.2f} GB bf16; "
-        f"jobs {args.jobs}, max_tokens {args.max_tokens} (fixed), concurrency {args.concurrency}"
-    )
-    print("| mode | jobs/s | tokens/s | p50 s | p95 s | GPU util % |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, r in (("sequential", seq), ("batched", bat)):
-        print(
-            f"| {name} | {r['jobs_s']:.2f} | {r['tokens_s']:.0f} | {r['p50']:.2f} "
+    lines = [
+        f"device: {name}; weights {weight_bytes / 1e9:.2f} GB {args.dtype}; jobs {args.jobs}, "
+        f"max_tokens {args.max_tokens} (fixed), concurrency {args.concurrency}",
+        "| mode | jobs/s | tokens/s | p50 s | p95 s | GPU util % |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, r in (("sequential", seq), ("batched", bat)):
+        lines.append(
+            f"| {label} | {r['jobs_s']:.2f} | {r['tokens_s']:.0f} | {r['p50']:.2f} "
             f"| {r['p95']:.2f} | {r['gpu_util']:.0f} |"
         )
-    print(f"speed-up at {args.concurrency}: {bat['jobs_s'] / seq['jobs_s']:.2f}x")
-    print(
+    lines.append(f"speed-up at {args.concurrency}: {bat['jobs_s'] / seq['jobs_s']:.2f}x")
+    lines.append(
         f"decode step: batch 1 {step1 * 1e3:.2f} ms, batch {args.concurrency} "
-        f"{step16 * 1e3:.2f} ms; bandwidth floor {floor * 1e3:.2f} ms "
+        f"{step_n * 1e3:.2f} ms; bandwidth floor {floor * 1e3:.2f} ms "
         f"({floor / step1:.0%} of floor reached at batch 1)"
     )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

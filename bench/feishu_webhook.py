@@ -42,6 +42,7 @@ from adapters.base import InboundMessage  # noqa: E402
 from adapters.feishu import FeishuAdapter, FeishuConfig  # noqa: E402
 from adapters.feishu.crypto import AESCipher, signature  # noqa: E402
 from adapters.http import MockTransport  # noqa: E402
+from bench.common import IMAGES  # noqa: E402
 
 TOKEN = "bench-verification-token"
 KEY = "bench-encrypt-key"
@@ -162,7 +163,7 @@ class FakeOpenApi:
     """
 
     def __init__(self) -> None:
-        self.photo = (ROOT.parent / "shared" / "data" / "images" / "chelsea.jpg").read_bytes()
+        self.photo = (IMAGES / "chelsea.jpg").read_bytes()
         self.replies: dict[str, int] = {}  # source message id -> reply cards posted
         self.reply_source: dict[str, str] = {}  # reply message id -> source message id
         self.done: set[str] = set()  # source message ids whose card reached "done"

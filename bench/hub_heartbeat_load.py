@@ -29,7 +29,6 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection as Pipe
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -37,13 +36,12 @@ import websockets
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import free_port, raise_nofile
+from bench.common import IMAGES, free_port, raise_nofile
 from bridge.app import BridgeApp
 from bridge.config import load_settings
 
 IDLE_TOKEN = "bench-idle"
 LOAD_CONNS = 6  # the per-connection submit bucket is 10/s: spread the load over several tokens
-IMAGES = Path("/work/shared/data/images")
 
 
 def quantiles(values: list[float]) -> dict[str, float]:

@@ -55,3 +55,26 @@ def test_shrunken_model_builds_loads_and_generates(tmp_path: Path) -> None:
         out = model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 4
     assert len(bench.photos()) == len(bench.PHOTOS)
+
+
+def test_benchmark_path_runs_on_cpu_with_the_tiny_model() -> None:
+    """Everything the GPU run does after building the model: both engines, step timing, report."""
+    import argparse
+    import asyncio
+
+    bench = _load_bench()
+    images = bench.photos()
+    seq = asyncio.run(bench.throughput("tiny", images, 6, 3, 4, 1, "cpu", "float32"))
+    bat = asyncio.run(bench.throughput("tiny", images, 6, 3, 4, 3, "cpu", "float32"))
+    assert seq["batches"] == 6  # max_batch=1: one generate per job
+    assert 1 <= bat["batches"] <= 6
+    for run in (seq, bat):
+        assert run["jobs_s"] > 0 and run["tokens_s"] == run["jobs_s"] * 4
+        assert 0 < run["p50"] <= run["p95"]
+    step, weight_bytes = bench.decode_step_time("tiny", 2, steps=4, device="cpu", dtype="float32")
+    assert step > 0 and weight_bytes > 0
+    args = argparse.Namespace(
+        device="cpu", dtype="float32", jobs=6, max_tokens=4, concurrency=3, bandwidth=1e12
+    )
+    text = bench.report(args, seq, bat, step, step, weight_bytes)
+    assert "| sequential |" in text and "| batched |" in text and "speed-up at 3:" in text
