@@ -16,13 +16,14 @@ import asyncio
 import contextlib
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from bridge.cluster.bus import MAX_MESSAGE_BYTES, Bus, Subscription
+from bridge.store.base import MAX_OPEN_JOBS
 
 log = structlog.get_logger(__name__)
 
@@ -56,13 +57,19 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A claim's answer: ``released`` (with the holder's last seq) or ``absent`` (not held)."""
+    """A claim's answer: ``released`` (with the holder's last seq) or ``absent`` (not held).
+
+    ``orphans`` (released only): open jobs of the session that are not running on the old holder
+    either (it loaded them from the store after a crash and never ended them), so the claimer
+    ends them (:mod:`bridge.hub.orphans`). Every other open job still runs there.
+    """
 
     kind: str
     session: str
     node: str
     req: str
     last_seq: int = 0
+    orphans: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -106,7 +113,10 @@ def decode(payload: bytes) -> Claim | Answer | tuple[str, str]:
             seq = obj.get("last_seq", 0)
             if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
                 raise ValueError("bad last_seq")
-            return Answer(kind, session, node, req, seq)
+            orphans = obj.get("orphans", [])  # absent from nodes that predate it
+            if not isinstance(orphans, list) or len(orphans) > MAX_OPEN_JOBS:
+                raise ValueError("bad orphans")
+            return Answer(kind, session, node, req, seq, tuple(_id(j) for j in orphans))
         raise ValueError(f"unknown kind {kind!r}")
     except (TypeError, ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"not a handoff message: {exc}") from None
@@ -239,15 +249,19 @@ class Handoff:
         return pending.held
 
     # --- answering and forwarding ----------------------------------------------------------
-    def answer(self, claim: Claim, kind: str, last_seq: int = 0) -> None:
+    def answer(
+        self, claim: Claim, kind: str, last_seq: int = 0, orphans: Sequence[str] = ()
+    ) -> None:
         """Answer ``claim`` on the claimer's channel (after any event forwarded before it)."""
-        msg = {
+        msg: dict[str, Any] = {
             "t": kind,
             "sid": claim.session,
             "node": self.node_id,
             "req": claim.req,
             "last_seq": last_seq,
         }
+        if orphans:
+            msg["orphans"] = list(orphans)
         self._queue(node_channel(claim.node), _encode(msg))
 
     def forward(self, node: str, session: str, tail: str) -> None:

@@ -27,6 +27,7 @@ from bridge.hub.heartbeat import WheelTimer
 from bridge.hub.info import ConnectionInfo, connection_info
 from bridge.hub.jobs import JobRunner
 from bridge.hub.moves import SessionMoves
+from bridge.hub.orphans import closed_job, settle
 from bridge.hub.persist import WriteBehind
 from bridge.hub.registry import SessionRegistry
 from bridge.hub.session import Session
@@ -102,8 +103,9 @@ class Hub:
                 self._registry,
                 self._writes,
                 clock,
-                self._emit,
+                self._emit_forwarded,
                 self._taken_elsewhere,
+                self._jobs.is_live,
             )
         self._shared_limit = SharedSubmitLimit(store, cfg.token_submit_rate, clock)
         # Fine slots keep pings punctual (a key fires up to one slot late); the wheel's heap
@@ -359,6 +361,8 @@ class Hub:
                 conn.send(p.error("rate_limited", msg, frame.id))
                 return
         self._jobs.submit(conn, session, frame)
+        if session.header_dirty:  # an accepted job is open: the header says so next flush
+            self._writes.mark(session)
 
     # --- hello and sessions ----------------------------------------------------------------
     async def _hello(self, conn: Connection, hello: p.Hello) -> None:
@@ -392,6 +396,10 @@ class Hub:
                 # The store was behind what the client saw (a crash): never reuse those seqs.
                 self._writes.mark(session)
                 log.warning("ws_seq_advanced", conn_id=conn.id, session=session.id, seq=last_seq)
+            # Jobs that died with the node that ran them end now: above the client's last_seq
+            # (the seq rule just applied) and in the replay below (see bridge.hub.orphans).
+            if session.pending_orphans and settle(session, self._jobs.is_live, self._wall()):
+                self._writes.mark(session)
             replay, missed = session.resume_from(last_seq)
             old = session.conn
             if old is not None and old is not conn:
@@ -452,18 +460,24 @@ class Hub:
             self._apply(conn, Close(p.CLOSE_TAKEN_OVER, "session taken over by another node"))
 
     # --- frames of an open connection ------------------------------------------------------
-    def _emit(self, session: Session, tail: str) -> None:
+    def _emit(self, session: Session, tail: str, closes: str | None = None) -> None:
+        """Number an event in the session holding it now and send it (``closes``: the own job
+        the event ends, see :meth:`Session.emit`)."""
         if session.moved_to is not None:
             # A job that outlived its session's move: the node holding it now numbers the event.
             current = self._moves.route(session, tail) if self._moves is not None else None
             if current is None:
                 return
             session = current
-        frame = session.emit(tail, self._wall())
+        frame = session.emit(tail, self._wall(), closes)
         self._writes.dirty.add(session)
         conn = session.conn
         if conn is not None:
             conn.send(frame)
+
+    def _emit_forwarded(self, session: Session, tail: str) -> None:
+        """An event of a job on another node (or held during a claim): it may end an open job."""
+        self._emit(session, tail, closed_job(tail))
 
     def _subscribe(self, conn: Connection, topic: str) -> None:
         session = conn.session

@@ -36,16 +36,27 @@ class JobRunner:
     Args:
         engine: runs the jobs.
         max_image_bytes: largest decoded image accepted.
-        emit: gives an event tail the session's next seq and delivers it (the hub's fan-in point).
+        emit: gives an event tail the session's next seq and delivers it (the hub's fan-in point);
+            its third argument is the client job id the event ends (its terminal event), or None.
     """
 
     def __init__(
-        self, engine: EngineLike, max_image_bytes: int, emit: Callable[[Session, str], None]
+        self,
+        engine: EngineLike,
+        max_image_bytes: int,
+        emit: Callable[[Session, str, str | None], None],
     ) -> None:
         self.engine = engine
         self.max_image_bytes = max_image_bytes
         self._emit = emit
         self.tasks: set[asyncio.Task[None]] = set()
+        # Jobs running here by (session id, client job id), whichever Session object holds them
+        # (a session that moved away and came back is a new object; its old jobs still run).
+        self._live: dict[tuple[str, str], int] = {}
+
+    def is_live(self, session_id: str, job_id: str) -> bool:
+        """Whether this node runs job ``job_id`` of session ``session_id`` now."""
+        return (session_id, job_id) in self._live
 
     def submit(self, conn: Connection, session: Session, frame: p.Submit) -> None:
         """Decode, size-check and submit a job; refusals are answered with an error frame."""
@@ -76,6 +87,10 @@ class JobRunner:
             conn.send(p.error("internal", "the engine failed to accept the job", frame.id))
             return
         session.remember_job(frame.id)  # only accepted jobs: a refused id may be retried
+        if not session.open_job(frame.id):
+            log.warning("ws_open_jobs_capped", session=session.id, job_id=frame.id)
+        key = (session.id, frame.id)
+        self._live[key] = self._live.get(key, 0) + 1
         task = asyncio.get_running_loop().create_task(self._run(session, frame.id, handle))
         session.jobs[frame.id] = Job(handle, task)
         self.tasks.add(task)
@@ -87,8 +102,9 @@ class JobRunner:
         ended = False
         try:
             async for event in handle.events():
-                self._emit(session, p.event_tail(job_id, event))
-                if event.kind in TERMINAL_KINDS:
+                terminal = event.kind in TERMINAL_KINDS
+                self._emit(session, p.event_tail(job_id, event), job_id if terminal else None)
+                if terminal:
                     ended = True
                     break
         except asyncio.CancelledError:
@@ -96,15 +112,22 @@ class JobRunner:
             if not ended:
                 ended = True
                 failed = Failed("internal", "the server stopped before the job finished")
-                self._emit(session, p.event_tail(job_id, failed))
+                self._emit(session, p.event_tail(job_id, failed), job_id)
             raise
         except Exception:
             log.exception("ws_job_failed", session=session.id, job_id=job_id)
         finally:
             if not ended:
                 failed = Failed("internal", "the job ended without a result")
-                self._emit(session, p.event_tail(job_id, failed))
+                self._emit(session, p.event_tail(job_id, failed), job_id)
             session.jobs.pop(job_id, None)
+            self._unlive(session.id, job_id)
+
+    def _unlive(self, session_id: str, job_id: str) -> None:
+        key = (session_id, job_id)
+        count = self._live.pop(key, 0) - 1
+        if count > 0:
+            self._live[key] = count
 
     def cancel(self, conn: Connection, session: Session, frame: p.Cancel) -> None:
         """Cancel a live job of the session; it then ends with a ``cancelled`` error event."""

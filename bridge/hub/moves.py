@@ -20,6 +20,7 @@ import structlog
 from bridge.cluster.bus import Bus
 from bridge.hub.config import HubConfig
 from bridge.hub.handoff import Answer, Claim, Handoff
+from bridge.hub.orphans import IsLive, unsettled
 from bridge.hub.persist import STORE_TIMEOUT_S, WriteBehind
 from bridge.hub.registry import SessionRegistry
 from bridge.hub.session import Session
@@ -48,6 +49,7 @@ class SessionMoves:
         clock: monotonic seconds.
         emit: numbers and delivers an event in a session this node holds (the hub's fan-in).
         take_over: closes the session's connection here (4005) because another node resumed it.
+        is_live: whether this node runs a job of a session (``(session_id, job_id)``) now.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class SessionMoves:
         clock: Callable[[], float],
         emit: Callable[[Session, str], None],
         take_over: Callable[[Session], None],
+        is_live: IsLive,
     ) -> None:
         self.node_id = node_id
         self.cfg = cfg
@@ -68,6 +71,7 @@ class SessionMoves:
         self._clock = clock
         self._emit = emit
         self._take_over = take_over
+        self._is_live = is_live
         self.handoff = Handoff(
             bus,
             node_id,
@@ -126,6 +130,9 @@ class SessionMoves:
     def adopted(self, session_id: str, session: Session | None, answer: Answer | None) -> None:
         """After the store load: apply the holder's last seq and the events held meanwhile.
 
+        A graceful release means the session's open jobs still run on the old node (their events
+        follow the session), so they are no orphans, except those the holder itself had loaded
+        from the store and never ended (it restarted after a crash): it names them in its answer.
         Must run with no await after the load, so no forwarded event can slip past the held ones.
         """
         held = self.handoff.take_held(session_id)
@@ -134,10 +141,14 @@ class SessionMoves:
                 log.error("hub_handoff_events_dropped", session=session_id, dropped=len(held))
             return
         self.moved.pop(session_id, None)
-        if answer is not None and answer.kind == "released" and session.advance(answer.last_seq):
-            # The old holder could not write its last events: never reuse their seqs.
-            self.writes.mark(session)
-            log.warning("hub_handoff_store_behind", session=session_id, last_seq=answer.last_seq)
+        if answer is not None and answer.kind == "released":
+            session.pending_orphans.intersection_update(answer.orphans)
+            if session.advance(answer.last_seq):
+                # The old holder could not write its last events: never reuse their seqs.
+                self.writes.mark(session)
+                log.warning(
+                    "hub_handoff_store_behind", session=session_id, last_seq=answer.last_seq
+                )
         for tail in held:
             self._emit(session, tail)
 
@@ -165,8 +176,10 @@ class SessionMoves:
         self.registry.release(session)
         self.moved[session.id] = Moved(session, claim.node, self._clock())
         self._take_over(session)
+        # Candidates this node loaded from the store and never ended: not running here either.
+        orphans = unsettled(session, self._is_live)
         stored = await self.writes.flush_one(session)
-        self.handoff.answer(claim, "released", session.last_seq)
+        self.handoff.answer(claim, "released", session.last_seq, orphans)
         self.released += 1
         log.info(
             "hub_session_released",
@@ -174,6 +187,7 @@ class SessionMoves:
             to=claim.node,
             last_seq=session.last_seq,
             stored=stored,
+            orphans=len(orphans),
         )
 
     # --- forwarding ------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Any
 
 from bridge.hub.protocol import event_frame
 from bridge.hub.replay import ReplayBuffer
-from bridge.store.base import SessionRecord, StoredEvent
+from bridge.store.base import MAX_OPEN_JOBS, SessionRecord, StoredEvent
+from engine.types import TERMINAL_KINDS
 
 RECENT_JOB_IDS = 4096
 
@@ -48,6 +49,11 @@ class Session:
         detached_at: monotonic time the last connection left (None while attached).
         node_saved: whether the store names this node as the session's holder (cluster only).
         moved_to: the node this session was handed to; its jobs here forward events there.
+        open_jobs: client ids of own jobs accepted but whose terminal event has no seq yet
+            (stored in the header, so a node that loads the session after a crash knows them).
+        pending_orphans: open jobs of a session rebuilt from the store that may have died with
+            the node that ran them; the first resume here ends each with an ``internal`` error
+            event (:mod:`bridge.hub.orphans`) unless it is live on this node.
     """
 
     id: str
@@ -66,14 +72,20 @@ class Session:
     owner_saved: bool = False
     node_saved: bool = False
     moved_to: str | None = None
+    open_jobs: set[str] = field(default_factory=set)
+    pending_orphans: set[str] = field(default_factory=set)
 
     @property
     def last_seq(self) -> int:
         """The highest seq assigned so far."""
         return self.replay.last_seq
 
-    def emit(self, tail: str, wall_now: float) -> str:
-        """Give an event the next seq, keep it for replay and the store; return its frame."""
+    def emit(self, tail: str, wall_now: float, closes: str | None = None) -> str:
+        """Give an event the next seq, keep it for replay and the store; return its frame.
+
+        ``closes`` is the client id of the own job this event ends (its terminal event), so the
+        header stops listing the job as open from this seq on.
+        """
         seq = self.replay.last_seq + 1
         frame = event_frame(seq, tail)
         ev = StoredEvent(seq=seq, ts=wall_now, frame=frame)
@@ -82,7 +94,19 @@ class Session:
         if len(self.unsaved) > 2 * self.replay.max_events:
             self._drop_unsaved_trimmed()
         self.updated_at = wall_now
+        if closes is not None and closes in self.open_jobs:
+            self.open_jobs.discard(closes)
+            self.header_dirty = True
         return frame
+
+    def open_job(self, job_id: str) -> bool:
+        """Record an accepted own job as open until its terminal event; False past the cap
+        (:data:`~bridge.store.base.MAX_OPEN_JOBS`: the job runs, but a crash cannot end it)."""
+        if len(self.open_jobs) >= MAX_OPEN_JOBS:
+            return False
+        self.open_jobs.add(job_id)
+        self.header_dirty = True
+        return True
 
     def knows_job(self, job_id: str) -> bool:
         """Whether this session has (or recently had) a job with this client id."""
@@ -164,6 +188,7 @@ class Session:
             first_seq=self.replay.first_seq,
             topics=sorted(self.topics),
             updated_at=self.updated_at or wall_now,
+            open_jobs=sorted(self.open_jobs),
         )
 
     @classmethod
@@ -175,7 +200,11 @@ class Session:
         admin: bool,
         replay: ReplayBuffer,
     ) -> Session:
-        """Rebuild a session the store kept (after a restart, or from another node)."""
+        """Rebuild a session the store kept (after a restart, or from another node).
+
+        The header's open jobs become :attr:`pending_orphans`, less any whose terminal event is
+        among the stored events (the events were written but the header after them was not).
+        """
         kept = [ev for ev in record.events if ev.seq >= record.first_seq]
         replay.restore(kept, record.last_seq)
         topics = {t for t in record.topics if admin or t != "ops"}
@@ -190,15 +219,27 @@ class Session:
         session.saved_trim = replay.first_seq - 1
         session.header_dirty = False
         session.owner_saved = True
+        ended: set[str] = set()
         for ev in kept:
-            job_id = _own_job_id(ev.frame)
-            if job_id is not None and job_id not in session.recent_ids:
+            own = _own_job(ev.frame)
+            if own is None:
+                continue
+            job_id, terminal = own
+            if terminal:
+                ended.add(job_id)
+            if job_id not in session.recent_ids:
                 session.remember_job(job_id)
+        stored_open = set(record.open_jobs[:MAX_OPEN_JOBS])
+        session.open_jobs = stored_open - ended
+        session.pending_orphans = set(session.open_jobs)
+        if session.open_jobs != set(record.open_jobs):
+            session.header_dirty = True  # correct the store's header with the next write
         return session
 
 
-def _own_job_id(frame: str) -> str | None:
-    """The client job id of a stored event frame of the session's own job (None for topic events).
+def _own_job(frame: str) -> tuple[str, bool] | None:
+    """The client job id of a stored event frame of the session's own job, and whether the
+    event is its terminal one (None for topic events).
 
     A restored session knows its job ids from the events it still keeps, so a resubmitted id is
     still refused with ``duplicate_id`` after a restart at no extra store cost.
@@ -210,4 +251,6 @@ def _own_job_id(frame: str) -> str | None:
     if not isinstance(obj, dict) or "topic" in obj:
         return None
     job_id = obj.get("id")
-    return job_id if isinstance(job_id, str) else None
+    if not isinstance(job_id, str):
+        return None
+    return job_id, obj.get("kind") in TERMINAL_KINDS

@@ -18,6 +18,9 @@ class StoreUnavailable(Exception):
 
 #: How long a completed inbox entry is remembered so that re-adding its id is a no-op.
 INBOX_DONE_RETENTION_S = 7 * 24 * 3600.0
+#: Most open job ids a session header keeps (a session has a few live jobs; beyond this the hub
+#: stops recording new ones and logs it, so one runaway client cannot bloat its header).
+MAX_OPEN_JOBS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,10 @@ class SessionRecord:
         topics: topics the session is subscribed to (restored on resume).
         events: kept events in seq order.
         updated_at: last activity, for expiry.
+        open_jobs: client ids of the session's own jobs that were accepted and whose terminal
+            event had no seq yet when this header was written ("at ``last_seq`` these were
+            open"): a node that loads the session after the one running them died ends each
+            with an ``internal`` error event.
     """
 
     session_id: str
@@ -54,6 +61,7 @@ class SessionRecord:
     topics: list[str] = field(default_factory=list)
     events: list[StoredEvent] = field(default_factory=list)
     updated_at: float = 0.0
+    open_jobs: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +154,8 @@ class Store(Protocol):
         ...
 
     async def save_session(self, record: SessionRecord, ttl_s: float) -> None:
-        """Create or update a session's header (last_seq, first_seq, topics, updated_at)."""
+        """Create or update a session's header (last_seq, first_seq, topics, updated_at,
+        open_jobs); ``record.events`` are ignored."""
         ...
 
     async def append_events(

@@ -143,7 +143,9 @@ class MemoryStore:
         rec = self._session(session_id)
         if rec is None:
             return None
-        return replace(rec, topics=list(rec.topics), events=list(rec.events))
+        return replace(
+            rec, topics=list(rec.topics), events=list(rec.events), open_jobs=list(rec.open_jobs)
+        )
 
     async def save_session(self, record: SessionRecord, ttl_s: float) -> None:
         check_key(record.session_id, "session_id")
@@ -153,7 +155,9 @@ class MemoryStore:
         old = self._session(record.session_id)
         events = old.events if old else []
         kept = [e for e in events if e.seq >= record.first_seq]
-        rec = replace(record, topics=list(record.topics), events=kept)
+        rec = replace(
+            record, topics=list(record.topics), events=kept, open_jobs=list(record.open_jobs)
+        )
         self._sessions[record.session_id] = (rec, self._clock() + ttl_s)
 
     async def append_events(

@@ -274,6 +274,8 @@ class RedisStore:
             first_seq=int(header[b"first_seq"]),
             topics=[str(t) for t in json.loads(header[b"topics"])],
             updated_at=float(header[b"updated_at"]),
+            # Absent in headers created by append_events or written before the field existed.
+            open_jobs=[str(j) for j in json.loads(header.get(b"open_jobs", b"[]"))],
         )
         for raw in members:
             seq_s, ts_s, frame = _text(raw).split("|", 2)
@@ -291,6 +293,7 @@ class RedisStore:
             json.dumps(list(record.topics)),
             repr(float(record.updated_at)),
             _ms(check_ttl(ttl_s)),
+            json.dumps(list(record.open_jobs)),
         ]
         await self._script("SAVE_SESSION", self._sess_keys(record.session_id), args)
 

@@ -29,13 +29,14 @@ end
 return n
 """
 
-# KEYS: header hash, events zset. ARGV: last_seq, first_seq, topics json, updated_at, ttl_ms.
+# KEYS: header hash, events zset.
+# ARGV: last_seq, first_seq, topics json, updated_at, ttl_ms, open_jobs json.
 SAVE_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2])
 end
 redis.call('HSET', KEYS[1], 'last_seq', ARGV[1], 'first_seq', ARGV[2], 'topics', ARGV[3],
-  'updated_at', ARGV[4])
+  'updated_at', ARGV[4], 'open_jobs', ARGV[6])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])

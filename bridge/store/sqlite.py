@@ -273,13 +273,23 @@ class SqliteStore:
         check_seq(record.first_seq, "first_seq")
         check_ttl(ttl_s)
         topics = json.dumps(list(record.topics))
+        open_jobs = json.dumps(list(record.open_jobs))
 
         def op(conn: sqlite3.Connection, now: float) -> None:
             sid = record.session_id
             _live_session(conn, sid, now)  # drops an expired one with its events
             conn.execute(
-                "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
-                (sid, record.last_seq, record.first_seq, topics, record.updated_at, now + ttl_s),
+                "INSERT OR REPLACE INTO sessions (session_id, last_seq, first_seq, topics,"
+                " updated_at, expires_at, open_jobs) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sid,
+                    record.last_seq,
+                    record.first_seq,
+                    topics,
+                    record.updated_at,
+                    now + ttl_s,
+                    open_jobs,
+                ),
             )
             conn.execute(
                 "DELETE FROM events WHERE session_id = ? AND seq < ?", (sid, record.first_seq)
@@ -300,7 +310,8 @@ class SqliteStore:
             if rec is None:
                 rec = SessionRecord(session_id=session_id)
                 conn.execute(
-                    "INSERT INTO sessions VALUES (?, 0, 1, '[]', ?, ?)",
+                    "INSERT INTO sessions (session_id, last_seq, first_seq, topics, updated_at,"
+                    " expires_at) VALUES (?, 0, 1, '[]', ?, ?)",
                     (session_id, now, now + ttl_s),
                 )
             fresh = [(session_id, e.seq, e.ts, e.frame) for e in batch if e.seq > rec.last_seq]
@@ -345,7 +356,7 @@ class SqliteStore:
 def _live_session(conn: sqlite3.Connection, session_id: str, now: float) -> SessionRecord | None:
     """The session's header if alive; an expired one is deleted with its events and gives None."""
     row = conn.execute(
-        "SELECT last_seq, first_seq, topics, updated_at, expires_at FROM sessions"
+        "SELECT last_seq, first_seq, topics, updated_at, expires_at, open_jobs FROM sessions"
         " WHERE session_id = ?",
         (session_id,),
     ).fetchone()
@@ -362,6 +373,7 @@ def _live_session(conn: sqlite3.Connection, session_id: str, now: float) -> Sess
         first_seq=int(row[1]),
         topics=[str(t) for t in topics],
         updated_at=float(row[3]),
+        open_jobs=[str(j) for j in json.loads(row[5])],
     )
 
 

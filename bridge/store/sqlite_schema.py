@@ -49,6 +49,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (session_id, seq)
     ) WITHOUT ROWID;
     """,
+    # 2: the session header records the client ids of jobs whose terminal event is still due.
+    """
+    ALTER TABLE sessions ADD COLUMN open_jobs TEXT NOT NULL DEFAULT '[]';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -105,6 +105,30 @@ async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
 StartHub = Callable[..., Awaitable[Running]]
 
 
+async def crash(run: Running) -> None:
+    """Abandon ``run`` as ``kill -9`` would: no ``bye``, no job errors, no last store write.
+
+    Its write-behind and jobs stop without emitting anything, its clients' connections drop, it
+    leaves the cluster bus unanswered; the fixture's graceful shutdown then does nothing. The store
+    keeps exactly what was flushed before.
+    """
+    hub = run.hub
+    hub._stopping = True  # refuses new connections; makes the teardown's shutdown a no-op
+    for task in hub._tasks:  # the write-behind: nothing more reaches the store
+        task.cancel()
+    await asyncio.gather(*hub._tasks, return_exceptions=True)
+    hub._tasks.clear()
+    hub._jobs._emit = lambda *args: None  # a dead process numbers no more events
+    for job in list(hub._jobs.tasks):
+        job.cancel()
+    await asyncio.gather(*hub._jobs.tasks, return_exceptions=True)
+    if hub._moves is not None:
+        await hub._moves.handoff.stop(0.0)
+    await run.server.close()
+    if hub._timer is not None:
+        hub._timer.close()
+
+
 @pytest.fixture
 async def start_hub() -> AsyncIterator[StartHub]:
     running: list[Running] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -13,8 +14,17 @@ from bridge.hub.handoff import CLAIMS_CHANNEL, Claim, decode, node_channel
 from bridge.hub.persist import NODE_KEY
 from bridge.store.memory import MemoryStore
 from engine.types import Delta
-from tests.hub.conftest import ADMIN, TOKEN, Running, StartHub, close_code, eventually, recv
-from tests.hub.fakes import SlowEngine
+from tests.hub.conftest import (
+    ADMIN,
+    TOKEN,
+    Running,
+    StartHub,
+    close_code,
+    crash,
+    eventually,
+    recv,
+)
+from tests.hub.fakes import FakeEngine, SlowEngine
 from tests.hub.test_ws import submit
 
 TERMINAL = ("done", "error")
@@ -189,7 +199,13 @@ async def test_hostile_bus_messages_are_ignored(start_hub: StartHub) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"null", b'{"t":"event","sid":"s","tail":"x"}', b'{"t":"claim","sid":"s","node":1}'],
+    [
+        b"null",
+        b'{"t":"event","sid":"s","tail":"x"}',
+        b'{"t":"claim","sid":"s","node":1}',
+        b'{"t":"released","sid":"s","node":"A","req":"r","orphans":"J"}',
+        b'{"t":"released","sid":"s","node":"A","req":"r","orphans":[1]}',
+    ],
 )
 def test_decode_refuses_malformed_messages(payload: bytes) -> None:
     with pytest.raises(ValueError):
@@ -199,6 +215,15 @@ def test_decode_refuses_malformed_messages(payload: bytes) -> None:
 def test_decode_reads_a_claim() -> None:
     msg = decode(b'{"t":"claim","sid":"s","node":"B","req":"r1","owner":"tok-1","expect":"A"}')
     assert msg == Claim("s", "B", "r1", "tok-1", "A")
+
+
+def test_decode_reads_an_answer_with_or_without_orphans() -> None:
+    from bridge.hub.handoff import Answer
+
+    msg = decode(b'{"t":"released","sid":"s","node":"A","req":"r","last_seq":4,"orphans":["J"]}')
+    assert msg == Answer("released", "s", "A", "r", 4, ("J",))
+    old = decode(b'{"t":"released","sid":"s","node":"A","req":"r","last_seq":4}')
+    assert old == Answer("released", "s", "A", "r", 4, ())
 
 
 async def test_single_node_hub_has_no_cluster_state(start_hub: StartHub) -> None:
@@ -230,3 +255,59 @@ async def test_a_holder_that_could_not_store_its_last_events_never_has_its_seqs_
     await a.hub.flush()
     record = await store.load_session(sid)
     assert record is not None and record.last_seq == 10
+
+
+async def test_a_job_still_running_on_the_old_node_after_a_move_is_no_orphan(
+    start_hub: StartHub,
+) -> None:
+    a, b, store, _ = await two_nodes(start_hub)
+    ws, welcome = await a.hello()
+    sid = welcome["session"]
+    await ws.send(submit("long"))
+    got: list[dict[str, Any]] = []
+    await take(ws, got, 40)
+    await ws.close()
+    ws_b, welcome_b = await b.hello(session=sid, last_seq=got[-1]["seq"])
+    assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+    session_b = b.hub._registry.sessions[sid]
+    assert session_b.open_jobs == {"long"} and not session_b.pending_orphans
+    await take(ws_b, got, 10_000)
+    check_stream(got, 300)  # no error event: the job's own done, forwarded once, ends it
+    assert [f["kind"] for f in got].count("error") == 0
+    assert session_b.open_jobs == set()  # the forwarded terminal event closed it
+    await b.hub.flush()
+    record = await store.load_session(sid)
+    assert record is not None and record.open_jobs == []
+    ws_again, _ = await b.hello(session=sid, last_seq=got[-1]["seq"])
+    await ws_again.send(json.dumps({"type": "ping", "ts": 5}))
+    assert (await recv(ws_again, "pong", "event"))["type"] == "pong"
+
+
+async def test_a_restarted_holder_that_releases_a_session_names_the_jobs_lost_in_its_crash(
+    start_hub: StartHub,
+) -> None:
+    store, bus = MemoryStore(), LocalBus()
+    stuck = FakeEngine()
+    stuck.gate = asyncio.Event()  # the job never finishes
+    a = await start_hub(store=store, bus=bus, node_id="A", engine=stuck)
+    b = await start_hub(store=store, bus=bus, node_id="B")
+    ws, welcome = await a.hello()
+    sid = welcome["session"]
+    await ws.send(json.dumps({"type": "subscribe", "topic": "chat:feishu:c1"}))
+    await recv(ws, "subscribed")
+    await ws.send(submit("J"))
+    assert [(await recv(ws, "event"))["kind"] for _ in range(2)] == ["queued", "started"]
+    await a.hub.flush()
+    await a.hub._registry.save_subscribed()
+    await crash(a)
+    # Node A comes back and preloads the session (it follows a topic); the client goes to B.
+    a2 = await start_hub(store=store, bus=bus, node_id="A")
+    assert sid in a2.hub._registry.sessions
+    ws_b, welcome_b = await b.hello(session=sid, last_seq=2)
+    assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+    error = await recv(ws_b, "event")
+    assert (error["seq"], error["id"]) == (3, "J")
+    assert (error["kind"], error["code"]) == ("error", "internal")
+    await ws_b.send(json.dumps({"type": "ping", "ts": 6}))
+    assert (await recv(ws_b, "pong", "event"))["type"] == "pong"
+    assert b.hub._registry.sessions[sid].open_jobs == set()

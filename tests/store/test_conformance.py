@@ -219,6 +219,25 @@ async def test_save_new_session_without_events(harness: Harness) -> None:
     assert (rec.last_seq, rec.first_seq, rec.topics, rec.events) == (0, 1, ["ops"], [])
 
 
+async def test_open_jobs_roundtrip_in_the_session_header(harness: Harness) -> None:
+    s = harness.store
+    await s.append_events("s1", [ev(1), ev(2)], harness.long_ttl)
+    rec = await s.load_session("s1")
+    assert rec is not None and rec.open_jobs == []  # a header created by an append: none
+    jobs = ["job-1", "a/b:c@d=e+f.g_h"]
+    await s.save_session(SessionRecord("s1", last_seq=2, open_jobs=jobs), harness.long_ttl)
+    await s.append_events("s1", [ev(3)], harness.long_ttl)  # appends keep the header's list
+    rec = await s.load_session("s1")
+    assert rec is not None and rec.open_jobs == jobs and rec.last_seq == 3
+    rec.open_jobs.append("changed-by-the-caller")
+    again = await s.load_session("s1")
+    assert again is not None and again.open_jobs == jobs
+    # A header written without the field (no open job, or an older writer) reads as none.
+    await s.save_session(SessionRecord("s1", last_seq=3), harness.long_ttl)
+    rec = await s.load_session("s1")
+    assert rec is not None and rec.open_jobs == [] and [e.seq for e in rec.events] == [1, 2, 3]
+
+
 async def test_session_expires_and_append_after_expiry_starts_clean(harness: Harness) -> None:
     s = harness.store
     await s.append_events("s1", [ev(1), ev(2)], harness.ttl)

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bridge.store import open_store
-from bridge.store.base import InboxEntry, StoredEvent, StoreUnavailable
+from bridge.store.base import InboxEntry, SessionRecord, StoredEvent, StoreUnavailable
 from bridge.store.redis import RedisStore
 from bridge.store.redis_client import split_redis_url
 from tests.redis_fixtures import RedisServer, delete_prefix, unique_prefix
@@ -50,6 +50,24 @@ async def test_all_keys_live_under_the_prefix(redis_store_url: str) -> None:
                 ttls_ok &= await client.pttl(key) > 0  # everything but live inbox data expires
         await client.aclose()
         assert ttls_ok
+    finally:
+        await store.close()
+        delete_prefix(redis_store_url, prefix)
+
+
+async def test_a_session_header_without_open_jobs_reads_as_none(redis_store_url: str) -> None:
+    prefix = unique_prefix()
+    store = RedisStore(f"{redis_store_url}?prefix={prefix}")
+    await store.open()
+    try:
+        await store.save_session(SessionRecord("s", last_seq=0, open_jobs=["j"]), 60)
+        client = aioredis.Redis.from_url(redis_store_url)
+        try:  # as a header written before the field existed
+            assert await client.hdel(f"{prefix}sess:h:s", "open_jobs") == 1
+        finally:
+            await client.aclose()
+        rec = await store.load_session("s")
+        assert rec is not None and rec.open_jobs == [] and rec.last_seq == 0
     finally:
         await store.close()
         delete_prefix(redis_store_url, prefix)

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from bridge.store import open_store
 from bridge.store.base import InboxEntry, SessionRecord, StoredEvent, StoreUnavailable
 from bridge.store.sqlite import SqliteStore, parse_sqlite_url
-from bridge.store.sqlite_schema import SCHEMA_VERSION
+from bridge.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 from tests.store.conftest import FakeClock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,6 +68,38 @@ async def test_wal_full_sync_and_schema_version(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "b.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+async def test_a_schema_v1_database_is_migrated_and_its_sessions_have_no_open_jobs(
+    tmp_path: Path,
+) -> None:
+    conn = sqlite3.connect(tmp_path / "b.db")
+    for statement in MIGRATIONS[0].split(";"):  # the file an older bridge wrote
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO sessions VALUES ('s1', 2, 1, '[\"ops\"]', 5.0, ?)",
+        (time.time() + 3600,),
+    )
+    conn.execute("INSERT INTO events VALUES ('s1', 1, 1.0, 'f1'), ('s1', 2, 2.0, 'f2')")
+    conn.commit()
+    conn.close()
+    store = SqliteStore(f"sqlite:///{tmp_path}/b.db")
+    await store.open()
+    try:
+        rec = await store.load_session("s1")
+        assert rec is not None and rec.open_jobs == []
+        assert (rec.last_seq, rec.first_seq, rec.topics, rec.updated_at) == (2, 1, ["ops"], 5.0)
+        assert [e.frame for e in rec.events] == ["f1", "f2"]
+        await store.save_session(SessionRecord("s1", last_seq=2, open_jobs=["j"]), 3600)
+        rec = await store.load_session("s1")
+        assert rec is not None and rec.open_jobs == ["j"] and len(rec.events) == 2
+    finally:
+        await store.close()
+    conn = sqlite3.connect(tmp_path / "b.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     conn.close()
 
 
