@@ -9,7 +9,8 @@ Use it as is::
 
 It answers server pings, notices a dead server itself (no frame for heartbeat + timeout),
 reconnects with jittered, capped exponential backoff that resets after a stable period, resumes
-with its last seq, and never hands the application a duplicate or out-of-order event. Submits that
+with its last seq, and never hands the application a duplicate or out-of-order event, nor a second
+terminal event for a job that already ended. Submits that
 were sent but not yet answered are sent again after a reconnect (the server refuses a job id it
 already has with ``duplicate_id``, which this client swallows).
 """
@@ -22,6 +23,7 @@ import contextlib
 import json
 import random
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -33,6 +35,8 @@ log = structlog.get_logger(__name__)
 
 # Close codes after which reconnecting cannot help.
 FATAL_CLOSE_CODES = frozenset({4001, 4005})
+# Own jobs whose terminal event was handed over, remembered to drop a second one (see _on_event).
+ENDED_JOBS_KEPT = 4096
 
 
 class HubClientError(Exception):
@@ -104,6 +108,8 @@ class HubClient:
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(queue_max)
         self._pending: dict[str, str] = {}
         self._resent: set[str] = set()
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        self.second_terminals = 0
         self._topics: set[str] = set()
         self._ws: Any = None
         self._task: asyncio.Task[None] | None = None
@@ -347,11 +353,27 @@ class HubClient:
         if seq != self.last_seq + 1:
             raise _Gap(f"expected seq {self.last_seq + 1}, got {seq}")
         job_id = frame.get("id")
-        if job_id is not None and "topic" not in frame:
+        if isinstance(job_id, str) and "topic" not in frame:
             self._pending.pop(job_id, None)
             self._resent.discard(job_id)
+            if frame.get("kind") in ("done", "error") and not self._end(job_id):
+                # A job that ended just before its node died can also be ended on resume by the
+                # server (the store had not seen its end yet): the first terminal event stands.
+                self.second_terminals += 1
+                log.info("hub_client_second_terminal_dropped", job_id=job_id, seq=seq)
+                self.last_seq = seq
+                return
         await self._queue.put(frame)
         self.last_seq = seq
+
+    def _end(self, job_id: str) -> bool:
+        """Record that ``job_id`` ended; False if it had ended already."""
+        if job_id in self._ended:
+            return False
+        self._ended[job_id] = None
+        if len(self._ended) > ENDED_JOBS_KEPT:
+            self._ended.popitem(last=False)
+        return True
 
     async def _maybe_ack(self, ws: Any, force: bool = False) -> None:
         consumed = min(self._consumed, self.last_seq)
