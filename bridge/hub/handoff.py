@@ -5,7 +5,9 @@ A node that is asked to resume a session it does not hold broadcasts a *claim* o
 store and answers *released* on the claimer's own channel. Events of jobs still running on the old
 node follow the session as *event* messages on the new holder's channel. The bus delivers at most
 once and in order per publisher, so every message of one node goes through one ordered outbox, and
-events that arrive while a claim is still loading the session are held for it.
+events that arrive while a claim is still loading the session are held for it. A client's
+``cancel`` for a job that runs on another node than the one holding its session travels as a
+*cancel* request on :data:`CLAIMS_CHANNEL` (the holder does not know which node runs the job).
 
 This module moves messages only; what a claim means for a session is the hub's business.
 """
@@ -72,6 +74,19 @@ class Answer:
     orphans: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """Node ``node`` asks whichever node runs job ``job`` of session ``session`` to cancel it.
+
+    ``owner`` is the label of the session's token: only the owner's client may stop its jobs.
+    """
+
+    session: str
+    job: str
+    owner: str
+    node: str
+
+
 @dataclass(slots=True)
 class _Pending:
     req: str
@@ -87,8 +102,9 @@ def _id(value: Any) -> str:
     return value
 
 
-def decode(payload: bytes) -> Claim | Answer | tuple[str, str]:
-    """One bus message: a :class:`Claim`, an :class:`Answer`, or ``(session, tail)`` of an event.
+def decode(payload: bytes) -> Claim | Answer | CancelRequest | tuple[str, str]:
+    """One bus message: a :class:`Claim`, an :class:`Answer`, a :class:`CancelRequest`, or
+    ``(session, tail)`` of an event.
 
     Raises:
         ValueError: the payload is not a handoff message.
@@ -104,6 +120,9 @@ def decode(payload: bytes) -> Claim | Answer | tuple[str, str]:
             if not isinstance(tail, str) or not tail.endswith("}"):
                 raise ValueError("bad tail")
             return session, tail
+        if kind == "cancel":
+            job, owner = _id(obj.get("job")), _id(obj.get("owner"))
+            return CancelRequest(session, job, owner, _id(obj.get("node")))
         node, req = _id(obj.get("node")), _id(obj.get("req"))
         if kind == "claim":
             expect = obj.get("expect")
@@ -135,6 +154,7 @@ class Handoff:
         timeout_s: how long a claim waits for the holder's answer before loading from the store.
         on_claim: called (synchronously) with every other node's claim.
         on_event: called (synchronously) with a forwarded event no claim is waiting for.
+        on_cancel: called (synchronously) with every other node's cancel request.
     """
 
     def __init__(
@@ -145,6 +165,7 @@ class Handoff:
         *,
         on_claim: Callable[[Claim], None],
         on_event: Callable[[str, str], None],
+        on_cancel: Callable[[CancelRequest], None],
     ) -> None:
         _id(node_id)
         self.bus = bus
@@ -152,6 +173,7 @@ class Handoff:
         self.timeout_s = timeout_s
         self._on_claim = on_claim
         self._on_event = on_event
+        self._on_cancel = on_cancel
         self._pending: dict[str, _Pending] = {}
         self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(MAX_OUTBOX)
         self._subs: list[Subscription] = []
@@ -264,6 +286,15 @@ class Handoff:
             msg["orphans"] = list(orphans)
         self._queue(node_channel(claim.node), _encode(msg))
 
+    def cancel(self, session: str, job: str, owner: str) -> bool:
+        """Ask every other node to cancel job ``job`` of ``session`` if it runs there.
+
+        Broadcast, because only the node running a job knows it (the session's holder knows the
+        job is open, not where). False when the request could not even be queued.
+        """
+        msg = {"t": "cancel", "sid": session, "job": job, "owner": owner, "node": self.node_id}
+        return self._queue(CLAIMS_CHANNEL, _encode(msg))
+
     def forward(self, node: str, session: str, tail: str) -> None:
         """Send an event of ``session`` to ``node``, which now holds it and numbers it."""
         payload = _encode({"t": "event", "sid": session, "tail": tail})
@@ -274,12 +305,14 @@ class Handoff:
         self.forwarded += 1
         self._queue(node_channel(node), payload)
 
-    def _queue(self, channel: str, payload: bytes) -> None:
+    def _queue(self, channel: str, payload: bytes) -> bool:
         try:
             self._outbox.put_nowait((channel, payload))
         except asyncio.QueueFull:
             self.lost += 1
             log.error("hub_handoff_outbox_full", channel=channel)
+            return False
+        return True
 
     async def _send_loop(self) -> None:
         """Publish the outbox in order; a failed publish is logged and the next one goes on."""
@@ -303,6 +336,10 @@ class Handoff:
         if isinstance(msg, Claim):
             if msg.node != self.node_id:
                 self._on_claim(msg)
+            return
+        if isinstance(msg, CancelRequest):
+            if msg.node != self.node_id:
+                self._on_cancel(msg)
             return
         if isinstance(msg, Answer):
             pending = self._pending.get(msg.session)

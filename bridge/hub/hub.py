@@ -106,7 +106,9 @@ class Hub:
                 self._emit_forwarded,
                 self._taken_elsewhere,
                 self._jobs.is_live,
+                self._jobs.live,
             )
+            self._jobs.forward_cancel = self._moves.cancel_elsewhere
         self._shared_limit = SharedSubmitLimit(store, cfg.token_submit_rate, clock)
         # Fine slots keep pings punctual (a key fires up to one slot late); the wheel's heap
         # makes each firing cost the same whatever the slot count.

@@ -2,6 +2,9 @@
 
 A job belongs to its session, not its connection: it runs on while the client is away and its
 events wait in the replay buffer. Every job ends with exactly one ``done`` or ``error`` event.
+A cancel reaches the job wherever it runs: on this node through any object of its session (a
+session that moved away and came back is a new object), on another node through the cluster
+(:meth:`bridge.hub.moves.SessionMoves.cancel_elsewhere`).
 """
 
 from __future__ import annotations
@@ -24,10 +27,17 @@ log = structlog.get_logger(__name__)
 
 @dataclass(slots=True)
 class Job:
-    """A live job: the engine's handle and the task streaming its events."""
+    """A live job: the engine's handle, the task streaming its events, its session's owner label
+    (checked before a cancel from another node stops it)."""
 
     handle: JobHandle
     task: asyncio.Task[None]
+    owner: str
+
+
+#: ``forward(session, job_id)``: ask the cluster to cancel an open job of ``session`` that does not
+#: run on this node; False when the request could not be sent.
+ForwardCancel = Callable[[Session, str], bool]
 
 
 class JobRunner:
@@ -38,6 +48,10 @@ class JobRunner:
         max_image_bytes: largest decoded image accepted.
         emit: gives an event tail the session's next seq and delivers it (the hub's fan-in point);
             its third argument is the client job id the event ends (its terminal event), or None.
+
+    Attributes:
+        forward_cancel: in a cluster, sends a cancel for an open job of the session that does not
+            run here to the node running it (None: a single node, where such a job cannot exist).
     """
 
     def __init__(
@@ -50,13 +64,18 @@ class JobRunner:
         self.max_image_bytes = max_image_bytes
         self._emit = emit
         self.tasks: set[asyncio.Task[None]] = set()
+        self.forward_cancel: ForwardCancel | None = None
         # Jobs running here by (session id, client job id), whichever Session object holds them
         # (a session that moved away and came back is a new object; its old jobs still run).
-        self._live: dict[tuple[str, str], int] = {}
+        self._live: dict[tuple[str, str], list[Job]] = {}
 
     def is_live(self, session_id: str, job_id: str) -> bool:
         """Whether this node runs job ``job_id`` of session ``session_id`` now."""
         return (session_id, job_id) in self._live
+
+    def live(self, session_id: str, job_id: str) -> list[Job]:
+        """The jobs with that id of that session running on this node now (usually one)."""
+        return list(self._live.get((session_id, job_id), ()))
 
     def submit(self, conn: Connection, session: Session, frame: p.Submit) -> None:
         """Decode, size-check and submit a job; refusals are answered with an error frame."""
@@ -89,10 +108,10 @@ class JobRunner:
         session.remember_job(frame.id)  # only accepted jobs: a refused id may be retried
         if not session.open_job(frame.id):
             log.warning("ws_open_jobs_capped", session=session.id, job_id=frame.id)
-        key = (session.id, frame.id)
-        self._live[key] = self._live.get(key, 0) + 1
         task = asyncio.get_running_loop().create_task(self._run(session, frame.id, handle))
-        session.jobs[frame.id] = Job(handle, task)
+        job = Job(handle, task, session.owner)
+        self._live.setdefault((session.id, frame.id), []).append(job)
+        session.jobs[frame.id] = job
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         log.info("ws_job_submitted", conn_id=conn.id, session=session.id, job_id=frame.id)
@@ -121,22 +140,37 @@ class JobRunner:
                 failed = Failed("internal", "the job ended without a result")
                 self._emit(session, p.event_tail(job_id, failed), job_id)
             session.jobs.pop(job_id, None)
-            self._unlive(session.id, job_id)
+            self._unlive(session.id, job_id, handle)
 
-    def _unlive(self, session_id: str, job_id: str) -> None:
+    def _unlive(self, session_id: str, job_id: str, handle: JobHandle) -> None:
         key = (session_id, job_id)
-        count = self._live.pop(key, 0) - 1
-        if count > 0:
-            self._live[key] = count
+        jobs = [job for job in self._live.pop(key, ()) if job.handle is not handle]
+        if jobs:
+            self._live[key] = jobs
 
     def cancel(self, conn: Connection, session: Session, frame: p.Cancel) -> None:
-        """Cancel a live job of the session; it then ends with a ``cancelled`` error event."""
-        job = session.jobs.get(frame.id)
-        if job is None:
-            conn.send(p.error("unknown_job", "no live job with that id", frame.id))
+        """Cancel a live job of the session; it then ends with a ``cancelled`` error event.
+
+        A job open in the session but running on another node (the session moved here while it
+        ran) is cancelled there: nothing is answered now, the job's own terminal event follows.
+        """
+        jobs = self.live(session.id, frame.id)
+        if jobs:
+            for job in jobs:
+                job.handle.cancel()
+            log.info("ws_job_cancel", conn_id=conn.id, session=session.id, job_id=frame.id)
             return
-        job.handle.cancel()
-        log.info("ws_job_cancel", conn_id=conn.id, job_id=frame.id)
+        forward = self.forward_cancel
+        if forward is not None and frame.id in session.open_jobs:
+            if forward(session, frame.id):
+                log.info(
+                    "ws_job_cancel_forwarded", conn_id=conn.id, session=session.id, job_id=frame.id
+                )
+            else:
+                msg = "the cancel could not be sent to the node running the job; retry"
+                conn.send(p.error("internal", msg, frame.id))
+            return
+        conn.send(p.error("unknown_job", "no live job with that id", frame.id))
 
     async def stop(self, timeout_s: float) -> None:
         """Let running jobs finish for up to ``timeout_s``, then cancel the rest (they end with an

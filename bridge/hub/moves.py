@@ -5,7 +5,9 @@ the holder closes its connection (4005), writes the session to the store, stops 
 topics and answers; the claimer loads the now-current session from the store and numbers every
 later event. Jobs still running on the old node keep going: their events are forwarded to whichever
 node it was handed to, and on along the chain if it moved again (each hop keeps the order), so a
-job that finishes while its client moves is still replayed on return.
+job that finishes while its client moves is still replayed on return. A client's cancel for such
+a job is broadcast by the node holding the session; the node running the job stops it, and its
+``cancelled`` error event follows the session like any other.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import structlog
 
 from bridge.cluster.bus import Bus
 from bridge.hub.config import HubConfig
-from bridge.hub.handoff import Answer, Claim, Handoff
+from bridge.hub.handoff import Answer, CancelRequest, Claim, Handoff
+from bridge.hub.jobs import Job
 from bridge.hub.orphans import IsLive, unsettled
 from bridge.hub.persist import STORE_TIMEOUT_S, WriteBehind
 from bridge.hub.registry import SessionRegistry
@@ -50,6 +53,7 @@ class SessionMoves:
         emit: numbers and delivers an event in a session this node holds (the hub's fan-in).
         take_over: closes the session's connection here (4005) because another node resumed it.
         is_live: whether this node runs a job of a session (``(session_id, job_id)``) now.
+        live_jobs: the jobs of a session (``(session_id, job_id)``) running on this node now.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class SessionMoves:
         emit: Callable[[Session, str], None],
         take_over: Callable[[Session], None],
         is_live: IsLive,
+        live_jobs: Callable[[str, str], list[Job]],
     ) -> None:
         self.node_id = node_id
         self.cfg = cfg
@@ -72,6 +77,7 @@ class SessionMoves:
         self._emit = emit
         self._take_over = take_over
         self._is_live = is_live
+        self._live_jobs = live_jobs
         self.handoff = Handoff(
             bus,
             node_id,
@@ -79,6 +85,7 @@ class SessionMoves:
             min(cfg.handoff_timeout_s, cfg.hello_timeout_s / 2),
             on_claim=self._on_claim,
             on_event=self._on_forwarded,
+            on_cancel=self._on_cancel,
         )
         self.moved: dict[str, Moved] = {}
         self._releases: set[asyncio.Task[None]] = set()
@@ -189,6 +196,28 @@ class SessionMoves:
             stored=stored,
             orphans=len(orphans),
         )
+
+    # --- cancels of jobs running on another node --------------------------------------------
+    def cancel_elsewhere(self, session: Session, job_id: str) -> bool:
+        """Ask the node running open job ``job_id`` of ``session`` (held here) to cancel it.
+
+        The job's terminal event (``cancelled``, or whatever ended it first) comes back like its
+        other events. False when the request could not be queued.
+        """
+        return self.handoff.cancel(session.id, job_id, session.owner)
+
+    def _on_cancel(self, req: CancelRequest) -> None:
+        """Another node's client cancelled a job: stop it if it runs here for the same owner."""
+        jobs = self._live_jobs(req.session, req.job)
+        if not jobs:
+            return  # it runs elsewhere, or it has ended and its terminal event is on its way
+        owner = req.owner.encode()  # bytes: a non-ASCII label from the bus must not raise
+        if not all(hmac.compare_digest(job.owner.encode(), owner) for job in jobs):
+            log.warning("hub_cancel_refused", session=req.session, job_id=req.job, node=req.node)
+            return
+        for job in jobs:
+            job.handle.cancel()
+        log.info("hub_job_cancel_remote", session=req.session, job_id=req.job, node=req.node)
 
     # --- forwarding ------------------------------------------------------------------------
     def route(self, session: Session, tail: str) -> Session | None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bridge.cluster.bus import LocalBus
-from bridge.hub.handoff import CLAIMS_CHANNEL, Claim, decode, node_channel
+from bridge.hub.handoff import CLAIMS_CHANNEL, CancelRequest, Claim, decode, node_channel
 from bridge.hub.persist import NODE_KEY
 from bridge.store.memory import MemoryStore
 from engine.types import Delta
@@ -205,6 +205,11 @@ async def test_hostile_bus_messages_are_ignored(start_hub: StartHub) -> None:
         b'{"t":"claim","sid":"s","node":1}',
         b'{"t":"released","sid":"s","node":"A","req":"r","orphans":"J"}',
         b'{"t":"released","sid":"s","node":"A","req":"r","orphans":[1]}',
+        b'{"t":"cancel","sid":"s","job":"J","owner":"tok-1"}',
+        b'{"t":"cancel","sid":"s","job":"","owner":"tok-1","node":"B"}',
+        b'{"t":"cancel","sid":"s","job":7,"owner":"tok-1","node":"B"}',
+        b'{"t":"cancel","sid":"s","job":"J","node":"B"}',
+        b'{"t":"cancel","job":"J","owner":"tok-1","node":"B"}',
     ],
 )
 def test_decode_refuses_malformed_messages(payload: bytes) -> None:
@@ -215,6 +220,11 @@ def test_decode_refuses_malformed_messages(payload: bytes) -> None:
 def test_decode_reads_a_claim() -> None:
     msg = decode(b'{"t":"claim","sid":"s","node":"B","req":"r1","owner":"tok-1","expect":"A"}')
     assert msg == Claim("s", "B", "r1", "tok-1", "A")
+
+
+def test_decode_reads_a_cancel_request() -> None:
+    msg = decode(b'{"t":"cancel","sid":"s","job":"J","owner":"tok-1","node":"B"}')
+    assert msg == CancelRequest("s", "J", "tok-1", "B")
 
 
 def test_decode_reads_an_answer_with_or_without_orphans() -> None:
@@ -311,3 +321,112 @@ async def test_a_restarted_holder_that_releases_a_session_names_the_jobs_lost_in
     await ws_b.send(json.dumps({"type": "ping", "ts": 6}))
     assert (await recv(ws_b, "pong", "event"))["type"] == "pong"
     assert b.hub._registry.sessions[sid].open_jobs == set()
+
+
+# --- cancel of a job that runs on another node than the one holding its session -------------
+
+
+async def stuck_nodes(start_hub: StartHub) -> tuple[Running, Running, FakeEngine]:
+    """Nodes A and B on one store and bus; A's jobs stop after ``started`` until cancelled."""
+    store, bus = MemoryStore(), LocalBus()
+    stuck = FakeEngine()
+    stuck.gate = asyncio.Event()  # never set: a job waits for its first delta until cancelled
+    a = await start_hub(store=store, bus=bus, node_id="A", engine=stuck)
+    b = await start_hub(store=store, bus=bus, node_id="B")
+    return a, b, stuck
+
+
+async def started_on(run: Running, job_id: str) -> tuple[str, Any]:
+    """A new session on ``run`` with job ``job_id`` started (seqs 1, 2); its id and socket."""
+    ws, welcome = await run.hello()
+    await ws.send(submit(job_id))
+    assert [(await recv(ws, "event"))["kind"] for _ in range(2)] == ["queued", "started"]
+    return welcome["session"], ws
+
+
+def cancel(job_id: str) -> str:
+    return json.dumps({"type": "cancel", "id": job_id})
+
+
+async def nothing_more(ws: Any, ts: int) -> None:
+    """The next frame after a ping of ours is its pong: no stray event or error came first."""
+    await ws.send(json.dumps({"type": "ping", "ts": ts}))
+    assert await recv(ws, "pong", "event", "error") == {"type": "pong", "ts": ts}
+
+
+def check_cancelled(frame: dict[str, Any], seq: int, job_id: str) -> None:
+    assert frame["type"] == "event", frame
+    assert (frame["seq"], frame["id"], frame["kind"]) == (seq, job_id, "error")
+    assert frame["code"] == "cancelled"
+
+
+async def test_a_cancel_on_the_new_node_stops_the_job_still_running_on_the_old_one(
+    start_hub: StartHub,
+) -> None:
+    a, b, stuck = await stuck_nodes(start_hub)
+    sid, ws = await started_on(a, "J")
+    await ws.close()
+    ws_b, welcome_b = await b.hello(session=sid, last_seq=2)
+    assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+    session_b = b.hub._registry.sessions[sid]
+    assert session_b.open_jobs == {"J"} and not session_b.jobs  # open, but it runs on A
+    await ws_b.send(cancel("J"))
+    check_cancelled(await recv(ws_b, "event", "error"), 3, "J")  # forwarded from A, once
+    await nothing_more(ws_b, 7)
+    assert stuck.handles[f"ws:{sid}:J"].cancelled
+    await eventually(lambda: not a.hub._jobs.is_live(sid, "J"))
+    assert session_b.open_jobs == set()
+    await ws_b.send(cancel("J"))  # it has ended: unknown now, as on a single node
+    assert (await recv(ws_b, "event", "error"))["code"] == "unknown_job"
+
+
+async def test_a_cancel_after_the_session_came_back_stops_the_job_its_old_object_runs(
+    start_hub: StartHub,
+) -> None:
+    a, b, stuck = await stuck_nodes(start_hub)
+    sid, ws = await started_on(a, "J")
+    await ws.close()
+    await b.hello(session=sid, last_seq=2)
+    ws_a, welcome_a = await a.hello(session=sid, last_seq=2)  # back on A: a new Session object
+    assert welcome_a["resumed"] is True and "J" not in a.hub._registry.sessions[sid].jobs
+    await ws_a.send(cancel("J"))
+    check_cancelled(await recv(ws_a, "event", "error"), 3, "J")
+    await nothing_more(ws_a, 8)
+    assert stuck.handles[f"ws:{sid}:J"].cancelled
+
+
+async def test_a_cancel_for_an_id_never_submitted_is_still_unknown_job_after_a_move(
+    start_hub: StartHub,
+) -> None:
+    a, b, stuck = await stuck_nodes(start_hub)
+    sid, ws = await started_on(a, "J")
+    await ws.close()
+    ws_b, _ = await b.hello(session=sid, last_seq=2)
+    await ws_b.send(cancel("nope"))
+    error = await recv(ws_b, "event", "error")
+    assert (error["type"], error["code"], error["id"]) == ("error", "unknown_job", "nope")
+    await nothing_more(ws_b, 9)
+    assert not stuck.handles[f"ws:{sid}:J"].cancelled and a.hub._jobs.is_live(sid, "J")
+
+
+async def test_a_cancel_request_on_the_bus_stops_a_job_only_for_its_owner(
+    start_hub: StartHub,
+) -> None:
+    a, _, stuck = await stuck_nodes(start_hub)
+    sid, ws = await started_on(a, "J")
+    owner = a.hub._registry.sessions[sid].owner
+    handle = stuck.handles[f"ws:{sid}:J"]
+    assert a.hub._moves is not None
+    bus = a.hub._moves.handoff.bus
+
+    async def request(owner: str, node: str) -> None:
+        msg = {"t": "cancel", "sid": sid, "job": "J", "owner": owner, "node": node}
+        await bus.publish(CLAIMS_CHANNEL, json.dumps(msg).encode())
+
+    for wrong, node in (("tok-not-the-owner", "X"), ("t\u00f6k", "X"), (owner, "A")):
+        await request(wrong, node)  # a stranger's, a non-ASCII label, or A's own echo
+    await nothing_more(ws, 10)
+    assert not handle.cancelled and a.hub._jobs.is_live(sid, "J")
+    await request(owner, "X")
+    check_cancelled(await recv(ws, "event", "error"), 3, "J")
+    assert handle.cancelled

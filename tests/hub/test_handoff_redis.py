@@ -1,9 +1,13 @@
 """Two hubs on two loopback ports sharing a real Redis (RedisStore + RedisBus): a session and its
-running job move A → B → A with every event delivered once, in order, with no gap."""
+running job move A → B → A with every event delivered once, in order, with no gap; a cancel sent
+to B stops the job still running on A."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -11,9 +15,9 @@ import pytest
 from bridge.cluster.redis_bus import RedisBus
 from bridge.hub.persist import NODE_KEY
 from bridge.store.redis import RedisStore
-from tests.hub.conftest import Running, StartHub, close_code
-from tests.hub.fakes import SlowEngine
-from tests.hub.test_handoff import TERMINAL, check_stream, take
+from tests.hub.conftest import Running, StartHub, close_code, recv
+from tests.hub.fakes import FakeEngine, SlowEngine
+from tests.hub.test_handoff import TERMINAL, cancel, check_cancelled, check_stream, take
 from tests.hub.test_ws import submit
 from tests.redis_fixtures import delete_prefix, unique_prefix
 
@@ -21,10 +25,11 @@ HUB_DB = 13
 PIECES = 400
 
 
-@pytest.fixture
-async def redis_nodes(
-    start_hub: StartHub, redis_base_url: str
+@contextlib.asynccontextmanager
+async def redis_pair(
+    start_hub: StartHub, redis_base_url: str, engine: Callable[[], FakeEngine]
 ) -> AsyncIterator[tuple[Running, Running]]:
+    """Nodes A and B on one Redis (own prefix), each with its own ``engine()``."""
     prefix = unique_prefix()
     url = f"{redis_base_url}/{HUB_DB}?prefix={prefix}"
     stores = [RedisStore(url), RedisStore(url)]
@@ -38,7 +43,7 @@ async def redis_nodes(
                 store=store,
                 bus=bus,
                 node_id=name,
-                engine=SlowEngine(pieces=PIECES, delay_s=0.004),
+                engine=engine(),
                 handoff_timeout_s=2.0,
                 hello_timeout_s=5.0,
             )
@@ -53,6 +58,23 @@ async def redis_nodes(
         for store in stores:
             await store.close()
         delete_prefix(f"{redis_base_url}/{HUB_DB}", prefix)
+
+
+@pytest.fixture
+async def redis_nodes(
+    start_hub: StartHub, redis_base_url: str
+) -> AsyncIterator[tuple[Running, Running]]:
+    async with redis_pair(
+        start_hub, redis_base_url, lambda: SlowEngine(pieces=PIECES, delay_s=0.004)
+    ) as nodes:
+        yield nodes
+
+
+def stuck_engine() -> FakeEngine:
+    """Jobs stop after ``started`` until cancelled."""
+    engine = FakeEngine()
+    engine.gate = asyncio.Event()
+    return engine
 
 
 async def test_a_running_job_follows_its_session_across_nodes_on_redis(
@@ -76,3 +98,22 @@ async def test_a_running_job_follows_its_session_across_nodes_on_redis(
     await take(ws_a, got, 10_000)
     check_stream(got, PIECES)
     assert len(got) == PIECES + 3
+
+
+async def test_a_cancel_on_the_new_node_stops_the_job_on_the_old_one_on_redis(
+    start_hub: StartHub, redis_base_url: str
+) -> None:
+    async with redis_pair(start_hub, redis_base_url, stuck_engine) as (a, b):
+        ws, welcome = await a.hello()
+        sid = welcome["session"]
+        await ws.send(submit("J"))
+        got: list[dict[str, Any]] = []
+        await take(ws, got, 2)
+        await ws.close()
+        ws_b, welcome_b = await b.hello(session=sid, last_seq=2)
+        assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+        await ws_b.send(cancel("J"))
+        check_cancelled(await recv(ws_b, "event", "error"), 3, "J")
+        await ws_b.send(json.dumps({"type": "ping", "ts": 1}))
+        assert await recv(ws_b, "pong", "event", "error") == {"type": "pong", "ts": 1}
+        assert a.engine.handles[f"ws:{sid}:J"].cancelled
