@@ -179,7 +179,7 @@ class Hub:
         """Write-behind flushes, replay age trims, session expiry and metric deltas."""
         next_sweep = self._clock() + SWEEP_INTERVAL_S
         while True:
-            await asyncio.sleep(self.cfg.flush_interval_s)
+            await self._writes.wait_due(self.cfg.flush_interval_s)
             try:
                 await self._writes.flush()
                 if self._registry.subs_dirty:
@@ -472,7 +472,10 @@ class Hub:
                 return
             session = current
         frame = session.emit(tail, self._wall(), closes)
-        self._writes.dirty.add(session)
+        if closes is None:
+            self._writes.dirty.add(session)
+        else:
+            self._writes.mark_soon(session)  # a job's end is stored at once, not in 500 ms
         conn = session.conn
         if conn is not None:
             conn.send(frame)

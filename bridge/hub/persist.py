@@ -10,6 +10,7 @@ only delays writes: batches are kept (bounded by the replay buffer) and retried.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import structlog
@@ -52,6 +53,7 @@ class WriteBehind:
         self._wall = wall
         self.node_id = node_id
         self.dirty: set[Session] = set()
+        self._soon = asyncio.Event()
         self._failing = False
         self._lock = asyncio.Lock()
         self.flushes = 0
@@ -61,6 +63,22 @@ class WriteBehind:
     def mark(self, session: Session) -> None:
         """Schedule ``session`` for the next flush."""
         self.dirty.add(session)
+
+    def mark_soon(self, session: Session) -> None:
+        """Schedule ``session`` and start the next flush now rather than at the interval.
+
+        For a job's terminal event: until it is stored, a crash would make the next node end the
+        job a second time (the stored header still lists it open). Ends that come while a flush
+        runs share the next one, so a busy node flushes back to back, not once per job.
+        """
+        self.dirty.add(session)
+        self._soon.set()
+
+    async def wait_due(self, interval_s: float) -> None:
+        """Wait for the next flush: ``interval_s``, or less when :meth:`mark_soon` asked."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._soon.wait(), interval_s)
+        self._soon.clear()
 
     async def flush(self, timeout_s: float = STORE_TIMEOUT_S) -> bool:
         """Write every dirty session within ``timeout_s``; failures keep their batches for the

@@ -211,3 +211,31 @@ def test_open_jobs_are_bounded() -> None:
     assert len(session.record(0.0).open_jobs) == MAX_OPEN_JOBS
     session.emit(p.event_tail("j0", Done("t", Usage(1, 1))), 1.0, closes="j0")
     assert "j0" not in session.open_jobs and session.open_job("one-more")
+
+
+async def test_a_job_end_is_stored_at_once_not_at_the_next_interval(
+    sqlite_file: OpenStore, start_hub: StartHub
+) -> None:
+    """The crash window for a second terminal event is the store's write, not the interval.
+
+    With an hour-long write-behind interval only the flush a job's end asks for can store it:
+    the stored header stops listing the job and the terminal event is kept for replay.
+    """
+    store = await sqlite_file()
+    run = await start_hub(store=store, flush_interval_s=3600.0)
+    ws, welcome = await run.hello()
+    sid = welcome["session"]
+    await ws.send(submit("J"))
+    frames = await job_events(ws, "J")
+    assert frames[-1]["kind"] == "done"
+    last = frames[-1]["seq"]
+
+    async def stored() -> tuple[int, list[str]] | None:
+        record = await store.load_session(sid)
+        if record is None:
+            return None  # not written yet
+        return max([record.last_seq, *(e.seq for e in record.events)]), record.open_jobs
+
+    async with asyncio.timeout(10):
+        while await stored() != (last, []):
+            await asyncio.sleep(0.01)
