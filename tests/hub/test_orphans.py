@@ -237,5 +237,5 @@ async def test_a_job_end_is_stored_at_once_not_at_the_next_interval(
         return max([record.last_seq, *(e.seq for e in record.events)]), record.open_jobs
 
     async with asyncio.timeout(10):
-        while await stored() != (last, []):
+        while await stored() != (last, []):  # noqa: ASYNC110 - polls what another task writes
             await asyncio.sleep(0.01)
