@@ -6,8 +6,9 @@ and a fake adapter, so the figures are the bridge's own overhead, not the model'
 
 - ``sqlite``: SqliteStore in a temp dir, no queue, events published straight to the hub (what
   ``BridgeApp`` builds for ``sqlite://``);
-- ``redis``: RedisStore, RedisJobQueue and ClusterFanout over RedisBus (what it builds for
-  ``redis://``); the hub sees ``done`` only after the event went through Redis pub/sub.
+- ``redis``: RedisStore, RedisJobQueue and ClusterFanout over the Redis Streams event log (what
+  it builds for ``redis://``); the local hub gets each event at once, other nodes through the
+  stream.
 
 Closed loop: ``C`` workers each accept one message and wait for the hub to see its ``done``.
 Latency is measured from the call to ``accept()`` to the reply's ``finish`` and to the hub's
@@ -198,11 +199,11 @@ async def build_node(
     adapter, hub = BenchAdapter(), BenchHub()
     engine = BenchEngine(delay_s)
     if store_url.startswith("redis://"):
-        from bridge.cluster.redis_bus import RedisBus
+        from bridge.cluster.redis_eventlog import RedisEventLog
         from bridge.cluster.redis_jobs import RedisJobQueue
         from bridge.fanout import ClusterFanout
 
-        fanout = ClusterFanout(RedisBus(store_url), hub)
+        fanout = ClusterFanout(RedisEventLog(store_url, client_name=f"bench-{name}"), hub, name)
         await fanout.start()
         queue = RedisJobQueue(store_url, consumer=name, claim_idle_s=lease_s)
         relay = Relay(

@@ -107,13 +107,17 @@ class BridgeApp:
             bus=bus,
             node_id=node_id,
         )
+        self._bus = bus
         self.fanout: ClusterFanout | None = None
         publisher: Publisher = self.hub
         queue: JobQueue | None = None
         if bus is not None:
+            from bridge.cluster.redis_eventlog import RedisEventLog
             from bridge.cluster.redis_jobs import RedisJobQueue
 
-            self.fanout = ClusterFanout(bus, self.hub)
+            # IM job events cross nodes on a Redis stream (ordered, resumable), not on the bus.
+            events = RedisEventLog(self.store.url, client_name=f"bridge-events:{node_id}")
+            self.fanout = ClusterFanout(events, self.hub, node_id)
             publisher = self.fanout
             queue = RedisJobQueue(
                 self.store.url, consumer=node_id, claim_idle_s=settings.cluster_lease
@@ -280,6 +284,9 @@ class BridgeApp:
             await self.engine.stop(grace_s=max(0.0, deadline - asyncio.get_running_loop().time()))
         if self.fanout is not None:
             await self.fanout.stop()
+        if self._bus is not None:
+            with contextlib.suppress(Exception):
+                await self._bus.close()
         await self.ops.chart.stop()
         remove_tap(self.ops.errors.processor)
         for task in list(self._tasks):

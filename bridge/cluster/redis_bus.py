@@ -2,10 +2,11 @@
 
 Delivery guarantee: at most once, in publish order per publisher and topic, to every node that is
 subscribed and connected when Redis routes the message. A message published while a node is cut off
-from Redis is not delivered to it later. That is the right trade for live event frames: what must
-never be lost (accepted IM events, job state, replay buffers) lives in the store, and a client that
-missed frames resumes from the session's replay buffer. Pub/sub was chosen over streams because a
-subscription costs nothing per topic in Redis and needs no trimming.
+from Redis is not delivered to it later. The hub uses it for session handoffs (claims, answers,
+cancels, events forwarded to a session's new holder): a lost claim costs a timeout, a lost
+forwarded event is the documented at-most-once limit of a move during a Redis outage
+(docs/deploy.md). IM job events cross nodes on the ordered, resumable event log instead
+(:mod:`bridge.cluster.redis_eventlog`).
 
 One dedicated connection reads messages; when it breaks, a reconnect loop with backoff opens a new
 one and subscribes again to every topic that still has a local subscriber.
