@@ -278,8 +278,9 @@ class BridgeApp:
         for adapter in self.adapters:
             with contextlib.suppress(Exception):
                 await adapter.stop()
-        await self.hub.shutdown(reason="shutdown", grace_s=max(0.5, min(5.0, grace / 2)))
-        await self.relay.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
+        # WebSocket jobs and IM jobs share the whole grace period; the hub's last store write
+        # comes after both, so events the relay publishes while draining are kept for replay.
+        await self.hub.shutdown(reason="shutdown", grace_s=max(0.5, grace), drain=self.relay.stop)
         with contextlib.suppress(Exception):
             await self.engine.stop(grace_s=max(0.0, deadline - asyncio.get_running_loop().time()))
         if self.fanout is not None:

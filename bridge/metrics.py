@@ -5,6 +5,8 @@ A registry per app (not the global default) lets tests run several bridges in on
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -21,6 +23,8 @@ from prometheus_client import (
 from prometheus_client import (
     process_collector as _process,
 )
+
+from engine.types import ErrorCode
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -87,7 +91,9 @@ class Metrics:
         self.ready = Gauge("bridge_ready", "1 when /readyz answers 200.", registry=r)
         for outcome in ("accepted", "duplicate", "rejected"):
             self.feishu_events.labels(outcome=outcome)
-        for outcome in ("done", "error"):
+        # Every outcome the engine reports (``done``, ``cached`` or the error code), so each series
+        # exists, at zero, from the start.
+        for outcome in ("done", "cached", *get_args(ErrorCode)):
             self.engine_requests.labels(outcome=outcome)
         for direction in ("in", "out"):
             self.ws_frames.labels(direction=direction)

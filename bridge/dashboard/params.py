@@ -32,11 +32,14 @@ def _int(params: Mapping[str, str], name: str, default: int, low: int, high: int
     return value
 
 
-def parse_query(params: Mapping[str, str]) -> ConnectionQuery:
+def parse_query(
+    params: Mapping[str, str], default_limit: int | None = DEFAULT_LIMIT
+) -> ConnectionQuery:
     """A :class:`ConnectionQuery` from ``q``, ``state``, ``sort``, ``order``, ``offset``, ``limit``.
 
     Without ``sort`` the newest connections come first; ``sort=F`` is ascending unless it has a
-    leading ``-`` (``sort=-rtt_ms``) or ``order=desc``.
+    leading ``-`` (``sort=-rtt_ms``) or ``order=desc``. Without ``limit`` the page holds
+    ``default_limit`` rows (None: every matching row).
 
     Raises:
         ApiError: 400 ``bad_request`` naming the offending parameter.
@@ -65,5 +68,9 @@ def parse_query(params: Mapping[str, str]) -> ConnectionQuery:
         sort=sort,
         desc=desc,
         offset=_int(params, "offset", 0, 0, _MAX_OFFSET),
-        limit=_int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
+        limit=(
+            _int(params, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+            if "limit" in params
+            else default_limit
+        ),
     )

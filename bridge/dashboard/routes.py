@@ -210,9 +210,13 @@ class Dashboard:
     # -- API ------------------------------------------------------------------------------
 
     async def list_connections(self, request: web.Request) -> web.StreamResponse:
-        """``GET /api/connections``: one page of connections (``q``, ``state``, ``sort``...)."""
+        """``GET /api/connections``: the connections (``q``, ``state``, ``sort``, paging...).
+
+        Without ``limit`` every matching connection is listed, as SPEC §2 shows the whole list;
+        the dashboard asks for pages.
+        """
         self.require(request)
-        query = parse_query(request.query)
+        query = parse_query(request.query, default_limit=None)
         return _json(self.source.connections(query).to_json(query))
 
     async def kick(self, request: web.Request) -> web.StreamResponse:

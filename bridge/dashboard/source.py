@@ -48,7 +48,7 @@ class ConnectionQuery:
         sort: the row field to order by (one of :data:`SORT_FIELDS`).
         desc: descending order when true.
         offset: rows to skip after filtering and sorting.
-        limit: the most rows to return (1..:data:`MAX_LIMIT`).
+        limit: the most rows to return (1..:data:`MAX_LIMIT`), or None for every row.
     """
 
     q: str = ""
@@ -56,7 +56,7 @@ class ConnectionQuery:
     sort: str = "connected_at"
     desc: bool = True
     offset: int = 0
-    limit: int = DEFAULT_LIMIT
+    limit: int | None = DEFAULT_LIMIT
 
 
 @dataclass(slots=True)
@@ -260,5 +260,6 @@ def page_rows(
     missing = [r for r in matching if r.get(query.sort) is None]
     present.sort(key=key, reverse=query.desc)
     ordered = present + missing
-    window = ordered[query.offset : query.offset + query.limit]
+    end = None if query.limit is None else query.offset + query.limit
+    window = ordered[query.offset : end]
     return ConnectionPage(connections=[dict(r) for r in window], total=len(ordered), counts=counts)

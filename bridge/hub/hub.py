@@ -12,7 +12,7 @@ import contextlib
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -139,12 +139,20 @@ class Hub:
         if not self._gate.configured:
             log.warning("hub_no_tokens", detail="no client tokens: every hello gets 4001")
 
-    async def shutdown(self, reason: str = "shutdown", grace_s: float = 5.0) -> None:
+    async def shutdown(
+        self,
+        reason: str = "shutdown",
+        grace_s: float = 5.0,
+        drain: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
         """Stop accepting, send ``bye`` and close 1001 to all, persist sessions, cancel tasks.
 
         Args:
             reason: the text of the ``bye`` frame.
             grace_s: how long clients get to receive ``bye`` and jobs get to finish.
+            drain: other work that publishes into the hub (the relay's IM jobs), given the time
+                left and awaited beside this hub's jobs, so what it publishes is in the last
+                store write too.
         """
         if self._stopping:
             return
@@ -159,7 +167,11 @@ class Hub:
         early = asyncio.get_running_loop().create_task(self._writes.flush_all())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - self._clock()))
-        await self._jobs.stop(deadline - self._clock())
+        left = deadline - self._clock()
+        if drain is None:
+            await self._jobs.stop(left)
+        else:
+            await asyncio.gather(self._jobs.stop(left), drain(max(0.0, left)))
         if self._moves is not None:
             # After the jobs, so their last events forwarded to moved sessions go out too.
             await self._moves.stop(min(2.0, deadline - self._clock()))

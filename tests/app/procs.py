@@ -25,7 +25,13 @@ def free_port() -> int:
 class BridgeProcess:
     """One ``python -m bridge serve`` child with its log in a file."""
 
-    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        log_path: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        launcher: list[str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
@@ -33,11 +39,13 @@ class BridgeProcess:
         self.args = ["--port", str(self.port), "--log-format", "json", *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        # How the service is started: ``python -m bridge`` unless a test runs the console script.
+        self.launcher = launcher or [sys.executable, "-m", "bridge"]
 
     def start(self) -> BridgeProcess:
         with self.log_path.open("ab") as log_file:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "serve", *self.args],
+                [*self.launcher, "serve", *self.args],
                 cwd=ROOT,
                 env=self.env,
                 stdout=log_file,
@@ -71,6 +79,7 @@ class BridgeProcess:
         self.proc.wait(10)
 
     async def terminate(self, limit_s: float = 15.0) -> int:
+        """Send SIGTERM (a graceful stop); the exit code (killed past the limit)."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

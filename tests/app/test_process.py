@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +20,7 @@ import pytest
 import websockets
 import websockets.sync.client as ws_sync
 
+from tests.app.procs import BridgeProcess
 from tests.conftest import ROOT, SHARED_DATA, UNIT
 
 
@@ -164,3 +167,33 @@ def test_serve_is_ready_answers_and_exits_0_on_sigterm(
     assert proc.wait(timeout=10) == 0
     assert time.monotonic() - sent_at < 10
     assert "shutdown_done" in log_path.read_text()
+
+
+async def test_console_script_serves_and_sigint_says_bye_and_exits_0(tmp_path: Path) -> None:
+    """SPEC §1: the ``bridge`` command; SIGINT stops it like SIGTERM: ``bye``, 1001, exit 0."""
+    script = Path(sys.executable).parent / "bridge"
+    assert script.exists(), "the project's console script is not installed"
+    bridge = BridgeProcess(
+        tmp_path / "b.log", "--store", "memory://", "--token", "t1", launcher=[str(script)]
+    ).start()
+    try:
+        await bridge.wait_ready()
+        async with websockets.connect(bridge.ws_url) as ws:
+            await ws.send(json.dumps({"type": "hello", "token": "t1"}))
+            assert json.loads(await ws.recv())["type"] == "welcome"
+            assert bridge.proc is not None
+            bridge.proc.send_signal(signal.SIGINT)
+            frames = []
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async with asyncio.timeout(15):
+                    while True:
+                        frames.append(json.loads(await ws.recv()))
+            assert {"type": "bye", "reason": "shutdown"} in frames, frames
+            assert ws.close_code == 1001
+        async with asyncio.timeout(15 * UNIT):
+            while bridge.proc.poll() is None:  # noqa: ASYNC110 - a child process, not a task
+                await asyncio.sleep(0.05)
+        assert bridge.proc.returncode == 0
+        assert "shutdown_done" in bridge.log()
+    finally:
+        bridge.ensure_dead()

@@ -47,10 +47,20 @@ async def _get(env: Env, query: str) -> dict[str, Any]:
 async def test_connections_shape_and_default_order(env: Env) -> None:
     _fill(env, 3)
     body = await _get(env, "")
-    assert body["total"] == 3 and body["offset"] == 0 and body["limit"] == 50
+    assert body["total"] == 3 and body["offset"] == 0 and body["limit"] is None
     assert [c["id"] for c in body["connections"]] == ["c0002", "c0001", "c0000"]
     assert set(body["connections"][0]) >= SPEC_FIELDS
     assert body["counts"]["all"] == 3 and body["counts"]["states"] == {"open": 2, "closing": 1}
+
+
+async def test_without_limit_every_connection_is_listed_as_the_spec_shows(env: Env) -> None:
+    """A client written to SPEC §2 (no paging parameters) sees the whole list, not a page."""
+    _fill(env, 1_200)
+    body = await _get(env, "")
+    assert body["total"] == 1_200 and len(body["connections"]) == 1_200
+    assert len({c["id"] for c in body["connections"]}) == 1_200
+    page = await _get(env, "limit=50")  # the dashboard asks for pages
+    assert len(page["connections"]) == 50 and page["limit"] == 50
 
 
 async def test_paging_over_ten_thousand_connections(env: Env) -> None:

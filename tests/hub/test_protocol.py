@@ -162,3 +162,24 @@ def test_fuzz_structured_frames_parse_or_frame_error(obj: dict[str, object]) -> 
 def test_fuzz_any_text(text: str) -> None:
     with contextlib.suppress(p.FrameError):
         p.parse_frame(text, **LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("frame", "parsed"),
+    [
+        ({"type": "hello", "token": "t", "v": 2}, p.Hello("t", None, None)),
+        ({"type": "cancel", "id": "j", "reason": "x"}, p.Cancel("j")),
+        ({"type": "subscribe", "topic": "chat:feishu:c", "x": [1]}, p.Subscribe("chat:feishu:c")),
+        ({"type": "unsubscribe", "topic": "ops", "x": None}, p.Unsubscribe("ops")),
+        ({"type": "ack", "seq": 4, "extra": {"a": 1}}, p.Ack(4)),
+    ],
+)
+def test_unknown_fields_are_ignored(frame: dict[str, object], parsed: p.ClientFrame) -> None:
+    """SPEC §3: a newer client's extra fields never break an older server."""
+    assert parse(frame) == parsed
+
+
+def test_unknown_fields_in_a_submit_are_ignored() -> None:
+    image = base64.b64encode(b"img").decode()
+    frame = parse({"type": "submit", "id": "j", "prompt": "q", "image": image, "priority": 9})
+    assert isinstance(frame, p.Submit) and (frame.id, frame.prompt) == ("j", "q")

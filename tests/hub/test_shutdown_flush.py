@@ -122,3 +122,26 @@ async def test_the_shutdown_flush_gives_up_at_once_when_the_store_is_down() -> N
     assert not await writes.flush_all(timeout_s=30.0)
     assert time.monotonic() - started < 5.0
     assert session in writes.dirty and session.needs_save()
+
+
+async def test_what_a_drain_publishes_during_shutdown_is_in_the_last_store_write(
+    start_hub: StartHub,
+) -> None:
+    """The relay drains beside the hub's jobs; its late topic events still reach the store."""
+    store = MemoryStore()
+    run = await start_hub(store=store)
+    session = run.hub._registry.new_session("tok-a", False)
+    run.hub._registry.add_topic(session, "chat:feishu:c1")
+    await run.hub.flush()
+    given: list[float] = []
+
+    async def drain(left_s: float) -> None:
+        given.append(left_s)
+        await asyncio.sleep(0)  # the relay's last answer finishes while the hub shuts down
+        await run.hub.publish("chat:feishu:c1", "feishu:om_1", Started())
+
+    await run.hub.shutdown(grace_s=3.0, drain=drain)
+    assert given and 0 < given[0] <= 3.0
+    record = await store.load_session(session.id)
+    assert record is not None and record.last_seq == 1
+    assert '"id":"feishu:om_1"' in record.events[-1].frame
