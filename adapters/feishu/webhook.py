@@ -72,7 +72,11 @@ class WebhookVerifier:
         if len(body) > cfg.max_body_bytes:
             return _reject(400, "too_large", f"body larger than {cfg.max_body_bytes} bytes")
         hdrs = {k.lower(): v for k, v in headers.items()}
-        if self._cipher is not None:
+        # With an Encrypt Key every event must be signed. The URL check may come unsigned (the
+        # official SDKs answer it before looking at the signature): it is answered only if it
+        # was encrypted with our key and carries our token, which an outsider cannot produce.
+        signed = bool(hdrs.get(H_TIMESTAMP) or hdrs.get(H_SIGNATURE))
+        if self._cipher is not None and signed:
             refused = self._check_signature(hdrs, body)
             if refused is not None:
                 return refused
@@ -96,6 +100,12 @@ class WebhookVerifier:
                 return _reject(400, "bad_json", "decrypted body is not JSON")
             if not isinstance(data, dict):
                 return _reject(400, "bad_json", "decrypted body is not a JSON object")
+            decision = self._classify(data)
+            if not signed and decision.kind != "challenge":
+                return _reject(401, "unsigned", "signature headers are missing")
+            return decision
+        if self._cipher is not None and not signed:
+            return _reject(401, "unsigned", "signature headers are missing")
         return self._classify(data)
 
     def _check_signature(self, hdrs: Mapping[str, str], body: bytes) -> WebhookDecision | None:

@@ -197,6 +197,26 @@ async def test_url_verification_plain_and_encrypted() -> None:
     assert rec.messages == []
 
 
+async def test_an_unsigned_url_check_is_answered_only_when_encrypted_with_our_key() -> None:
+    """As the official SDKs do: Feishu's URL check may come without signature headers."""
+    rec = Recorder()
+    adapter, _ = await make(rec, encrypt_key=KEY)
+    cipher = AESCipher(KEY)
+    check = {"challenge": "c-1", "token": TOKEN, "type": "url_verification"}
+    body = json.dumps({"encrypt": cipher.encrypt(json.dumps(check).encode(), b"\x02" * 16)})
+    resp = await adapter.handle_webhook({}, body.encode())
+    assert (resp.status, resp.body) == (200, {"challenge": "c-1"})
+    # Not with a wrong token, not in plain text, and never an unsigned event.
+    wrong = json.dumps({**check, "token": "nope"}).encode()
+    body = json.dumps({"encrypt": cipher.encrypt(wrong, b"\x03" * 16)}).encode()
+    assert (await adapter.handle_webhook({}, body)).status in (401, 403)
+    assert (await adapter.handle_webhook({}, json.dumps(check).encode())).status == 401
+    event = load_sample("image_message_plain")["body"]
+    body = json.dumps({"encrypt": cipher.encrypt(event, b"\x04" * 16)}).encode()
+    assert (await adapter.handle_webhook({}, body)).status == 401
+    assert rec.messages == []
+
+
 async def test_url_verification_with_a_wrong_token_is_refused() -> None:
     rec = Recorder()
     adapter, _ = await make(rec)
