@@ -23,6 +23,7 @@ import structlog
 from redis.asyncio.client import PubSub
 
 from bridge.cluster.bus import BusCallback, Subscription, check_message, deliver
+from bridge.cluster.eventlog import stop_task
 from bridge.store.backoff import Backoff
 from bridge.store.base import StoreUnavailable
 from bridge.store.checks import check_key
@@ -73,9 +74,7 @@ class RedisBus:
     async def close(self) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await stop_task(reader, 3.0)  # bounded: redis-py may swallow the cancellation
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()

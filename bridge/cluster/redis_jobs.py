@@ -14,7 +14,6 @@ docs/deploy.md for what AOF changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -23,6 +22,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ResponseError
 
+from bridge.cluster.eventlog import stop_task
 from bridge.cluster.jobs import QueueEntry, check_job, check_max_in_flight
 from bridge.store.backoff import Backoff
 from bridge.store.base import StoreUnavailable
@@ -96,9 +96,7 @@ class RedisJobQueue:
         self._room.set()
         task, self._keepalive = self._keepalive, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task, 3.0)  # bounded: redis-py may swallow the cancellation
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
