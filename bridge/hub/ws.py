@@ -1,6 +1,7 @@
 """The aiohttp side of a /ws connection: a bounded send queue, one writer, close handling.
 
-All protocol decisions live in :mod:`bridge.hub.connection` and :mod:`bridge.hub.hub`; this module
+All protocol decisions live in :mod:`bridge.hub.connection` and the hub (:mod:`bridge.hub.hub`,
+:mod:`bridge.hub.frames`, :mod:`bridge.hub.resume`, :mod:`bridge.hub.liveness`); this module
 only moves frames, so it is small and every write goes through :meth:`Connection.send`.
 """
 
