@@ -165,8 +165,10 @@ class FrameHandler:
                 conn.send(p.error("rate_limited", msg, frame.id))
                 return
         self._jobs.submit(conn, session, frame)
-        if session.header_dirty:  # an accepted job is open: the header says so next flush
-            self._writes.mark(session)
+        if session.header_dirty:
+            # An accepted job is open: written at once (not at the next interval), so a crash
+            # right after it can still end it on resume (see bridge.hub.orphans).
+            self._writes.mark_soon(session)
 
     def _subscribe(self, conn: Connection, topic: str) -> None:
         session = conn.session

@@ -75,17 +75,28 @@ class WriteBehind:
         self._soon.set()
 
     async def wait_due(self, interval_s: float) -> None:
-        """Wait for the next flush: ``interval_s``, or less when :meth:`mark_soon` asked."""
+        """Wait for the next flush: ``interval_s``, or less when :meth:`mark_soon` asked.
+
+        ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11 ``wait_for`` can swallow a
+        cancellation that arrives as the event is set, and the hub's shutdown would then wait on
+        this loop for the whole interval.
+        """
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._soon.wait(), interval_s)
+            async with asyncio.timeout(interval_s):
+                await self._soon.wait()
         self._soon.clear()
 
     async def flush(self, timeout_s: float = STORE_TIMEOUT_S) -> bool:
         """Write every dirty session within ``timeout_s``; failures keep their batches for the
-        next flush. True when everything was written."""
-        if not self.dirty:
-            return True
+        next flush. True when everything was written.
+
+        A flush already running (started by the interval or :meth:`mark_soon`) holds sessions
+        that are no longer in ``dirty``: the lock makes this call wait for it, so on return
+        everything that was dirty when it was called has been written (or failed).
+        """
         async with self._lock:
+            if not self.dirty:
+                return True
             sessions, self.dirty = self.dirty, set()
             return await self._flush(sessions, timeout_s)
 

@@ -239,3 +239,24 @@ async def test_a_job_end_is_stored_at_once_not_at_the_next_interval(
     async with asyncio.timeout(10):
         while await stored() != (last, []):  # noqa: ASYNC110 - polls what another task writes
             await asyncio.sleep(0.01)
+
+
+async def test_an_accepted_job_is_stored_as_open_at_once(
+    sqlite_file: OpenStore, start_hub: StartHub
+) -> None:
+    """A crash just after a job was accepted can still end it: its acceptance is not left for
+    the next write-behind interval (an hour here)."""
+    store = await sqlite_file()
+    run = await start_hub(store=store, engine=stuck_engine(), flush_interval_s=3600.0)
+    ws, welcome = await run.hello()
+    sid = welcome["session"]
+    await ws.send(submit("J"))
+    assert (await recv(ws, "event"))["kind"] == "queued"
+
+    async def open_jobs() -> list[str] | None:
+        record = await store.load_session(sid)
+        return None if record is None else record.open_jobs
+
+    async with asyncio.timeout(10):
+        while await open_jobs() != ["J"]:  # noqa: ASYNC110 - polls what another task writes
+            await asyncio.sleep(0.01)

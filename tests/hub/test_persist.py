@@ -56,3 +56,18 @@ async def test_a_restored_session_still_refuses_job_ids_it_kept_events_of() -> N
     )
     assert back.knows_job("job-2") and back.knows_job("job-3")
     assert not back.knows_job("job-1") and not back.knows_job("im-7")
+
+
+async def test_a_cancel_that_meets_an_early_flush_request_still_stops_the_wait() -> None:
+    """The hub's background loop must end on cancel even when a job's end asked for a flush at
+    the same moment (``wait_for`` on Python 3.11 swallowed that cancel and shutdown hung)."""
+    import asyncio
+
+    writes = WriteBehind(MemoryStore(), ttl_s=60.0, wall=lambda: 100.0)
+    session = Session(id="s1", owner="t", admin=False, replay=ReplayBuffer(100, 1 << 20, 3600.0))
+    waiter = asyncio.create_task(writes.wait_due(3600.0))
+    await asyncio.sleep(0)  # the waiter is parked on the event
+    writes.mark_soon(session)  # sets the event ...
+    waiter.cancel()  # ... and the shutdown cancels in the same loop turn
+    done, _ = await asyncio.wait({waiter}, timeout=5.0)
+    assert done and waiter.cancelled()
