@@ -7,6 +7,7 @@ production loading path fully offline. LLaVA is chosen because its processor nee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -79,14 +80,18 @@ def _build_tokenizer() -> object:
     return fast
 
 
-def build_tiny_model(out_dir: str | os.PathLike[str]) -> Path:
+def build_tiny_model(out_dir: str | os.PathLike[str], keep_current: bool = False) -> Path:
     """Write the tiny model (weights, config, tokenizer, processor) to ``out_dir``.
 
     The build is seeded, so two builds give identical weights. The folder is written to a
-    temporary sibling first and renamed into place so a crash never leaves half a model.
+    temporary sibling first and renamed into place so a crash never leaves half a model, and a
+    folder being replaced is renamed away before it is deleted, so no reader ever sees one half
+    gone.
 
     Args:
         out_dir: destination folder; created, and replaced if it exists.
+        keep_current: keep a complete current-version folder that is already there (another
+            process sharing the cache built it first) instead of replacing it.
 
     Returns:
         The destination path.
@@ -162,23 +167,42 @@ def build_tiny_model(out_dir: str | os.PathLike[str]) -> Path:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"version": VERSION, "seed": SEED}))
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        _move_into_place(tmp, dest, keep_current)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
+def _is_current(folder: Path) -> bool:
+    """Whether ``folder`` holds a complete tiny model of this version (the marker comes last)."""
+    try:
+        return bool(json.loads((folder / MARKER).read_text()).get("version") == VERSION)
+    except (OSError, ValueError):
+        return False
+
+
+def _move_into_place(built: Path, dest: Path, keep_current: bool) -> None:
+    """Rename ``built`` to ``dest``; processes sharing a cache may race here, and none of them
+    may delete a folder another one is loading."""
+    if keep_current and _is_current(dest):
+        return  # another process finished first: its identical copy stays
+    if dest.exists():
+        aside = Path(tempfile.mkdtemp(prefix=".tiny-old-", dir=dest.parent))
+        with contextlib.suppress(FileNotFoundError):  # another process moved it first
+            dest.rename(aside / "model")
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        built.rename(dest)
+    except OSError:
+        # A non-empty folder appeared at ``dest`` meanwhile: another process won the race.
+        if not (keep_current and _is_current(dest)):
+            raise
+
+
 def ensure_tiny_model(cache_dir: Path | None = None) -> Path:
     """Return the cached tiny model folder, building it first if missing or outdated."""
     dest = cache_dir or default_cache_dir()
-    marker = dest / MARKER
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()).get("version") == VERSION:
-                return dest
-        except (OSError, ValueError):
-            pass
-    return build_tiny_model(dest)
+    if _is_current(dest):
+        return dest
+    return build_tiny_model(dest, keep_current=True)

@@ -68,3 +68,54 @@ def test_ensure_reuses_the_cache_and_rebuilds_a_broken_one(tmp_path: Path) -> No
     assert (rebuilt / "config.json").exists()
     buf = io.BytesIO((rebuilt / "bridge-tiny-model.json").read_bytes())
     assert b'"version"' in buf.getvalue()
+
+
+def test_processes_sharing_an_empty_cache_all_load_the_model(tmp_path: Path) -> None:
+    """Bridges starting at once on a fresh machine build the cache concurrently and all load it.
+
+    The race a fresh-clone CI run once lost (one process deleting the folder another was
+    loading) depends on timing, so the next test pins the rule that prevents it: a process that
+    finishes second keeps the first one's copy.
+    """
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import sys; from pathlib import Path; "
+        "from transformers import AutoModelForImageTextToText, AutoProcessor; "
+        "from engine.tiny import ensure_tiny_model; "
+        "p = ensure_tiny_model(Path(sys.argv[1])); "
+        "AutoProcessor.from_pretrained(p); AutoModelForImageTextToText.from_pretrained(p); "
+        "print('loaded')"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path / "cache")],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0 and out.strip().endswith("loaded"), out[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # no temporary folders left
+
+
+def test_a_finished_copy_from_another_process_is_kept(tmp_path: Path) -> None:
+    from engine.tiny import _move_into_place
+
+    dest = tmp_path / "cache"
+    first = ensure_tiny_model(dest)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    late = tmp_path / "late-build"
+    late.mkdir()
+    (late / "model.safetensors").write_text("another build")
+    _move_into_place(late, dest, keep_current=True)  # lost the race: keeps the finished copy
+    assert (dest / "model.safetensors").stat().st_mtime_ns == stamp
+    _move_into_place(late, dest, keep_current=False)  # make-tiny-model DIR: replaces
+    assert (dest / "model.safetensors").read_text() == "another build"
