@@ -35,7 +35,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import IMAGES, delete_keys, free_port, quiet_logs, raise_nofile  # noqa: E402
+from bench.common import (  # noqa: E402
+    IMAGES,
+    delete_keys,
+    free_port,
+    quiet_logs,
+    raise_nofile,
+    ws_upgrade_request,
+)
 
 TOKENS = tuple(f"bench-conn-token-{i:02d}" for i in range(16))  # the hub caps 1000 per token
 IMAGE = IMAGES / "coffee.jpg"
@@ -76,14 +83,7 @@ class IdleClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(
-            (
-                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
+        transport.write(ws_upgrade_request())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.stats["lost"] += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import resource
@@ -35,6 +36,16 @@ def cpu_s() -> float:
 def quiet_logs() -> None:
     """Only warnings from structlog users in this process: info lines would dominate the CPU."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def ws_upgrade_request() -> bytes:
+    """The HTTP request that opens ``/ws`` on loopback, for the raw-protocol bench clients."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import functools
 import json
@@ -28,7 +27,7 @@ from aiohttp import web
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import cpu_s, quiet_logs, raise_nofile
+from bench.common import cpu_s, quiet_logs, raise_nofile, ws_upgrade_request
 
 TOKEN = "bench-token"
 TOPIC = "chat:bench:room"
@@ -63,14 +62,7 @@ class _Receiver(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        key = base64.b64encode(os.urandom(16)).decode()
-        transport.write(
-            (
-                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
+        transport.write(ws_upgrade_request())
 
     def send(self, obj: dict[str, Any]) -> None:
         payload = json.dumps(obj).encode()

@@ -47,6 +47,27 @@ async def two_nodes(
     return nodes[0], nodes[1], store, bus
 
 
+async def resume_on(run: Running, sid: str, last_seq: int) -> Any:
+    """Resume session ``sid`` on ``run`` (a move); it must come back whole. The new socket."""
+    ws, welcome = await run.hello(session=sid, last_seq=last_seq)
+    assert welcome["resumed"] is True and welcome["missed"] == 0
+    return ws
+
+
+async def long_job_moved(a: Running, b: Running) -> tuple[str, list[dict[str, Any]], Any]:
+    """A session on A runs job ``long``; 40 events in, the client resumes it on B.
+
+    Returns the session id, the events seen so far and the socket on B.
+    """
+    ws, welcome = await a.hello()
+    sid = welcome["session"]
+    await ws.send(submit("long"))
+    got: list[dict[str, Any]] = []
+    await take(ws, got, 40)
+    await ws.close()
+    return sid, got, await resume_on(b, sid, got[-1]["seq"])
+
+
 async def take(ws: Any, got: list[dict[str, Any]], count: int) -> None:
     """Read up to ``count`` more events into ``got`` (fewer when the job ends)."""
     for _ in range(count):
@@ -67,20 +88,12 @@ def check_stream(got: list[dict[str, Any]], pieces: int) -> None:
 
 async def test_a_job_follows_its_session_to_another_node_and_back(start_hub: StartHub) -> None:
     a, b, store, _ = await two_nodes(start_hub)
-    ws, welcome = await a.hello()
-    sid = welcome["session"]
-    await ws.send(submit("long"))
-    got: list[dict[str, Any]] = []
-    await take(ws, got, 40)
-    await ws.close()
-    ws_b, welcome_b = await b.hello(session=sid, last_seq=got[-1]["seq"])
-    assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+    sid, got, ws_b = await long_job_moved(a, b)
     assert await store.get_value(NODE_KEY + sid) == "B"
     await take(ws_b, got, 100)
     assert got[-1]["kind"] not in TERMINAL, "the job must still run on A (make it longer)"
     # Back to A while the client is still connected to B: B closes it with 4005.
-    ws_a, welcome_a = await a.hello(session=sid, last_seq=got[-1]["seq"])
-    assert welcome_a["resumed"] is True and welcome_a["missed"] == 0
+    ws_a = await resume_on(a, sid, got[-1]["seq"])
     assert await close_code(ws_b) == 4005
     await take(ws_a, got, 10_000)
     check_stream(got, 300)
@@ -98,8 +111,7 @@ async def test_a_job_that_ends_while_the_client_moves_is_replayed_on_the_new_nod
     await ws.close()
     # Node A released nothing yet: wait until the job is over there, then resume on B.
     await eventually(lambda: not a.hub._registry.sessions[welcome["session"]].jobs)
-    ws_b, welcome_b = await b.hello(session=welcome["session"], last_seq=got[-1]["seq"])
-    assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+    ws_b = await resume_on(b, welcome["session"], got[-1]["seq"])
     await take(ws_b, got, 10_000)
     check_stream(got, 30)
 
@@ -271,14 +283,7 @@ async def test_a_job_still_running_on_the_old_node_after_a_move_is_no_orphan(
     start_hub: StartHub,
 ) -> None:
     a, b, store, _ = await two_nodes(start_hub)
-    ws, welcome = await a.hello()
-    sid = welcome["session"]
-    await ws.send(submit("long"))
-    got: list[dict[str, Any]] = []
-    await take(ws, got, 40)
-    await ws.close()
-    ws_b, welcome_b = await b.hello(session=sid, last_seq=got[-1]["seq"])
-    assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+    sid, got, ws_b = await long_job_moved(a, b)
     session_b = b.hub._registry.sessions[sid]
     assert session_b.open_jobs == {"long"} and not session_b.pending_orphans
     await take(ws_b, got, 10_000)
@@ -297,10 +302,7 @@ async def test_a_restarted_holder_that_releases_a_session_names_the_jobs_lost_in
     start_hub: StartHub,
 ) -> None:
     store, bus = MemoryStore(), LocalBus()
-    stuck = FakeEngine()
-    stuck.gate = asyncio.Event()  # the job never finishes
-    a = await start_hub(store=store, bus=bus, node_id="A", engine=stuck)
-    b = await start_hub(store=store, bus=bus, node_id="B")
+    a, b, _ = await stuck_nodes(start_hub, store, bus)
     ws, welcome = await a.hello()
     sid = welcome["session"]
     await ws.send(json.dumps({"type": "subscribe", "topic": "chat:feishu:c1"}))
@@ -313,8 +315,7 @@ async def test_a_restarted_holder_that_releases_a_session_names_the_jobs_lost_in
     # Node A comes back and preloads the session (it follows a topic); the client goes to B.
     a2 = await start_hub(store=store, bus=bus, node_id="A")
     assert sid in a2.hub._registry.sessions
-    ws_b, welcome_b = await b.hello(session=sid, last_seq=2)
-    assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+    ws_b = await resume_on(b, sid, 2)
     error = await recv(ws_b, "event")
     assert (error["seq"], error["id"]) == (3, "J")
     assert (error["kind"], error["code"]) == ("error", "internal")
@@ -326,9 +327,11 @@ async def test_a_restarted_holder_that_releases_a_session_names_the_jobs_lost_in
 # --- cancel of a job that runs on another node than the one holding its session -------------
 
 
-async def stuck_nodes(start_hub: StartHub) -> tuple[Running, Running, FakeEngine]:
+async def stuck_nodes(
+    start_hub: StartHub, store: MemoryStore | None = None, bus: LocalBus | None = None
+) -> tuple[Running, Running, FakeEngine]:
     """Nodes A and B on one store and bus; A's jobs stop after ``started`` until cancelled."""
-    store, bus = MemoryStore(), LocalBus()
+    store, bus = store or MemoryStore(), bus or LocalBus()
     stuck = FakeEngine()
     stuck.gate = asyncio.Event()  # never set: a job waits for its first delta until cancelled
     a = await start_hub(store=store, bus=bus, node_id="A", engine=stuck)
@@ -366,8 +369,7 @@ async def test_a_cancel_on_the_new_node_stops_the_job_still_running_on_the_old_o
     a, b, stuck = await stuck_nodes(start_hub)
     sid, ws = await started_on(a, "J")
     await ws.close()
-    ws_b, welcome_b = await b.hello(session=sid, last_seq=2)
-    assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+    ws_b = await resume_on(b, sid, 2)
     session_b = b.hub._registry.sessions[sid]
     assert session_b.open_jobs == {"J"} and not session_b.jobs  # open, but it runs on A
     await ws_b.send(cancel("J"))

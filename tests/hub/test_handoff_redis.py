@@ -17,7 +17,15 @@ from bridge.hub.persist import NODE_KEY
 from bridge.store.redis import RedisStore
 from tests.hub.conftest import Running, StartHub, close_code, recv
 from tests.hub.fakes import FakeEngine, SlowEngine
-from tests.hub.test_handoff import TERMINAL, cancel, check_cancelled, check_stream, take
+from tests.hub.test_handoff import (
+    TERMINAL,
+    cancel,
+    check_cancelled,
+    check_stream,
+    resume_on,
+    started_on,
+    take,
+)
 from tests.hub.test_ws import submit
 from tests.redis_fixtures import delete_prefix, unique_prefix
 
@@ -104,14 +112,9 @@ async def test_a_cancel_on_the_new_node_stops_the_job_on_the_old_one_on_redis(
     start_hub: StartHub, redis_base_url: str
 ) -> None:
     async with redis_pair(start_hub, redis_base_url, stuck_engine) as (a, b):
-        ws, welcome = await a.hello()
-        sid = welcome["session"]
-        await ws.send(submit("J"))
-        got: list[dict[str, Any]] = []
-        await take(ws, got, 2)
+        sid, ws = await started_on(a, "J")
         await ws.close()
-        ws_b, welcome_b = await b.hello(session=sid, last_seq=2)
-        assert welcome_b["resumed"] is True and welcome_b["missed"] == 0
+        ws_b = await resume_on(b, sid, 2)
         await ws_b.send(cancel("J"))
         check_cancelled(await recv(ws_b, "event", "error"), 3, "J")
         await ws_b.send(json.dumps({"type": "ping", "ts": 1}))
