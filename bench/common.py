@@ -11,13 +11,9 @@ from pathlib import Path
 
 import structlog
 
-#: The shared test data (photos, hostile images, Feishu samples): ``../shared/data`` beside the
-#: checkout, or ``BRIDGE_SHARED_DATA`` where it lies elsewhere (a device machine gets the
-#: repository only).
-SHARED_DATA = Path(
-    os.environ.get("BRIDGE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
-IMAGES = SHARED_DATA / "images"
+#: The sample photos and hostile images, carried in the repository beside the tests.
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
+IMAGES = DATA / "images"
 
 
 def raise_nofile() -> int:

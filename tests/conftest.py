@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("BRIDGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+#: The photos, hostile images and Feishu wire samples the tests use, carried in the repository.
+DATA = ROOT / "tests" / "data"
+IMAGES = DATA / "images"
 
 # Build the tiny model once per checkout, never in the user's home cache.
 os.environ.setdefault("BRIDGE_CACHE_DIR", str(ROOT / "var" / "test-cache"))

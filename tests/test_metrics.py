@@ -5,7 +5,7 @@ from __future__ import annotations
 from bridge.metrics import Metrics
 from bridge.observers import EngineMetrics
 from engine import Done, Engine, EngineConfig, Failed, JobRequest
-from tests.conftest import SHARED_DATA
+from tests.conftest import IMAGES
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -20,7 +20,7 @@ async def test_engine_outcomes_batches_and_tokens_are_counted() -> None:
         observer=EngineMetrics(metrics),
     )
     await engine.start()
-    photo = (SHARED_DATA / "images" / "coffee.jpg").read_bytes()
+    photo = (IMAGES / "coffee.jpg").read_bytes()
     tokens = 0
     try:
         for job_id, image, prompt in (

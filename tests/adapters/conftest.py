@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.adapters.fake_feishu import FakeFeishu
+from tests.conftest import DATA
 
-DATA = Path(
-    os.environ.get("BRIDGE_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
-)
 SAMPLES = DATA / "feishu"
 IMAGES = DATA / "images"
 

@@ -24,7 +24,7 @@ from tests.app.test_feishu_e2e import (
     final_text,
     wait_final,
 )
-from tests.conftest import SHARED_DATA
+from tests.conftest import IMAGES
 from tests.redis_fixtures import RedisServer
 
 
@@ -178,7 +178,7 @@ async def test_a_client_resumes_on_the_other_node_mid_job_with_no_gap(
     extra = ("--max-new-tokens", "400")
     a = node(tmp_path, "a", feishu, redis_server, *extra).start()
     b = node(tmp_path, "b", feishu, redis_server, *extra).start()
-    image = base64.b64encode((SHARED_DATA / "images" / "astronaut.png").read_bytes()).decode()
+    image = base64.b64encode((IMAGES / "astronaut.png").read_bytes()).decode()
     try:
         await asyncio.gather(a.wait_ready(), b.wait_ready())
         seen: list[dict[str, object]] = []

@@ -12,9 +12,9 @@ import websockets
 
 from tests.adapters.fake_feishu import APP_ID, APP_SECRET, FakeFeishu
 from tests.app.procs import BridgeProcess
-from tests.conftest import SHARED_DATA
+from tests.conftest import DATA
 
-SAMPLE = json.loads((SHARED_DATA / "feishu" / "image_message_plain.json").read_text())
+SAMPLE = json.loads((DATA / "feishu" / "image_message_plain.json").read_text())
 MESSAGE_ID = "om_sample_image_1"
 CHAT_TOPIC = "chat:feishu:oc_sample_chat_1"
 
@@ -128,7 +128,7 @@ async def test_kill_9_after_the_ack_then_restart_gives_exactly_one_answer(
 async def test_bad_signature_is_refused_and_nothing_is_downloaded(
     feishu: FakeFeishu, tmp_path: Path
 ) -> None:
-    bad = json.loads((SHARED_DATA / "feishu" / "image_message_bad_signature.json").read_text())
+    bad = json.loads((DATA / "feishu" / "image_message_bad_signature.json").read_text())
     args = bridge_args(feishu, tmp_path / "b.db", "--feishu-encrypt-key", "test-encrypt-key-0123")
     bridge = BridgeProcess(tmp_path / "b.log", *args).start()
     try:

@@ -15,14 +15,14 @@ from bridge.config import load_settings
 from bridge.store.memory import MemoryStore
 from engine.tiny import build_tiny_model
 from tests.app.procs import free_port
-from tests.conftest import SHARED_DATA
+from tests.conftest import IMAGES
 
 ADMIN = "admin-token-for-swap"
 
 
 async def run_jobs(url: str, count: int) -> list[dict[str, object]]:
     """Submit ``count`` jobs on one connection and return each job's last event."""
-    image = base64.b64encode((SHARED_DATA / "images" / "rocket.jpg").read_bytes()).decode()
+    image = base64.b64encode((IMAGES / "rocket.jpg").read_bytes()).decode()
     finals: dict[str, dict[str, object]] = {}
     async with websockets.connect(url, max_size=2**24) as ws:
         await ws.send(json.dumps({"type": "hello", "token": "client"}))

@@ -21,7 +21,7 @@ import websockets
 import websockets.sync.client as ws_sync
 
 from tests.app.procs import BridgeProcess
-from tests.conftest import ROOT, SHARED_DATA, UNIT
+from tests.conftest import IMAGES, ROOT, UNIT
 
 
 def free_port() -> int:
@@ -138,7 +138,7 @@ def test_serve_is_ready_answers_and_exits_0_on_sigterm(
     assert len(started_lines) == 1 and f"ws://{addr}/ws" == started_lines[0]["ws"]
     assert "client-token-1" not in log_path.read_text()
 
-    image = base64.b64encode((SHARED_DATA / "images" / "chelsea.jpg").read_bytes()).decode()
+    image = base64.b64encode((IMAGES / "chelsea.jpg").read_bytes()).decode()
     with ws_sync.connect(f"ws://{addr}/ws", max_size=2**24) as ws:
         ws.send(json.dumps({"type": "hello", "token": "client-token-1"}))
         welcome = json.loads(ws.recv(timeout=10))

@@ -12,7 +12,7 @@ from bridge.config import load_settings
 from bridge.store.memory import MemoryStore
 from tests.app.fakes import FakeEngine
 from tests.app.procs import free_port
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import IMAGES, ROOT
 
 
 async def test_readme_client_example_gets_an_answer(tmp_path: Path) -> None:
@@ -22,7 +22,7 @@ async def test_readme_client_example_gets_an_answer(tmp_path: Path) -> None:
     port = free_port()
     script = code.group(1).replace("127.0.0.1:8080", f"127.0.0.1:{port}")
     (tmp_path / "example.py").write_text(script)
-    (tmp_path / "photo.jpg").write_bytes((SHARED_DATA / "images" / "chelsea.jpg").read_bytes())
+    (tmp_path / "photo.jpg").write_bytes((IMAGES / "chelsea.jpg").read_bytes())
     engine = FakeEngine("a cat")
     engine.loaded.set()
     settings = load_settings({"port": str(port), "token": ["my-client-token"]}, env={})

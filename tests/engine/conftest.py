@@ -12,10 +12,8 @@ from engine import Engine, EngineConfig
 from engine.job import Handle
 from engine.tiny import ensure_tiny_model
 from engine.types import JobEvent
+from tests.conftest import IMAGES
 
-IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "images"
-if not IMAGES.is_dir():
-    IMAGES = Path("/work/shared/data/images")
 GOOD = [
     "astronaut.png",
     "astronaut_rgba.png",

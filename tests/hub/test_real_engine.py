@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from pathlib import Path
 
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -15,9 +14,10 @@ from bridge.metrics import Metrics
 from bridge.store.memory import MemoryStore
 from engine import Engine, EngineConfig
 from engine.tiny import ensure_tiny_model
+from tests.conftest import IMAGES
 from tests.hub.conftest import TOKEN, hub_config
 
-IMAGE = Path("/work/shared/data/images/chelsea.jpg").read_bytes()
+IMAGE = (IMAGES / "chelsea.jpg").read_bytes()
 
 
 async def test_a_real_job_streams_through_the_hub_to_the_reference_client() -> None:
