@@ -174,6 +174,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     quiet_logs()
     cfg = HubConfig(
         tokens=frozenset({TOKEN}),
+        topic_grants=((TOKEN, TOPIC),),
         max_connections_per_token=args.sessions + 10,
         hello_timeout_s=120.0,
     )

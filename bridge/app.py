@@ -1,16 +1,23 @@
 """The composition root: builds the store, engine, hub, adapters and HTTP routes and runs them.
 
-Start order: store, HTTP (so ``/healthz`` answers while the model loads), engine warm-up, hub,
-adapters, then the relay resumes IM jobs accepted before a crash. Stop order is the reverse, within
-the grace period.
+Start order: bind the listening port (a process that cannot listen exits before it touches the
+store), store (an SQLite file is locked for this process), hub, HTTP (so ``/healthz`` answers while
+the model loads), engine load and warm-up, adapters, then the relay resumes IM jobs accepted before
+a crash. Stop order is the reverse, within the grace period.
+
+Exit codes of :func:`serve`: 0 after a clean stop; 1 when the port cannot be bound, the model
+cannot be loaded (without ``--model-load-retry``), or a model load had to be abandoned at the end
+of the grace period; 2 when the SQLite store is in use by another process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, cast
@@ -30,13 +37,19 @@ from bridge.logs import add_tap, remove_tap
 from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.observers import EngineMetrics, FeishuMetrics
 from bridge.relay import Publisher, Relay
-from bridge.store import Store, StoreUnavailable, open_store
+from bridge.store import Store, StoreInUse, StoreUnavailable, open_store
+from bridge.store.backoff import Backoff
 from engine import Engine, EngineConfig
 from engine.types import EngineLike
 
 log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 16 * 2**20
+EXIT_FAILED = 1
+EXIT_STORE_IN_USE = 2
+#: Delays between model load attempts under ``--model-load-retry``.
+MODEL_RETRY_INITIAL_S = 1.0
+MODEL_RETRY_CAP_S = 60.0
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -63,6 +76,8 @@ def hub_config(settings: Settings) -> HubConfig:
         heartbeat_s=settings.heartbeat,
         heartbeat_timeout_s=settings.heartbeat_timeout,
         token_submit_rate=settings.token_submit_rate,
+        topic_grants=settings.topic_grant,
+        max_inflight_bytes=settings.max_inflight_bytes,
     )
 
 
@@ -136,6 +151,10 @@ class BridgeApp:
         self.draining = False
         self.started_at = clock()
         self._engine_error: str | None = None
+        #: Why the process must exit (a model that cannot be loaded); set with ``failed``.
+        self.failure: str | None = None
+        self.failed = asyncio.Event()
+        self.model_retry = Backoff(MODEL_RETRY_INITIAL_S, MODEL_RETRY_CAP_S)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.web = self._build_web()
         self._runner: web.AppRunner | None = None
@@ -176,9 +195,11 @@ class BridgeApp:
 
     # --- routes -------------------------------------------------------------------------------
     async def _metrics(self, _request: web.Request) -> web.Response:
+        await self.readiness()  # sets bridge_ready to what /readyz would answer now
         status = self.engine.status()
         self.metrics.engine_queue_depth.set(status.queue_depth)
         self.metrics.ws_connections.set(len(self.hub.connections()))
+        self.metrics.ws_inflight_bytes.set(self.hub.inflight.used)
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _ws(self, request: web.Request) -> web.StreamResponse:
@@ -220,6 +241,7 @@ class BridgeApp:
             components[adapter.platform] = st.to_dict() if hasattr(st, "to_dict") else str(st)
         if self.draining:
             reasons.append("shutting down")
+        self.metrics.ready.set(0.0 if reasons else 1.0)
         return Readiness(not reasons, reasons, components)
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -236,7 +258,13 @@ class BridgeApp:
             log.error("task_failed", task=task.get_name(), error=repr(task.exception()))
 
     async def start(self) -> None:
-        """Open the store, start serving HTTP, then load the model and start the rest."""
+        """Bind the port, open the store, start serving HTTP, then load the model and the rest.
+
+        Raises:
+            OSError: the port cannot be bound (nothing else was touched).
+            StoreInUse: another process uses the SQLite file (the port is released again).
+        """
+        sockets = _bind(self.settings.host, self.settings.port)
         try:
             await self.store.open()
         except StoreUnavailable as exc:
@@ -244,6 +272,10 @@ class BridgeApp:
             log.warning(
                 "store_unavailable_at_start", store=_safe_url(self.store.url), error=str(exc)
             )
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
         await self.hub.start()
         if self.fanout is not None:
             await self.fanout.start()
@@ -251,18 +283,46 @@ class BridgeApp:
         self.ops.chart.start(self.ops.count_connections)
         self._runner = web.AppRunner(self.web, handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
-        await site.start()
+        for sock in sockets:
+            await web.SockSite(self._runner, sock).start()
         self.urls = _site_urls(self._runner, self.settings.host)
         self.spawn(self._start_engine(), "engine-start")
 
     async def _start_engine(self) -> None:
-        try:
-            await self.engine.start()
-        except Exception as exc:
-            self._engine_error = f"model failed to load: {type(exc).__name__}: {exc}"
-            log.error("engine_start_failed", error=self._engine_error)
-            return
+        """Load the model; on failure exit (``failed``) or, with ``--model-load-retry``, retry.
+
+        The failure is logged once, as ``model_load_failed``, with the engine's one-line reason
+        (for a model that cannot be fetched it says what to do).
+        """
+        while True:
+            try:
+                await self.engine.start()
+                break
+            except Exception as exc:
+                if self.draining:
+                    return  # stopping: a cancelled or interrupted load is no failure
+                error = str(getattr(exc, "message", None) or exc) or type(exc).__name__
+                if not self.settings.model_load_retry:
+                    self._engine_error = f"model failed to load: {error}"
+                    log.error("model_load_failed", model=self.settings.model, error=error)
+                    self.failure = error
+                    self.failed.set()
+                    return
+                delay = self.model_retry.next_delay()
+                attempt = self.model_retry.failures
+                self._engine_error = (
+                    f"model failed to load (attempt {attempt}, next in {delay:.0f} s): {error}"
+                )
+                log.warning(
+                    "model_load_retry",
+                    model=self.settings.model,
+                    attempt=attempt,
+                    retry_in_s=round(delay, 2),
+                    error=error,
+                )
+                await asyncio.sleep(delay)
+        self.model_retry.reset()
+        self._engine_error = None
         log.info("engine_ready", model=self.settings.model, status=self.engine.status().model)
         freeze_heap()
         for adapter in self.adapters:
@@ -301,6 +361,36 @@ class BridgeApp:
         log.info("shutdown_done")
 
 
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for ``host:port`` (every address it resolves to), as asyncio would bind.
+
+    Why bind before anything else: a process that cannot listen must fail before it opens (and,
+    for SQLite, locks) the store another process may be using.
+
+    Raises:
+        OSError: the address is in use, not local, or does not resolve.
+    """
+    infos = socket.getaddrinfo(
+        host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def _site_urls(runner: web.AppRunner, host: str) -> list[str]:
     urls = []
     for addr in runner.addresses:
@@ -328,10 +418,12 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await app.start()
+    except StoreInUse as exc:
+        print(f"bridge: error: {exc}", file=sys.stderr)
+        return EXIT_STORE_IN_USE
     except OSError as exc:
         log.error("listen_failed", host=settings.host, port=settings.port, error=str(exc))
-        await app.stop(0)
-        return 1
+        return EXIT_FAILED
     base = app.urls[0]
     log.info(
         "bridge_started",
@@ -345,9 +437,24 @@ async def serve(settings: Settings) -> int:
         model=settings.model,
         store=_safe_url(settings.store),
     )
-    await stop.wait()
-    log.info("signal_received")
+    signalled = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(app.failed.wait())
+    await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if signalled.done():
+        log.info("signal_received")
+    else:
+        code = EXIT_FAILED  # the model cannot be loaded: model_load_failed said why
+    for task in (signalled, failed):
+        task.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
-    await app.stop()
-    return 0
+    await app.stop(None if code == 0 else 0.0)
+    if getattr(app.engine, "load_abandoned", False):
+        # The load thread is stuck where it cannot see the cancel flag (a network call). All else
+        # is stopped and the store closed; exit now rather than wait on it or race interpreter
+        # shutdown against it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_FAILED)
+    return code

@@ -9,7 +9,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from bridge.config import OPTIONS, ConfigError, load_settings
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="a TOML file of options (env BRIDGE_CONFIG)"
     )
     for opt in OPTIONS:
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if opt.switch else {}
         serve.add_argument(
             opt.flag,
             dest=opt.attr,
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{opt.help} (env {opt.env}; default {opt.default!r})"
             if not opt.secret
             else f"{opt.help} (env {opt.env})",
+            **extra,
         )
     tiny = sub.add_parser("make-tiny-model", help="write the built-in tiny model to DIR")
     tiny.add_argument("dir", metavar="DIR")
@@ -67,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(flags, config_file=args.config)
     except ConfigError as exc:
         print(f"bridge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from engine.loading import local_model_problem
+
+    problem = local_model_problem(settings.model)
+    if problem is not None:  # a missing folder is a config error, found before anything starts
+        print(f"bridge: error: --model: {problem}", file=sys.stderr)
         return EXIT_USAGE
 
     from bridge.logs import configure_logging

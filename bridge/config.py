@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from bridge.grants import parse_grant
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the option and never echoes a secret."""
@@ -133,6 +135,53 @@ def _tokens(raw: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def _topic_grants(raw: object) -> tuple[tuple[str, str], ...]:
+    """``TOKEN=PATTERN`` items (a list, or comma-separated text) as (token, pattern) pairs."""
+    items: list[tuple[str, str]] = []
+    values = raw if isinstance(raw, list | tuple) else [raw]
+    for value in values:
+        for part in str(value).split(","):
+            part = part.strip()
+            if part:
+                items.append(parse_grant(part))
+    return tuple(dict.fromkeys(items))
+
+
+def _byte_size(lo: int, hi: int) -> Callable[[object], int]:
+    """A byte count: an integer, or one with a ``KiB``/``MiB``/``GiB`` suffix (``256MiB``)."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "k": 2**10, "m": 2**20, "g": 2**30}
+
+    def parse(raw: object) -> int:
+        if isinstance(raw, bool):
+            raise ValueError(f"{raw!r} is not a byte count")
+        text = str(raw).strip().lower().replace("_", "")
+        scale = 1
+        for suffix, size in units.items():
+            if text.endswith(suffix) and text[: -len(suffix)].strip().isdigit():
+                text, scale = text[: -len(suffix)].strip(), size
+                break
+        if not text.isdigit():
+            raise ValueError(f"{raw!r} is not a byte count (e.g. 268435456 or 256MiB)")
+        value = int(text, 10) * scale
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} is out of range ({lo}-{hi})")
+        return value
+
+    return parse
+
+
+def _switch(raw: object) -> bool:
+    """A yes/no value: true/false, yes/no, on/off, 1/0 (a bare flag means true)."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{raw!r} is not true or false")
+
+
 def _base_url(raw: object) -> str:
     text = str(raw).strip().rstrip("/")
     if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
@@ -150,6 +199,8 @@ class Option:
     help: str
     secret: bool = False
     repeatable: bool = False
+    #: A yes/no option: the bare flag means true (``--model-load-retry``).
+    switch: bool = False
 
     @property
     def flag(self) -> str:
@@ -168,6 +219,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("host", _host, "127.0.0.1", "listen address"),
     Option("port", _port, 8080, "listen port (HTTP and WebSocket)"),
     Option("model", _text, "tiny", "tiny, a local model folder, or a Hugging Face model id"),
+    Option(
+        "model-load-retry",
+        _switch,
+        False,
+        "keep retrying a model that fails to load, with backoff, instead of exiting",
+        switch=True,
+    ),
     Option("device", _device, "auto", "auto, cpu, cuda, cuda:N"),
     Option("dtype", _choice("auto", "float32", "bfloat16", "float16"), "auto", "model dtype"),
     Option("max-batch", _int_range(1, 256), 8, "jobs per batched generate call"),
@@ -190,6 +248,22 @@ OPTIONS: tuple[Option, ...] = (
         _float_range(0, 100_000),
         50.0,
         "submits per second per client token across all nodes (0: no limit)",
+    ),
+    Option(
+        "topic-grant",
+        _topic_grants,
+        (),
+        "TOKEN=PATTERN: the client token may subscribe to chat topics matching the glob "
+        "(repeatable)",
+        secret=True,
+        repeatable=True,
+    ),
+    Option(
+        "max-inflight-bytes",
+        _byte_size(2**20, 2**40),
+        256 * 2**20,
+        "bytes of inbound /ws frames being received, decoded or waiting for the engine, over "
+        "all connections; a large submit beyond it gets 'busy'",
     ),
     Option("admin-token", _optional_secret, None, "token for /dashboard and /api/*", secret=True),
     Option("feishu-mode", _choice("off", "webhook", "longconn"), "off", "off, webhook, longconn"),
@@ -224,6 +298,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     model: str = "tiny"
+    model_load_retry: bool = False
     device: str = "auto"
     dtype: str = "auto"
     max_batch: int = 8
@@ -237,6 +312,8 @@ class Settings:
     heartbeat_timeout: float = 10.0
     token: tuple[str, ...] = ()
     token_submit_rate: float = 50.0
+    topic_grant: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    max_inflight_bytes: int = 256 * 2**20
     admin_token: str | None = None
     feishu_mode: str = "off"
     feishu_app_id: str = ""
@@ -333,6 +410,14 @@ def load_settings(
 
 
 def _check_combinations(s: Settings) -> None:
+    known = set(s.token) | ({s.admin_token} if s.admin_token else set())
+    unknown = sum(1 for token, _ in s.topic_grant if token not in known)
+    if unknown:
+        # The token is never echoed: say how many grants and which patterns.
+        patterns = ", ".join(repr(p) for t, p in s.topic_grant if t not in known)
+        raise ConfigError(
+            f"--topic-grant: {unknown} grant(s) ({patterns}) name a token that is not a --token"
+        )
     if s.feishu_mode != "off":
         missing = [
             name

@@ -6,6 +6,7 @@ image can never reach a log line even if a caller passes one by mistake.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, MutableMapping
@@ -108,3 +109,30 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     # Library chatter that would drown the service's own events.
     for noisy in ("aiohttp.access", "transformers", "accelerate", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    _adopt_library_loggers()
+
+
+#: Libraries that install their own stderr handler on their root logger.
+_SELF_HANDLING = ("huggingface_hub", "transformers")
+
+
+def _adopt_library_loggers() -> None:
+    """Send the hub's and transformers' records through the root handler only, once each.
+
+    Why: ``huggingface_hub`` adds a plain stderr handler to its logger *and* propagates, so every
+    hub warning ("Retrying in 4s ...") was printed twice, once plain and once as JSON; transformers
+    adds one and does not propagate, so its warnings never reached the JSON log. Both configure
+    their logger when first imported or used, so we make them do that now, then take their
+    handlers away and let the records propagate to ours.
+    """
+    with contextlib.suppress(ImportError):
+        import huggingface_hub.utils.logging  # noqa: F401 - configures its logger on import
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.get_logger()  # runs its one-time set-up (adds the stderr handler)
+    for name in _SELF_HANDLING:
+        lib = logging.getLogger(name)
+        for handler in list(lib.handlers):
+            lib.removeHandler(handler)
+        lib.propagate = True

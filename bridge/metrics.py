@@ -1,4 +1,4 @@
-"""Prometheus metrics of SPEC §5 (and a few more), on a registry owned by one app instance.
+"""Prometheus metrics (listed in docs/dashboard.md), on a registry owned by one app instance.
 
 A registry per app (not the global default) lets tests run several bridges in one process.
 """
@@ -58,6 +58,16 @@ class Metrics:
         self.ws_closes = Counter(
             "bridge_ws_closes_total", "WebSocket closes by close code.", ["code"], registry=r
         )
+        self.ws_inflight_bytes = Gauge(
+            "bridge_ws_inflight_bytes",
+            "Bytes of inbound /ws frames reserved now (--max-inflight-bytes).",
+            registry=r,
+        )
+        self.ws_inflight_refused = Counter(
+            "bridge_ws_inflight_refused_total",
+            "Inbound /ws frames dropped unread and answered 'busy' (inflight budget full).",
+            registry=r,
+        )
         self.engine_queue_depth = Gauge(
             "bridge_engine_queue_depth", "Jobs waiting for a worker.", registry=r
         )
@@ -82,6 +92,13 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self.engine_batch_isolations = Counter(
+            "bridge_engine_batch_isolations_total",
+            "Batches that failed for a reason other than memory and were rerun one job at a "
+            "time, by stage (generate, prefill, decode).",
+            ["stage"],
+            registry=r,
+        )
         self.feishu_events = Counter(
             "bridge_feishu_events_total",
             "Feishu events by outcome (accepted, duplicate, rejected).",
@@ -97,6 +114,8 @@ class Metrics:
             self.engine_requests.labels(outcome=outcome)
         for direction in ("in", "out"):
             self.ws_frames.labels(direction=direction)
+        for stage in ("generate", "prefill", "decode"):
+            self.engine_batch_isolations.labels(stage=stage)
 
     def render(self) -> bytes:
         """The exposition text of every registered metric."""

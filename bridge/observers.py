@@ -28,6 +28,9 @@ class EngineMetrics:
     def on_queue_depth(self, depth: int) -> None:
         self._m.engine_queue_depth.set(depth)
 
+    def on_batch_isolated(self, stage: str, jobs: int) -> None:
+        self._m.engine_batch_isolations.labels(stage=stage).inc()
+
 
 class FeishuMetrics:
     """Counts Feishu events by outcome: accepted, duplicate, rejected."""

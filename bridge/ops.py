@@ -48,6 +48,11 @@ class BridgeOpsSource:
     def timeline(self) -> list[dict[str, Any]]:
         return self.chart.samples()
 
+    def topic_grants(self) -> list[dict[str, Any]]:
+        """Each client token's chat-topic patterns, under its label (never the token)."""
+        grants = self._app.hub.cfg.grants.by_label()
+        return [{"token": label, "patterns": list(grants[label])} for label in sorted(grants)]
+
     def count_connections(self) -> int:
         """Open connections now; also feeds the events/s chart from the frames counter."""
         frames = self._app.metrics.ws_frames.labels(direction="out")._value.get()

@@ -14,6 +14,7 @@ qualifies (Qwen-VL's multimodal rope keeps per-call state on the model and does 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,20 @@ def continuous_support(model: Any, generation_config: Any) -> str | None:
     return None
 
 
+def cache_kwarg(model: Any) -> str:
+    """The forward keyword that takes the KV cache: ``cache`` in current transformers.
+
+    Transformers 5.x renamed ``past_key_values`` to ``cache`` and warns (``FutureWarning``) on
+    the old name; older releases know only ``past_key_values`` and would silently drop a
+    ``cache`` keyword into ``**kwargs``, so the name is read from the forward's signature.
+    """
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def backbone_of(model: Any) -> str:
     """The ``model_type`` of the model's text decoder (``llama`` for the tiny LLaVA)."""
     return str(getattr(model.config.get_text_config(decoder=True), "model_type", ""))
@@ -118,6 +133,7 @@ class RunningBatch:
         self._on_text = on_text
         self._on_end = on_end
         self._should_stop = should_stop
+        self._cache_kwarg = cache_kwarg(replica.model)
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token
@@ -167,8 +183,8 @@ class RunningBatch:
         cache = DynamicCache()
         out = replica.model(
             **inputs,
+            **{self._cache_kwarg: cache},
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
@@ -198,8 +214,8 @@ class RunningBatch:
             input_ids=self._next[:, None],
             attention_mask=mask,
             position_ids=self._positions[:, None],
-            past_key_values=self._cache,
             use_cache=True,
+            **{self._cache_kwarg: self._cache},
             logits_to_keep=1,
         )
         tokens = out.logits[:, -1, :].argmax(dim=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,7 +18,9 @@ from engine.config import EngineConfig
 from engine.continuous import choose_batching, warmup_continuous
 from engine.images import ImageLimits, load_image
 from engine.job import Dispatcher, Handle, Job
+from engine.loading import LOG_EVERY_S, LoadCancelled, LoadProgress, ModelUnavailable
 from engine.model import Replica, RowResult, StepUsage, resolve_devices
+from engine.sanitize import is_valid_text
 from engine.stats import EngineStats
 from engine.types import (
     BusyError,
@@ -74,28 +77,50 @@ class Engine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._swap_lock = asyncio.Lock()
         self._worker_seq = 0
+        self._progress: LoadProgress | None = None
+        self._loader: threading.Thread | None = None
+        self._load_result: asyncio.Future[list[Replica]] | None = None
+        self.load_abandoned = False
 
     # ----------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         """Load the model on every device off the loop, warm it up, start the workers.
 
+        May be called again after it failed (the bridge's ``--model-load-retry``). The load runs
+        on a daemon thread, so a process that stops meanwhile is never held by it: :meth:`stop`
+        cancels it at its next step (see :mod:`engine.loading`).
+
         Raises:
-            EngineError: code ``internal`` when the model cannot be loaded.
+            EngineError: code ``internal`` when the model cannot be loaded (the message is one
+                line; for :class:`~engine.loading.ModelUnavailable` it says what to do), or
+                ``cancelled`` when :meth:`stop` cancelled the load.
         """
         self._loop = asyncio.get_running_loop()
-        self._dispatcher = Dispatcher(self._loop)
-        self._decode_pool = ThreadPoolExecutor(
-            max_workers=self.config.decode_threads, thread_name_prefix="engine-decode"
-        )
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(self._loop)
+        if self._decode_pool is None:
+            self._decode_pool = ThreadPoolExecutor(
+                max_workers=self.config.decode_threads, thread_name_prefix="engine-decode"
+            )
+        progress = self._progress = LoadProgress(self.config.model)
         self._reason = "loading model"
         try:
-            replicas = await asyncio.to_thread(self._load_replicas, self.config.model)
+            replicas = await self._load_in_thread(progress)
+        except LoadCancelled as exc:
+            self._reason = "stopped"
+            raise EngineError("cancelled", str(exc)) from exc
+        except ModelUnavailable as exc:
+            self._reason = f"model load failed: {exc}"
+            log.debug("engine.start_failed", model=self.config.model, error=str(exc))
+            raise EngineError("internal", str(exc)) from exc
         except Exception as exc:
             self._reason = f"model load failed: {exc}"
-            log.error("engine.start_failed", model=self.config.model, error=str(exc))
+            log.debug("engine.start_failed", model=self.config.model, error=str(exc))
             message = f"cannot load model {self.config.model!r}: {exc}"
             raise EngineError("internal", message) from exc
+        finally:
+            self._progress = None
         self._install(replicas, self.config.model)
         self._ready = True
         self._reason = None
@@ -107,13 +132,85 @@ class Engine:
             dtype=self._dtype,
         )
 
+    async def _load_in_thread(self, progress: LoadProgress) -> list[Replica]:
+        """Run :meth:`_load_replicas` on a daemon thread, logging progress every few seconds.
+
+        Why not ``asyncio.to_thread``: the loop's default executor is joined when the loop closes,
+        so a load stuck in a network call would keep a stopping process alive.
+        """
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[list[Replica]] = loop.create_future()
+
+        def deliver(outcome: list[Replica] | BaseException) -> None:
+            if result.done():
+                return
+            if isinstance(outcome, BaseException):
+                result.set_exception(outcome)
+            else:
+                result.set_result(outcome)
+
+        def run() -> None:
+            outcome: list[Replica] | BaseException
+            try:
+                outcome = self._load_replicas(self.config.model, progress)
+                if progress.cancelled:  # loaded after all, but nobody wants it any more
+                    for replica in outcome:
+                        replica.close()
+                    outcome = LoadCancelled(f"the load of {self.config.model!r} was cancelled")
+            except BaseException as exc:  # delivered to the awaiting coroutine
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
+                loop.call_soon_threadsafe(deliver, outcome)
+
+        thread = threading.Thread(target=run, name="engine-load", daemon=True)
+        self._loader, self._load_result = thread, result
+        thread.start()
+        try:
+            while True:
+                done, _ = await asyncio.wait({result}, timeout=LOG_EVERY_S)
+                if done:
+                    return result.result()
+                progress.maybe_log()
+        except asyncio.CancelledError:
+            progress.cancel()
+            raise
+
+    async def _abandon_load(self, grace_s: float) -> None:
+        """Cancel a load in progress and wait up to ``grace_s`` for its thread to end.
+
+        A load blocked inside a network call or a single huge read cannot see the cancel flag;
+        then :attr:`load_abandoned` is set and the caller exits without waiting for it.
+        """
+        thread, result, progress = self._loader, self._load_result, self._progress
+        if thread is None or result is None or result.done() or not thread.is_alive():
+            return
+        if progress is not None:
+            progress.cancel()
+        await asyncio.wait({result}, timeout=grace_s)
+        if not result.done():
+            self.load_abandoned = True
+            log.error(
+                "engine.load_abandoned",
+                model=self.config.model,
+                progress=progress.describe() if progress is not None else None,
+                grace_s=grace_s,
+                error="the model load did not stop within the grace period; "
+                "the process exits without waiting for it",
+            )
+        else:
+            log.info("engine.load_cancelled", model=self.config.model)
+
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Refuse new jobs, let running ones finish within ``grace_s``, cancel the rest."""
+        """Refuse new jobs, let running ones finish within ``grace_s``, cancel the rest.
+
+        A model load still in progress is cancelled (see :meth:`_abandon_load`).
+        """
         if self._closing:
             return
         self._closing = True
         self._ready = False
         self._reason = "stopping"
+        await self._abandon_load(grace_s)
         if self._live:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
@@ -136,16 +233,23 @@ class Engine:
         self._reason = "stopped"
         log.info("engine.stopped", model=self._model_name)
 
-    def _load_replicas(self, model: str) -> list[Replica]:
+    def _load_replicas(self, model: str, progress: LoadProgress | None = None) -> list[Replica]:
         """Load one replica per device (worker thread); close what was loaded if any fails."""
         replicas: list[Replica] = []
         try:
             for device in resolve_devices(self.config.device, self.config.device_map):
                 replica = Replica.load(
-                    model, device, self.config.dtype, self.config.device_map, self.config.ignore_eos
+                    model,
+                    device,
+                    self.config.dtype,
+                    self.config.device_map,
+                    self.config.ignore_eos,
+                    progress=progress,
                 )
                 replicas.append(replica)
                 if self.config.warmup:
+                    if progress is not None:
+                        progress.set_phase("warming up", device)
                     replica.warmup()
                     if choose_batching(self.config.batching, replica)[0] == "continuous":
                         warmup_continuous(replica)
@@ -249,6 +353,10 @@ class Engine:
             raise EngineError("bad_request", "timeout_s must be positive")
         if not isinstance(request.prompt, str):
             raise EngineError("bad_request", "prompt must be text")
+        if not is_valid_text(request.prompt):
+            # The edges refuse or repair such text; a caller that did neither gets told here
+            # instead of handing the tokenizer a string it cannot encode.
+            raise EngineError("bad_request", "prompt is not valid Unicode (lone surrogate)")
         if len(request.prompt) > MAX_PROMPT_CHARS:
             raise EngineError("too_large", f"prompt is longer than {MAX_PROMPT_CHARS} characters")
         if not isinstance(request.image, bytes | bytearray | memoryview):
@@ -353,6 +461,11 @@ class Engine:
                 CachedAnswer(job.sent_text, result.prompt_tokens, result.completion_tokens),
             )
 
+    def on_isolation(self, worker: Worker, jobs: list[Job], stage: str) -> None:
+        """A batch failed at ``stage`` for a reason other than memory; its jobs rerun alone."""
+        if self._observer is not None:
+            self._observer.on_batch_isolated(stage, len(jobs))
+
     def on_exit(self, worker: Worker, error: BaseException | None) -> None:
         """A worker thread ended; when it died, retry its jobs and restart it on the loop."""
         if error is None or self._loop is None:
@@ -389,6 +502,10 @@ class Engine:
         memory: dict[str, int] = {}
         for worker in self._workers:
             memory.update(worker.replica.memory())
+        progress = self._progress
+        reason = self._reason
+        if progress is not None and not self._ready and not self._closing:
+            reason = progress.describe()
         return EngineStatus(
             ready=self._ready,
             model=self._model_name,
@@ -399,7 +516,8 @@ class Engine:
             batch_sizes=self._stats.batch_sizes(),
             tokens_per_s=self._stats.tokens_per_s(),
             gpu_memory=memory,
-            reason=self._reason,
+            reason=reason,
+            loading=progress.snapshot() if progress is not None else None,
         )
 
     @property

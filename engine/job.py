@@ -103,6 +103,7 @@ class Job:
         self._finished = False
         self._sent: list[str] = []
         self._sent_len = 0
+        self._verify = False  # a rerun must regenerate exactly what was already streamed
         self._queue: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._delivered_terminal = False
         self.timer: asyncio.TimerHandle | None = None
@@ -126,15 +127,42 @@ class Job:
     def advance(self, total: str) -> None:
         """Stream the part of ``total`` (the row's text so far) not yet sent.
 
-        A retried job regenerates text it already streamed; only the new suffix goes out.
+        A retried job regenerates text it already streamed; only the new suffix goes out. After
+        :meth:`mark_rerun`, the regenerated text is also checked against what was sent: if it
+        differs, the job fails with ``internal`` rather than end with a spliced answer.
+        """
+        diverged = False
+        with self._lock:
+            if self._finished:
+                return
+            if self._verify:
+                sent = "".join(self._sent)
+                if len(total) <= self._sent_len:
+                    diverged = not sent.startswith(total)
+                else:
+                    diverged = not total.startswith(sent)
+                    self._verify = diverged  # past the streamed part: nothing left to check
+            if not diverged:
+                if len(total) <= self._sent_len:
+                    return
+                piece = total[self._sent_len :]
+                self._sent.append(piece)
+                self._sent_len = len(total)
+        if diverged:
+            log.warning("engine.rerun_diverged", job_id=self.job_id, streamed=self._sent_len)
+            self.fail("internal", "the rerun answer differs from the text already streamed")
+            return
+        self._dispatcher.post(self, Delta(piece))
+
+    def mark_rerun(self) -> None:
+        """The job's row starts again from its prompt: verify the text it already streamed.
+
+        Greedy decoding alone gives the same tokens as in a batch almost always, but padding
+        can change the arithmetic; a job whose rerun does not reproduce its streamed prefix
+        fails instead of continuing with a different answer than the one it began.
         """
         with self._lock:
-            if self._finished or len(total) <= self._sent_len:
-                return
-            piece = total[self._sent_len :]
-            self._sent.append(piece)
-            self._sent_len = len(total)
-        self._dispatcher.post(self, Delta(piece))
+            self._verify = self._sent_len > 0
 
     def succeed(self, cached: bool = False) -> bool:
         """Finish with ``Done`` carrying exactly the streamed text; False if already ended."""

@@ -26,6 +26,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from engine.images import pixel_budget_of
+from engine.loading import DownloadTracker, LoadProgress, resolve_model, tracking
+from engine.sanitize import PromptGuard
 from engine.streamer import BatchStreamer
 
 log = structlog.get_logger(__name__)
@@ -169,6 +171,8 @@ class Replica:
         self.tokenizer = tokenizer
         tokenizer.padding_side = "left"
         self.pad_id = _first_id(tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
+        # User text never reaches the template raw: see engine.sanitize.
+        self.guard = PromptGuard.for_processor(processor)
         self.eos_ids = set() if ignore_eos else _eos_ids(model, tokenizer)
         self.pixel_budget, self.min_short_edge = pixel_budget_of(
             getattr(processor, "image_processor", None)
@@ -194,20 +198,36 @@ class Replica:
         dtype_name: str,
         device_map: str | None = None,
         ignore_eos: bool = False,
+        progress: LoadProgress | None = None,
     ) -> Replica:
-        """Load processor and model onto ``device`` (``map`` = use ``device_map``)."""
+        """Load processor and model onto ``device`` (``map`` = use ``device_map``).
+
+        ``progress`` is fed as the load goes (phase, shards, bytes, weights) and its cancel flag is
+        honoured at each step (see :mod:`engine.loading`).
+
+        Raises:
+            ModelUnavailable: ``name`` is no model folder, or a hub id that cannot be fetched now.
+            LoadCancelled: ``progress`` was cancelled meanwhile.
+        """
         hf_logging.disable_progress_bar()
-        path = resolve_model_path(name)
+        progress = progress or LoadProgress(name)
         dtype = resolve_dtype(dtype_name, device)
         started = time.monotonic()
-        processor = AutoProcessor.from_pretrained(path)
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if device == "map":
-            kwargs["device_map"] = device_map
-        model: Any = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        if device != "map":
-            model = model.to(device)
-        model.eval()
+        with tracking(progress):
+            source = resolve_model(name, progress)
+            path = source.path
+            common: dict[str, Any] = {"local_files_only": True} if source.local_files_only else {}
+            progress.set_phase("loading processor", device)
+            processor = AutoProcessor.from_pretrained(path, **common)
+            kwargs: dict[str, Any] = {"dtype": dtype, "tqdm_class": DownloadTracker, **common}
+            if device == "map":
+                kwargs["device_map"] = device_map
+            progress.set_phase("loading weights", device)
+            model: Any = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+            if device != "map":
+                progress.set_phase(f"moving weights to {device}", device)
+                model = model.to(device)
+            model.eval()
         log.info(
             "engine.model_loaded",
             model=name,
@@ -238,9 +258,15 @@ class Replica:
         return inputs
 
     def prompt_text(self, prompt: str) -> str:
-        """The chat-templated text for one image plus ``prompt``."""
+        """The chat-templated text for one image plus ``prompt``.
+
+        ``prompt`` is made valid Unicode and every control-token spelling in it is broken first
+        (:class:`~engine.sanitize.PromptGuard`), so user text always reaches the model as text:
+        it can neither add image placeholders nor close the user turn.
+        """
+        text = self.guard.clean(prompt)
         messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
         ]
         return str(
             self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -1,5 +1,6 @@
 """The continuous-batching schedule of one worker: admit ready jobs between decode steps, step
-the running batch, retire rows as they end, and recover from out-of-memory errors.
+the running batch, retire rows as they end, and recover from out-of-memory errors and isolate
+other errors (only the row that causes one fails; its neighbours are rerun and answer).
 
 It runs on the worker thread and drives a :class:`~engine.continuous.RunningBatch`; the static
 path (one ``generate`` per batch) lives in :mod:`engine.worker`.
@@ -106,7 +107,29 @@ class ContinuousScheduler:
                     worker=self._worker.worker_id,
                     jobs=[j.job_id for j in live],
                 )
-                self._forget(keys, "internal", f"generation failed: {type(exc).__name__}")
+                failure = f"generation failed: {type(exc).__name__}"
+                if set(keys) & set(self._batch.keys):
+                    # It failed after merging (while streaming first tokens): the batch state
+                    # is suspect, so every row, running or new, restarts on its own.
+                    merged = self._batch.keys
+                    self._batch.clear()
+                    jobs = self._untrack([*merged, *(k for k in keys if k not in merged)])
+                    if len(jobs) == 1:
+                        jobs[0].fail("internal", failure)
+                        return
+                    self._isolated(jobs, "prefill", failure)
+                    for job in jobs:
+                        self._solo(job)
+                    return
+                if len(live) == 1:
+                    self._forget(keys, "internal", failure)
+                    return
+                # The running rows are untouched by a failed prefill: admit each new job on its
+                # own, so only the one that causes the error fails.
+                self._untrack(keys)
+                self._isolated(live, "prefill", failure)
+                for job in live:
+                    self._admit([job])
                 return
             out_of_memory = True
             log.warning(
@@ -152,11 +175,18 @@ class ContinuousScheduler:
                 log.exception(
                     "engine.decode_failed",
                     worker=self._worker.worker_id,
-                    jobs=[self._jobs[k].job_id for k in self._batch.keys],
+                    jobs=[self._jobs[k].job_id for k in self._batch.keys if k in self._jobs],
                 )
                 keys = self._batch.keys
                 self._batch.clear()
-                self._forget(keys, "internal", f"generation failed: {type(exc).__name__}")
+                failure = f"generation failed: {type(exc).__name__}"
+                if len(keys) == 1:
+                    self._forget(keys, "internal", failure)
+                    return False
+                jobs = self._untrack(keys)
+                self._isolated(jobs, "decode", failure)
+                for job in jobs:
+                    self._solo(job)
                 return False
             out_of_memory = True
         assert out_of_memory
@@ -180,6 +210,72 @@ class ContinuousScheduler:
             self._cap = max(1, len(live) // 2)
             self._batcher.requeue(live)
         return False
+
+    # ----------------------------------------------------------------------------- isolation
+
+    def _isolated(self, jobs: list[Job], stage: str, failure: str) -> None:
+        """Report that ``jobs`` failed together at ``stage`` and are about to run one by one."""
+        live = [job for job in jobs if not job.finished]
+        log.warning(
+            "engine.batch_isolated",
+            worker=self._worker.worker_id,
+            stage=stage,
+            jobs=[j.job_id for j in live],
+            error=failure,
+        )
+        self._hooks.on_isolation(self._worker, live, stage)
+
+    def _solo(self, job: Job) -> None:
+        """Run ``job`` from its prompt to its end in a batch of its own (after a decode error).
+
+        Which row broke a shared decode step is unknown and the shared cache may be half
+        written, so every row restarts alone; the running batch is empty meanwhile and new jobs
+        wait (or go to other workers). A job that streamed part of its answer is verified
+        against it (:meth:`Job.mark_rerun`). An error here is this job's own: it fails alone.
+        """
+        if job.finished:
+            return
+        job.mark_rerun()
+        key = next(self._keys)
+        self._jobs[key] = job
+        self._texts[key] = ""
+        self._track()
+        solo = RunningBatch(self._replica, self._on_text, self._on_end, self._should_stop)
+        spec = RowSpec(job.image, job.request.prompt, job.max_tokens)
+        code = ""
+        try:
+            self._hooks.on_batch(self._worker, 1)
+            solo.admit([key], [spec])
+            self._dispatcher.flush()
+            while len(solo):
+                solo.step()
+                self._hooks.on_batch_end(self._worker, StepUsage(1, 1, 1))
+                self._dispatcher.flush()
+        except Exception as exc:
+            solo.clear()
+            code = "too_large" if is_oom(exc) else "internal"
+            log.exception(
+                "engine.isolated_job_failed", worker=self._worker.worker_id, job_id=job.job_id
+            )
+        if code:
+            free_memory()
+            message = (
+                "the job does not fit in accelerator memory on its own"
+                if code == "too_large"
+                else "generation failed for this job on its own"
+            )
+            self._forget([key], code, message)
+        self._track()
+
+    def _untrack(self, keys: list[int]) -> list[Job]:
+        """Stop tracking ``keys`` without ending their jobs; the jobs, in order."""
+        jobs = []
+        for key in keys:
+            job = self._jobs.pop(key, None)
+            self._texts.pop(key, None)
+            if job is not None:
+                jobs.append(job)
+        return jobs
 
     # ----------------------------------------------------------------------------- callbacks
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 ErrorCode = Literal[
     "bad_image", "too_large", "busy", "cancelled", "timeout", "internal", "bad_request"
@@ -131,6 +131,8 @@ class EngineStatus:
     tokens_per_s: float = 0.0
     gpu_memory: dict[str, int] = field(default_factory=dict)
     reason: str | None = None
+    #: While the model loads: phase, shards, bytes, weights, elapsed (``engine.loading``).
+    loading: dict[str, Any] | None = None
 
 
 class JobHandle(Protocol):
@@ -174,4 +176,9 @@ class EngineObserver(Protocol):
 
     def on_queue_depth(self, depth: int) -> None:
         """The number of waiting jobs changed."""
+        ...
+
+    def on_batch_isolated(self, stage: str, jobs: int) -> None:
+        """A batch failed (not out of memory) at ``stage`` (``generate``, ``prefill`` or
+        ``decode``); its ``jobs`` unfinished jobs are rerun one by one."""
         ...

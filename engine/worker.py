@@ -1,7 +1,9 @@
 """A worker thread: takes batches from the shared :class:`Batcher` and runs them on its replica.
 
 ``generate`` and every torch call happen here, never on the event loop. Out-of-memory errors
-split the batch and retry; a job that alone does not fit fails with ``too_large``.
+split the batch and retry; a job that alone does not fit fails with ``too_large``. Any other
+error of a batch of several jobs isolates it: each unfinished job is rerun on its own, so only
+the job that causes the error fails (``internal``) and its neighbours still get their answers.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class WorkerHooks(Protocol):
 
     def on_row_end(self, worker: Worker, job: Job, result: RowResult) -> None:
         """A job's row ended with ``result``; the hook finishes the job."""
+        ...
+
+    def on_isolation(self, worker: Worker, jobs: list[Job], stage: str) -> None:
+        """A batch of ``jobs`` failed at ``stage`` (not out of memory); each is rerun alone."""
         ...
 
     def on_exit(self, worker: Worker, error: BaseException | None) -> None:
@@ -156,6 +162,7 @@ class Worker:
                     job.started = True
                     job.emit(Started())
         out_of_memory = False
+        failure: str | None = None
         try:
             self._generate(live)
         except Exception as exc:
@@ -163,12 +170,13 @@ class Worker:
                 log.exception(
                     "engine.generate_failed", worker=self.worker_id, jobs=[j.job_id for j in live]
                 )
-                for job in live:
-                    job.fail("internal", f"generation failed: {type(exc).__name__}")
-                return
-            out_of_memory = True
-            log.warning("engine.out_of_memory", worker=self.worker_id, batch=len(live))
-        if out_of_memory:
+                failure = f"generation failed: {type(exc).__name__}"
+            else:
+                out_of_memory = True
+                log.warning("engine.out_of_memory", worker=self.worker_id, batch=len(live))
+        if failure is not None:
+            self._isolate(live, failure)
+        elif out_of_memory:
             # Outside the except block, so the traceback no longer pins the failed tensors.
             free_memory()
             live = [job for job in live if not job.finished]
@@ -178,6 +186,34 @@ class Worker:
                 mid = len(live) // 2
                 self._run(live[:mid])
                 self._run(live[mid:])
+
+    def _isolate(self, jobs: list[Job], failure: str) -> None:
+        """After a non-OOM error: rerun each unfinished job of a batch alone, or fail a lone one.
+
+        The error says nothing about which row caused it, so each row gets a batch of its own;
+        the culprit fails there (a batch of one is never isolated again) and the others answer.
+        A job that had streamed part of its answer starts again from its prompt; only text past
+        what it already sent goes out, and it fails rather than diverge from that text
+        (:meth:`Job.mark_rerun`).
+        """
+        rest = [job for job in jobs if not job.finished]
+        if len(jobs) == 1:
+            for job in rest:
+                job.fail("internal", failure)
+            return
+        if not rest:
+            return
+        log.warning(
+            "engine.batch_isolated",
+            worker=self.worker_id,
+            stage="generate",
+            jobs=[j.job_id for j in rest],
+            error=failure,
+        )
+        self._hooks.on_isolation(self, rest, "generate")
+        for job in rest:
+            job.mark_rerun()
+            self._run([job])
 
     def _generate(self, jobs: list[Job]) -> None:
         self._hooks.on_batch(self, len(jobs))

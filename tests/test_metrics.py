@@ -1,4 +1,4 @@
-"""SPEC §5 metrics carry real values: the engine observer and the hub's heartbeat histogram."""
+"""The documented metrics carry real values: the engine observer, the heartbeat histogram."""
 
 from __future__ import annotations
 

@@ -38,11 +38,17 @@ class FeishuConfig:
         patch_interval_s: least time between two card updates of one message (Feishu allows 5/s).
         pong_timeout_s: long connection: seconds to wait for any frame after a ping.
         ping_interval_s: long connection: ping interval until the server's ClientConfig says.
-        reconnect_base_s / reconnect_max_s: long connection backoff (the server's ClientConfig
-            ReconnectInterval caps it when smaller; ReconnectNonce adds jitter to the first try).
+        reconnect_base_s / reconnect_max_s: long connection backoff. The server's ClientConfig
+            ReconnectInterval is the base once it arrived (``reconnect_base_s`` until then), the
+            waits double up to ``reconnect_max_s`` (never below ReconnectInterval), and the first
+            retry waits a random part of ReconnectNonce instead.
         stable_after_s: a connection up this long resets the backoff.
-        max_reconnect_attempts: give up after this many consecutive failures (-1: follow the
-            server's ReconnectCount, which is usually unlimited).
+        max_reconnect_attempts: give up after this many failed retries in a row; a retry that
+            brings the link up starts the count afresh (-1: follow the server's ReconnectCount,
+            which is usually unlimited).
+        refused_retry_s: wait between tries after Feishu refused the app itself (wrong
+            credentials, code 514; a ban; the connection limit): the state is ``failed`` and the
+            link is retried this slowly; 0 stops for good, as Feishu's SDK does.
         fragment_ttl_s: drop an incomplete fragmented event after this long.
         max_event_bytes: largest (reassembled) long-connection event accepted.
     """
@@ -70,6 +76,7 @@ class FeishuConfig:
     reconnect_max_s: float = 120.0
     stable_after_s: float = 60.0
     max_reconnect_attempts: int = -1
+    refused_retry_s: float = 600.0
     fragment_ttl_s: float = 10.0
     max_event_bytes: int = 4 * 1024 * 1024
 

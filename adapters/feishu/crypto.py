@@ -76,4 +76,7 @@ def verify_signature(
 
 def same_secret(a: str, b: str) -> bool:
     """Constant-time comparison of two secrets (verification tokens)."""
-    return hmac.compare_digest(a.encode(), b.encode())
+    # surrogatepass: a hostile token with a lone surrogate compares unequal instead of raising.
+    return hmac.compare_digest(
+        a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass")
+    )

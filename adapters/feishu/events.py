@@ -59,7 +59,10 @@ def parse_envelope(data: dict[str, Any]) -> Envelope:
     if not isinstance(token, str):
         raise EventFormatError("event token is not a string")
     return Envelope(
-        event_type=event_type, event_id=event_id, token=token, event=_get_dict(data, "event")
+        event_type=valid_text(event_type),
+        event_id=valid_text(event_id),
+        token=valid_text(token),
+        event=_get_dict(data, "event"),
     )
 
 
@@ -91,17 +94,20 @@ def to_inbound(envelope: Envelope, received_at: float) -> InboundMessage:
     if not isinstance(content, dict):
         content = {}
     text, images = _content(message_type, content)
+    # Every string is made valid Unicode here: JSON can carry lone surrogates ("\ud800"), which
+    # the durable inbox cannot encode (the intake would answer 500 and Feishu re-deliver
+    # forever) and no tokenizer accepts. The message is kept, with U+FFFD in their place.
     return InboundMessage(
         platform="feishu",
-        chat_id=chat_id,
-        message_id=message_id,
-        event_id=envelope.event_id,
-        sender_id=sender_id,
-        text=_clean(text),
-        images=tuple(images[:_MAX_IMAGES]),
-        message_type=message_type,
+        chat_id=valid_text(chat_id),
+        message_id=valid_text(message_id),
+        event_id=valid_text(envelope.event_id),
+        sender_id=valid_text(sender_id),
+        text=_clean(valid_text(text)),
+        images=tuple(ImageRef(valid_text(r.key), r.kind) for r in images[:_MAX_IMAGES]),
+        message_type=valid_text(message_type),
         received_at=received_at,
-        chat_type=_opt_str(message.get("chat_type")),
+        chat_type=valid_text(_opt_str(message.get("chat_type"))),
     )
 
 
@@ -142,6 +148,15 @@ def _post(content: dict[str, Any]) -> tuple[str, list[ImageRef]]:
         if line:
             texts.append("".join(line))
     return "\n".join(texts), images
+
+
+def valid_text(text: str) -> str:
+    """``text`` with each lone UTF-16 surrogate replaced by U+FFFD (unchanged when valid)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
 
 
 def _clean(text: str) -> str:

@@ -1,7 +1,8 @@
 """JSON errors and security headers for every dashboard and ``/api/*`` answer.
 
-SPEC §2 wants errors as ``{"error":{"code","message"}}``; the middleware also turns the router's own
-404/405 (unknown path, dashboard disabled) into that shape, only under the dashboard's prefixes.
+docs/dashboard.md gives errors as ``{"error":{"code","message"}}``; the middleware also turns
+the router's own 404/405 (unknown path, dashboard disabled) into that shape, only under the
+dashboard's prefixes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def json_error(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    """A JSON error response in the SPEC's shape."""
+    """A JSON error response in the documented shape."""
     response = web.json_response(
         {"error": {"code": code, "message": message}}, status=status, headers=headers
     )

@@ -212,8 +212,8 @@ class Dashboard:
     async def list_connections(self, request: web.Request) -> web.StreamResponse:
         """``GET /api/connections``: the connections (``q``, ``state``, ``sort``, paging...).
 
-        Without ``limit`` every matching connection is listed, as SPEC §2 shows the whole list;
-        the dashboard asks for pages.
+        Without ``limit`` every matching connection is listed, as docs/dashboard.md shows the
+        whole list; the dashboard asks for pages.
         """
         self.require(request)
         query = parse_query(request.query, default_limit=None)
@@ -279,7 +279,14 @@ class Dashboard:
             "adapters": self.source.adapter_statuses(),
             "errors": self.source.recent_errors(_ERRORS_SHOWN),
             "timeline": self.source.timeline(),
+            "grants": _grants(self.source),
         }
+
+
+def _grants(source: OpsSource) -> list[dict[str, Any]]:
+    """The topic grants per token label, when the source knows them (older sources do not)."""
+    grants = getattr(source, "topic_grants", None)
+    return list(grants()) if grants is not None else []
 
 
 def _redirect(location: str) -> web.Response:

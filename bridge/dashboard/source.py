@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-# Fields of a connection row, in SPEC §2 order plus ``state``.
+# Fields of a connection row, in the documented order (docs/dashboard.md) plus ``state``.
 ROW_FIELDS = (
     "id",
     "session",
@@ -75,7 +75,7 @@ class ConnectionPage:
     counts: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, query: ConnectionQuery) -> dict[str, Any]:
-        """The API shape: SPEC §2's ``connections`` plus paging and aggregate fields."""
+        """The API shape: the documented ``connections`` plus paging and aggregate fields."""
         return {
             "connections": self.connections,
             "total": self.total,

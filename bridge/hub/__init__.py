@@ -1,4 +1,4 @@
-"""The WebSocket hub (SPEC §3): resumable sessions, heartbeats and backpressure on /ws."""
+"""The WebSocket hub (docs/protocol.md): resumable sessions, heartbeats and backpressure on /ws."""
 
 from __future__ import annotations
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from bridge.grants import TopicGrants
+
 
 @dataclass(frozen=True, slots=True)
 class HubConfig:
-    """Every knob of the hub; defaults follow SPEC §3 and sit under common proxy idle timeouts.
+    """Every knob of the hub; defaults follow docs/protocol.md, under common proxy idle timeouts.
 
     Attributes:
         tokens: client tokens accepted in ``hello``; empty means every hello is refused (4001).
@@ -21,6 +23,9 @@ class HubConfig:
         replay_max_events / replay_max_bytes / replay_max_age_s: replay buffer bounds per session.
         session_ttl_s: how long a session without a connection is kept for resume.
         send_queue_max: outgoing frames queued per connection before it is closed with 4003.
+        send_buffer_max_bytes: outgoing bytes one connection may have pending, queued here plus
+            what the transport has not yet written to the socket, before it is closed with 4003
+            (the kernel's socket buffers come on top; see :meth:`Connection.pending_bytes`).
         submit_rate / submit_burst: per-connection token bucket for submits (``rate_limited``).
         token_submit_rate: submits per second one token may make over all its connections and
             every node sharing the store (a fixed 1-second window in the store); 0 disables it.
@@ -30,6 +35,11 @@ class HubConfig:
         send_timeout_s: a single write that cannot complete in this time marks a slow consumer.
         flush_interval_s: write-behind period of replay buffers and session headers to the store.
         max_topics: subscriptions one session may hold.
+        topic_grants: (token, pattern) pairs: the chat topics each client token may subscribe
+            to (globs, see :mod:`bridge.grants`); admin tokens may follow every topic.
+        max_inflight_bytes: bytes of inbound frames being received, decoded or waiting for the
+            engine over all connections (see :mod:`bridge.hub.inflight`); a large frame beyond
+            it is dropped unread and answered ``busy``.
         handoff_timeout_s: in a cluster, how long a resume waits for the node holding the session
             to release it before loading it from the store anyway (that node may be dead); at
             most half of ``hello_timeout_s`` is used, since the hello deadline runs meanwhile.
@@ -47,6 +57,7 @@ class HubConfig:
     replay_max_age_s: float = 3600.0
     session_ttl_s: float = 86400.0
     send_queue_max: int = 1024
+    send_buffer_max_bytes: int = 4 * 2**20
     submit_rate: float = 10.0
     submit_burst: int = 20
     token_submit_rate: float = 50.0
@@ -58,6 +69,11 @@ class HubConfig:
     flush_interval_s: float = 0.5
     max_topics: int = 64
     handoff_timeout_s: float = 1.0
+    topic_grants: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    max_inflight_bytes: int = 256 * 2**20
+    _grants: TopicGrants = field(
+        default_factory=lambda: TopicGrants(()), init=False, repr=False, compare=False
+    )
     _labels: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +88,8 @@ class HubConfig:
             "replay_max_age_s": self.replay_max_age_s,
             "session_ttl_s": self.session_ttl_s,
             "send_queue_max": self.send_queue_max,
+            "send_buffer_max_bytes": self.send_buffer_max_bytes,
+            "max_inflight_bytes": self.max_inflight_bytes,
             "submit_rate": self.submit_rate,
             "submit_burst": self.submit_burst,
             "max_connections_per_token": self.max_connections_per_token,
@@ -89,6 +107,24 @@ class HubConfig:
             raise ValueError(f"HubConfig.token_submit_rate must be 0 or at least 1, got {rate!r}")
         for token in self.tokens | self.admin_tokens:
             self._labels[token] = token_label(token)
+        grants = TopicGrants((self.label_of(t), pattern) for t, pattern in self.topic_grants)
+        object.__setattr__(self, "_grants", grants)
+
+    @property
+    def grants(self) -> TopicGrants:
+        """The topic grants by token label."""
+        return self._grants
+
+    def may_follow(self, label: str | None, admin: bool, topic: str) -> bool:
+        """Whether a session of the token labelled ``label`` may subscribe to ``topic``.
+
+        ``ops`` is for admin tokens; chat topics need a matching grant (admins hold all).
+        """
+        if admin:
+            return True
+        if topic == "ops":
+            return False
+        return self._grants.allows(label, topic)
 
     def label_of(self, token: str) -> str:
         """The printable label of an accepted token (its hash prefix, never the token)."""

@@ -129,9 +129,14 @@ class ConnectionCore:
 
     # --- lifecycle -------------------------------------------------------------------------
     def welcomed(self, now: float) -> None:
-        """The hub accepted the hello: start the heartbeat."""
+        """The hub accepted the hello: start the heartbeat with a ping due at once.
+
+        That first ping goes out right after ``welcome`` (on the next timer slot, once the welcome
+        and any replay are queued), so the RTT and last pong are known within one round trip
+        instead of after a whole interval; the cadence then continues ``heartbeat_s`` apart.
+        """
         self.phase = Phase.OPEN
-        self.next_ping_at = now + self.cfg.heartbeat_s
+        self.next_ping_at = now
 
     def closed(self, code: int) -> None:
         """The connection was closed (by us or the peer)."""

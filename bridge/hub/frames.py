@@ -16,6 +16,7 @@ from aiohttp import WSMsgType
 from bridge.hub import protocol as p
 from bridge.hub.config import HubConfig
 from bridge.hub.connection import Phase
+from bridge.hub.inflight import RETRY_AFTER_S, Refused
 from bridge.hub.jobs import JobRunner
 from bridge.hub.liveness import Liveness
 from bridge.hub.persist import WriteBehind
@@ -100,22 +101,69 @@ class FrameHandler:
 
     async def read(self, conn: Connection) -> None:
         """Handle the client's frames until its socket closes or fails (frames after a decided
-        close are ignored)."""
+        close are ignored).
+
+        Each data message's bytes are released from the inflight budget once it is handled, and
+        no reference to it outlives that: ``async for`` would keep the last message alive while
+        waiting for the next, pinning a 15 MiB submit of an idle client.
+        """
         ws = conn.ws
-        async for msg in ws:
-            if conn.closing:
-                continue
-            if msg.type is WSMsgType.TEXT:
-                await self.on_text(conn, msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                self._meter.received += 1
-                if conn.core.phase is Phase.AWAIT_HELLO:
-                    conn.close(p.CLOSE_UNAUTHORIZED, "hello expected")
-                else:
-                    conn.send(p.error("bad_frame", "binary frames are not accepted"))
-            elif msg.type is WSMsgType.ERROR:
+        gate = ws.gate
+        while True:
+            msg = await ws.receive()
+            kind = msg.type
+            if kind in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                break
+            if kind is WSMsgType.ERROR:
                 log.info("ws_error", conn_id=conn.id, error=repr(ws.exception()))
                 break
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                data = msg.data
+                del msg
+                try:
+                    if conn.closing:
+                        continue
+                    if kind is WSMsgType.TEXT:
+                        await self.on_text(conn, data)
+                    else:
+                        self._meter.received += 1
+                        if conn.core.phase is Phase.AWAIT_HELLO:
+                            conn.close(p.CLOSE_UNAUTHORIZED, "hello expected")
+                        else:
+                            conn.send(p.error("bad_frame", "binary frames are not accepted"))
+                finally:
+                    del data
+                    if gate is not None:
+                        gate.done()
+            else:
+                del msg
+
+    def on_refused(self, conn: Connection, refused: Refused) -> None:
+        """A frame did not fit the inflight budget and was dropped unread: answer ``busy``."""
+        self._meter.received += 1
+        self.metrics.ws_inflight_refused.inc()
+        log.info(
+            "ws_frame_over_budget",
+            conn_id=conn.id,
+            job_id=refused.job_id,
+            frame_type=refused.kind,
+            declared_bytes=refused.declared,
+        )
+        if conn.closing:
+            return
+        wait = RETRY_AFTER_S
+        message = f"the server is receiving too much at once; retry in {wait:g}s"
+        conn.send(
+            p.dumps(
+                {
+                    "type": "error",
+                    "code": "busy",
+                    "message": message,
+                    "id": refused.job_id,
+                    "retry_after": wait,
+                }
+            )
+        )
 
     async def on_text(self, conn: Connection, text: str) -> None:
         """Handle one text frame: the core's checks and actions first, then its handler.
@@ -173,8 +221,13 @@ class FrameHandler:
     def _subscribe(self, conn: Connection, topic: str) -> None:
         session = conn.session
         assert session is not None
-        if topic == "ops" and not session.admin:
-            conn.send(p.error("forbidden", "only admin tokens may subscribe to 'ops'"))
+        if not self.cfg.may_follow(session.owner, session.admin, topic):
+            log.info("ws_subscribe_forbidden", conn_id=conn.id, session=session.id, topic=topic)
+            if topic == "ops":
+                conn.send(p.error("forbidden", "only admin tokens may subscribe to 'ops'"))
+            else:
+                msg = "this token holds no grant for that topic (see --topic-grant)"
+                conn.send(p.error("forbidden", msg))
             return
         if topic not in session.topics and len(session.topics) >= self.cfg.max_topics:
             conn.send(p.error("too_large", f"at most {self.cfg.max_topics} topics"))

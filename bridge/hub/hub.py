@@ -1,4 +1,4 @@
-"""The WebSocket hub of SPEC §3: sessions, jobs, topics, heartbeats and shutdown for /ws.
+"""The WebSocket hub of docs/protocol.md: sessions, jobs, topics, heartbeats and shutdown for /ws.
 
 The per-connection rules live in :class:`~bridge.hub.connection.ConnectionCore`, the per-session
 state in :class:`~bridge.hub.session.Session`; the hello and resume path in
@@ -27,6 +27,7 @@ from bridge.hub.config import HubConfig
 from bridge.hub.connection import Close, ConnectionCore
 from bridge.hub.frames import FrameHandler, FrameMeter
 from bridge.hub.heartbeat import WheelTimer
+from bridge.hub.inflight import InflightBudget
 from bridge.hub.info import ConnectionInfo, connection_info
 from bridge.hub.jobs import JobRunner
 from bridge.hub.liveness import Liveness
@@ -85,7 +86,9 @@ class Hub:
         self._wall = wall
         self._gate = TokenGate(cfg)
         self._conns: dict[str, Connection] = {}
-        self._jobs = JobRunner(engine, cfg.max_image_bytes, self._emit)
+        #: Bytes of inbound frames held now, over every connection (``--max-inflight-bytes``).
+        self.inflight = InflightBudget(cfg.max_inflight_bytes)
+        self._jobs = JobRunner(engine, cfg.max_image_bytes, self._emit, budget=self.inflight)
         self.node_id = node_id or "n-" + secrets.token_hex(6)
         cluster_id = self.node_id if bus is not None else None
         self._writes = WriteBehind(store, cfg.session_ttl_s, wall, cluster_id)
@@ -218,7 +221,11 @@ class Hub:
                 status=503,
             )
         ws = HubWebSocket(
-            max_msg_size=self.cfg.max_frame_bytes, compress=False, autoping=True, timeout=2.0
+            budget=self.inflight,
+            max_msg_size=self.cfg.max_frame_bytes,
+            compress=False,
+            autoping=True,
+            timeout=2.0,
         )
         await ws.prepare(request)
         conn_id = "c_" + secrets.token_hex(6)
@@ -231,8 +238,12 @@ class Hub:
             request.remote or "?",
             self.cfg.send_queue_max,
             transport if isinstance(transport, asyncio.Transport) else None,
+            self.cfg.send_buffer_max_bytes,
         )
         conn.on_closing = self._on_closing
+        gate = ws.gate
+        if gate is not None:
+            gate.attach(lambda refused: self._frames.on_refused(conn, refused))
         self._register(conn)
         try:
             await self._frames.read(conn)
@@ -241,6 +252,8 @@ class Hub:
                 await conn.wait_closed()
             finally:
                 # Also when aiohttp cancels this handler because the peer vanished.
+                if gate is not None:
+                    gate.close()
                 self._unregister(conn)
         return ws
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import structlog
 
 from bridge.hub import protocol as p
+from bridge.hub.inflight import InflightBudget
 from bridge.hub.session import Session
 from bridge.hub.ws import Connection
 from engine.types import TERMINAL_KINDS, EngineError, EngineLike, Failed, JobHandle, JobRequest
@@ -48,6 +49,8 @@ class JobRunner:
         max_image_bytes: largest decoded image accepted.
         emit: gives an event tail the session's next seq and delivers it (the hub's fan-in point);
             its third argument is the client job id the event ends (its terminal event), or None.
+        budget: the inflight budget; a job's image bytes stay reserved in it until the engine
+            starts (or ends) the job, since until then they wait in the engine's queue.
 
     Attributes:
         forward_cancel: in a cluster, sends a cancel for an open job of the session that does not
@@ -59,8 +62,11 @@ class JobRunner:
         engine: EngineLike,
         max_image_bytes: int,
         emit: Callable[[Session, str, str | None], None],
+        *,
+        budget: InflightBudget | None = None,
     ) -> None:
         self.engine = engine
+        self.budget = budget
         self.max_image_bytes = max_image_bytes
         self._emit = emit
         self.tasks: set[asyncio.Task[None]] = set()
@@ -108,7 +114,11 @@ class JobRunner:
         session.remember_job(frame.id)  # only accepted jobs: a refused id may be retried
         if not session.open_job(frame.id):
             log.warning("ws_open_jobs_capped", session=session.id, job_id=frame.id)
-        task = asyncio.get_running_loop().create_task(self._run(session, frame.id, handle))
+        held = len(image)
+        if self.budget is not None:
+            self.budget.force_reserve(held)
+        del image, request
+        task = asyncio.get_running_loop().create_task(self._run(session, frame.id, handle, held))
         job = Job(handle, task, session.owner)
         self._live.setdefault((session.id, frame.id), []).append(job)
         session.jobs[frame.id] = job
@@ -116,12 +126,17 @@ class JobRunner:
         task.add_done_callback(self.tasks.discard)
         log.info("ws_job_submitted", conn_id=conn.id, session=session.id, job_id=frame.id)
 
-    async def _run(self, session: Session, job_id: str, handle: JobHandle) -> None:
-        """Stream a job's engine events into the session until its one terminal event."""
+    async def _run(self, session: Session, job_id: str, handle: JobHandle, held: int = 0) -> None:
+        """Stream a job's engine events into the session until its one terminal event
+        (``held``: image bytes reserved in the budget, released once the engine starts it)."""
         ended = False
+        budget = self.budget
         try:
             async for event in handle.events():
                 terminal = event.kind in TERMINAL_KINDS
+                if held and budget is not None and (terminal or event.kind == "started"):
+                    budget.release(held)
+                    held = 0
                 self._emit(session, p.event_tail(job_id, event), job_id if terminal else None)
                 if terminal:
                     ended = True
@@ -136,6 +151,8 @@ class JobRunner:
         except Exception:
             log.exception("ws_job_failed", session=session.id, job_id=job_id)
         finally:
+            if held and budget is not None:
+                budget.release(held)
             if not ended:
                 failed = Failed("internal", "the job ended without a result")
                 self._emit(session, p.event_tail(job_id, failed), job_id)

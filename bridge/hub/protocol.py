@@ -1,4 +1,4 @@
-"""The /ws wire format of SPEC §3: parse and validate client frames, build server frames.
+"""The /ws wire format of docs/protocol.md: parse and validate client frames, build server frames.
 
 Pure functions over strings: no I/O, no clock. Everything a client can send is checked here, so a
 hostile frame becomes a :class:`FrameError` (an ``error`` frame) and never an exception elsewhere.
@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+from engine.sanitize import is_valid_text
 from engine.types import Delta, Done, Failed, JobEvent, Queued, Started
 
-# Close codes (SPEC §3 plus 4005, our documented extension for a session taken over).
+# Close codes (docs/protocol.md, with 4005, our documented extension for a session taken over).
 CLOSE_OPERATOR: Final = 4000
 CLOSE_UNAUTHORIZED: Final = 4001
 CLOSE_HEARTBEAT: Final = 4002
@@ -168,6 +169,9 @@ def _parse_submit(obj: dict[str, Any], max_prompt_chars: int, max_image_bytes: i
     prompt = obj.get("prompt")
     if not isinstance(prompt, str):
         raise FrameError("bad_frame", "'prompt' must be a string", job_id)
+    if not is_valid_text(prompt):
+        # JSON can spell a lone UTF-16 surrogate ("\ud800"); no tokenizer can encode one.
+        raise FrameError("bad_frame", "'prompt' is not valid Unicode (lone surrogate)", job_id)
     if len(prompt) > max_prompt_chars:
         raise FrameError("too_large", f"prompt exceeds {max_prompt_chars} characters", job_id)
     image = obj.get("image")

@@ -83,8 +83,22 @@ class SessionRegistry:
         return session
 
     def adopt(self, session: Session) -> None:
-        """Hold a session rebuilt from the store (detached until a client resumes it)."""
+        """Hold a session rebuilt from the store (detached until a client resumes it).
+
+        Topics its token may no longer follow (grants changed since it was stored) are dropped.
+        """
         session.detached_at = self._clock()
+        allowed = {
+            t for t in session.topics if self.cfg.may_follow(session.owner, session.admin, t)
+        }
+        if allowed != session.topics:
+            log.info(
+                "hub_topics_revoked",
+                session=session.id,
+                dropped=len(session.topics) - len(allowed),
+            )
+            session.topics = allowed
+            session.header_dirty = True
         self.sessions[session.id] = session
         for topic in session.topics:
             self.topics.setdefault(topic, set()).add(session)

@@ -1,8 +1,8 @@
 """The ``hello`` of a /ws connection: authenticate, resume or create its session, welcome, replay.
 
-Kept in one place because its order is the delicate part of resuming (SPEC §3): the seq rule,
-then the orphan settlement, then the replay, and no await from the session's adoption to the last
-replayed frame, so no live event can slip between them.
+Kept in one place because its order is the delicate part of resuming (docs/protocol.md): the seq
+rule, then the orphan settlement, then the replay, and no await from the session's adoption to the
+last replayed frame, so no live event can slip between them.
 """
 
 from __future__ import annotations

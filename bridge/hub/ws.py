@@ -18,6 +18,7 @@ from aiohttp import web
 
 from bridge.hub import protocol as p
 from bridge.hub.connection import ConnectionCore
+from bridge.hub.inflight import FrameGate, InflightBudget
 
 if TYPE_CHECKING:
     from bridge.hub.session import Session
@@ -27,6 +28,9 @@ log = structlog.get_logger(__name__)
 _MESSAGE_TOO_BIG = 1009
 # Below this many bytes waiting in the socket's buffer a frame is written at once, without a task.
 WRITE_HIGH_WATER = 256 * 1024
+#: A slow consumer's close may wait this long for its socket to take the close frame; then the
+#: transport is aborted, so a client that never reads cannot pin its buffered output forever.
+SLOW_CLOSE_ABORT_S = 10.0
 
 
 def text_frame(text: str) -> bytes:
@@ -41,7 +45,47 @@ def text_frame(text: str) -> bytes:
 
 
 class HubWebSocket(web.WebSocketResponse):
-    """aiohttp's WebSocket response with our close code for oversized frames (4004, not 1009)."""
+    """aiohttp's WebSocket response with our close code for oversized frames (4004, not 1009)
+    and, given a budget, a :class:`~bridge.hub.inflight.FrameGate` in front of its parser.
+
+    Args:
+        budget: the process's inbound-bytes budget (None: no gate).
+        **kwargs: passed to :class:`aiohttp.web.WebSocketResponse`.
+
+    Attributes:
+        gate: the gate reading this connection's frame headers (None without a budget, or if
+            this aiohttp version offers no place for it; then nothing is reserved).
+    """
+
+    def __init__(self, *, budget: InflightBudget | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._budget = budget
+        self.gate: FrameGate | None = None
+
+    def _post_start(self, request: Any, protocol: str | None, writer: Any) -> None:
+        # aiohttp hands its parser to the request's protocol here; the gate takes its place, and
+        # any bytes that came with the upgrade request go through the gate too. These are
+        # aiohttp internals, checked by tests/hub/test_inflight.py for each upgrade.
+        handler = request.protocol
+        budget = self._budget
+        tail = getattr(handler, "_message_tail", b"") if budget is not None else b""
+        if tail:
+            handler._message_tail = b""
+        super()._post_start(request, protocol, writer)
+        if budget is None:
+            return
+        parser = getattr(self, "_parser", None)
+        if parser is None or getattr(handler, "_payload_parser", None) is not parser:
+            log.warning("ws_gate_unavailable", detail="aiohttp internals changed; no frame gate")
+            if tail:
+                handler._payload_parser.feed_data(tail)
+            return
+        assert parser is not None
+        gate = FrameGate(parser, budget, self._max_msg_size)
+        handler._payload_parser = gate
+        self.gate = gate
+        if tail and gate.feed_data(tail)[0]:
+            handler.close()
 
     async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
         """Close, mapping the transport's "message too big" to the hub's documented 4004."""
@@ -58,10 +102,13 @@ class Connection:
         "_close_task",
         "core",
         "counted",
+        "forced_chars",
         "id",
+        "max_pending_bytes",
         "on_closing",
         "queue",
         "queue_max",
+        "queued_chars",
         "remote",
         "sent",
         "session",
@@ -81,14 +128,21 @@ class Connection:
         remote: str,
         queue_max: int,
         transport: asyncio.Transport | None = None,
+        max_pending_bytes: int = 4 * 2**20,
     ) -> None:
         self.id = conn_id
         self.ws = ws
         self.core = core
         self.remote = remote
         self.queue_max = queue_max
+        self.max_pending_bytes = max_pending_bytes
         self.transport = transport
         self.queue: deque[str] = deque()
+        #: Characters of the frames in :attr:`queue` (about their bytes: event frames are JSON).
+        self.queued_chars = 0
+        #: Characters sent with ``force`` since the queue was last empty (a resume's replay):
+        #: they raise the byte bound for as long as they may still be pending.
+        self.forced_chars = 0
         self.writer: asyncio.Task[None] | None = None
         self.write_since: float | None = None
         self._close_task: asyncio.Task[None] | None = None
@@ -104,11 +158,24 @@ class Connection:
         """True once a close was decided; nothing more is sent or handled."""
         return self._close_task is not None or self.ws.closed
 
+    def pending_bytes(self) -> int:
+        """Output this client has not taken yet, as far as the process can see: the frames queued
+        here plus the bytes the transport holds unwritten.
+
+        The kernel's socket buffers (this host's send buffer, the peer's receive buffer) absorb
+        the first few MiB of a client that stops reading without showing up here; once they are
+        full, everything more lands in the transport and counts.
+        """
+        transport = self.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        return self.queued_chars + buffered
+
     def send(self, frame: str, *, force: bool = False) -> bool:
         """Send a frame: at once when the socket keeps up, else through the bounded queue.
 
-        A full queue means the client stopped reading: it is closed with 4003 and its events
-        stay in the session's replay buffer.
+        A client that stopped reading is closed with 4003 (its events stay in the session's
+        replay buffer) when the queue holds ``queue_max`` frames or when :meth:`pending_bytes`
+        would pass ``max_pending_bytes`` (plus what a resume's replay added with ``force``).
 
         Args:
             frame: the text to send.
@@ -137,10 +204,22 @@ class Connection:
             return True
         if self.ws.closed:
             return False
-        if not force and len(queue) >= self.queue_max:
+        if force:
+            self.forced_chars += len(frame)
+        elif len(queue) >= self.queue_max or (
+            self.pending_bytes() + len(frame) > self.max_pending_bytes + self.forced_chars
+        ):
+            log.info(
+                "ws_slow_consumer",
+                conn_id=self.id,
+                queued_frames=len(queue),
+                pending_bytes=self.pending_bytes(),
+                limit_bytes=self.max_pending_bytes,
+            )
             self.close(p.CLOSE_SLOW_CONSUMER, "slow consumer")
             return False
         queue.append(frame)
+        self.queued_chars += len(frame)
         if self.writer is None:
             self.writer = asyncio.get_running_loop().create_task(self._drain())
         return True
@@ -151,16 +230,24 @@ class Connection:
         try:
             while queue:
                 frame = queue.popleft()
+                self.queued_chars -= len(frame)
                 self.write_since = time.monotonic()
                 await ws.send_str(frame)
                 self.sent += 1
         except (ConnectionError, RuntimeError) as exc:
             # The peer is gone; its events stay in the session's replay buffer.
             log.debug("ws_send_failed", conn_id=self.id, error=type(exc).__name__)
-            queue.clear()
+            self._clear_queue()
         finally:
             self.write_since = None
             self.writer = None
+            if not queue:
+                self.forced_chars = 0
+
+    def _clear_queue(self) -> None:
+        self.queue.clear()
+        self.queued_chars = 0
+        self.forced_chars = 0
 
     def stalled_for(self, now: float) -> float:
         """Seconds the current write has been blocked (0 when none is)."""
@@ -175,7 +262,7 @@ class Connection:
         if self.on_closing is not None:
             self.on_closing(self, code)
         if flush_s <= 0:
-            self.queue.clear()
+            self._clear_queue()
         self._close_task = asyncio.get_running_loop().create_task(
             self._close(code, reason, flush_s)
         )
@@ -187,9 +274,18 @@ class Connection:
         writer = self.writer
         if writer is not None:
             writer.cancel()
-            self.queue.clear()
+            self._clear_queue()
         try:
-            await self.ws.close(code=code, message=reason.encode()[:120], drain=False)
+            if code == p.CLOSE_SLOW_CONSUMER:
+                # The close frame waits behind output the client is not reading: bound the wait.
+                async with asyncio.timeout(SLOW_CLOSE_ABORT_S):
+                    await self.ws.close(code=code, message=reason.encode()[:120], drain=False)
+            else:
+                await self.ws.close(code=code, message=reason.encode()[:120], drain=False)
+        except TimeoutError:
+            log.info("ws_slow_consumer_aborted", conn_id=self.id)
+            if self.transport is not None:
+                self.transport.abort()
         except Exception as exc:  # the transport may already be gone
             log.debug("ws_close_failed", conn_id=self.id, error=type(exc).__name__)
 

@@ -7,6 +7,7 @@ from bridge.store.base import (
     SessionRecord,
     Store,
     StoredEvent,
+    StoreInUse,
     StoreUnavailable,
 )
 
@@ -14,6 +15,7 @@ __all__ = [
     "InboxEntry",
     "SessionRecord",
     "Store",
+    "StoreInUse",
     "StoreUnavailable",
     "StoredEvent",
     "open_store",

@@ -16,6 +16,13 @@ class StoreUnavailable(Exception):
     """The backend cannot be reached now; the caller keeps running and retries later."""
 
 
+class StoreInUse(Exception):
+    """Another process holds the store (an SQLite file serves one process); never retried.
+
+    The message is one line naming the file, the holder's pid when known, and what to do.
+    """
+
+
 #: How long a completed inbox entry is remembered so that re-adding its id is a no-op.
 INBOX_DONE_RETENTION_S = 7 * 24 * 3600.0
 #: Most open job ids a session header keeps (a session has a few live jobs; beyond this the hub

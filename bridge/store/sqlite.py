@@ -10,7 +10,9 @@ who accept the power-cut window can pass ``?synchronous=normal``.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +27,7 @@ from bridge.store.base import (
     InboxEntry,
     SessionRecord,
     StoredEvent,
+    StoreInUse,
     StoreUnavailable,
 )
 from bridge.store.checks import (
@@ -92,6 +95,45 @@ class SqliteStore:
         self._purge_interval_s = purge_interval_s
         self._last_purge = float("-inf")
         self._worker: SqliteWorker | None = None
+        self._lock_fd: int | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        """The sidecar file whose exclusive lock marks the database as in use: ``<db>.lock``."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    def _take_lock(self) -> None:
+        """Hold an exclusive ``flock`` on :attr:`lock_path` while open; one process per file.
+
+        Why: SQLite itself would let two bridges share the file, each believing it owns every
+        session and inbox entry (double answers, lost leases). The kernel drops the lock when the
+        process dies, even by ``kill -9``, so a crash never leaves the file locked.
+
+        Raises:
+            StoreInUse: another process (or another open store) holds the lock.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise StoreInUse(
+                f"--store: {self.path} is in use by another bridge process{who}; an SQLite file "
+                "serves one process only: stop that process, give this one its own "
+                "sqlite:///PATH, or use redis:// to run several nodes"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        log.debug("sqlite_store_locked", path=str(self.lock_path), pid=os.getpid())
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
 
     # --- lifecycle ---------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -109,19 +151,34 @@ class SqliteStore:
         return conn
 
     async def open(self) -> None:
+        """Lock the file for this process (:meth:`_take_lock`), then open and migrate it.
+
+        Raises:
+            StoreInUse: another process uses the file.
+            StoreUnavailable: the file cannot be opened.
+        """
         if self._worker is not None:
             return
+        try:
+            self._take_lock()
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot lock {self.lock_path}: {exc}") from exc
         worker = SqliteWorker(self._connect)
         try:
             await worker.start()
         except OSError as exc:
+            self._release_lock()
             raise StoreUnavailable(f"cannot open {self.path}: {exc}") from exc
+        except BaseException:
+            self._release_lock()
+            raise
         self._worker = worker
 
     async def close(self) -> None:
         worker, self._worker = self._worker, None
         if worker is not None:
             await worker.stop()
+        self._release_lock()
 
     async def _call(self, fn: Callable[[sqlite3.Connection, float], T]) -> T:
         if self._worker is None:

@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 
 from adapters.feishu.longconn.frame import (
     METHOD_CONTROL,
@@ -213,6 +215,7 @@ class Pending:
     message_id: str
     payload: bytes
     fragments: int
+    kind: str = "event"
 
 
 class FakeGateway:
@@ -228,12 +231,18 @@ class FakeGateway:
         self.drop_pongs = False
         self.pings = 0
         self.acks: list[tuple[str, int]] = []
+        self.ack_payloads: list[bytes] = []
         self.pending: dict[str, Pending] = {}
         self.deliveries = 0
+        # (Handshake-Status, Handshake-Autherrcode) to refuse every upgrade with, as the real
+        # gateway does (HTTP 403 with those headers); None accepts.
+        self.refuse_handshake: tuple[int, int] | None = None
+        self.refused = 0
+        self.close_after_handshake = 0  # close this many next connections right after opening
 
     async def start(self) -> None:
         """Listen on a loopback port."""
-        self._server = await serve(self._handle, "127.0.0.1", 0)
+        self._server = await serve(self._handle, "127.0.0.1", 0, process_request=self._upgrade)
         self.port = next(iter(self._server.sockets)).getsockname()[1]
 
     async def stop(self) -> None:
@@ -242,11 +251,33 @@ class FakeGateway:
             self._server.close()
             await self._server.wait_closed()
 
-    async def push(self, message_id: str, payload: bytes, *, fragments: int = 1) -> None:
-        """Deliver an event now (if connected) and keep it until it is acked with 200."""
-        self.pending[message_id] = Pending(message_id, payload, fragments)
+    async def push(
+        self, message_id: str, payload: bytes, *, fragments: int = 1, kind: str = "event"
+    ) -> None:
+        """Deliver an event now (if connected) and keep it until it is acked with 200.
+
+        A ``card`` frame is a callback waiting for an answer, not a stored event: it is sent once
+        and never re-delivered.
+        """
+        item = Pending(message_id, payload, fragments, kind)
+        if kind == "event":
+            self.pending[message_id] = item
         if self.conn is not None:
-            await self._send_event(self.conn, self.pending[message_id])
+            await self._send_event(self.conn, item)
+
+    def _upgrade(self, _conn: ServerConnection, _request: Request) -> Response | None:
+        if self.refuse_handshake is None:
+            return None
+        self.refused += 1
+        status, autherr = self.refuse_handshake
+        headers = Headers(
+            {
+                "Handshake-Status": str(status),
+                "Handshake-Msg": "refused",
+                "Handshake-Autherrcode": str(autherr),
+            }
+        )
+        return Response(403, "Forbidden", headers, b"")
 
     def abort(self) -> None:
         """Kill the current connection without a close handshake."""
@@ -272,7 +303,7 @@ class FakeGateway:
                 service=33,
                 method=METHOD_DATA,
                 headers=(
-                    ("type", "event"),
+                    ("type", event.kind),
                     ("message_id", event.message_id),
                     ("sum", str(event.fragments)),
                     ("seq", str(seq)),
@@ -289,6 +320,10 @@ class FakeGateway:
         self.conn = conn
         self.connections += 1
         self.connected.set()
+        if self.close_after_handshake > 0:
+            self.close_after_handshake -= 1
+            await conn.close(1000, "bye")
+            return
         for event in list(self.pending.values()):  # re-delivery of everything unacked
             await self._send_event(conn, event)
         try:
@@ -307,6 +342,7 @@ class FakeGateway:
                         await conn.send(encode_frame(pong))
                 elif frame.method == METHOD_DATA:
                     mid = frame.header("message_id") or ""
+                    self.ack_payloads.append(frame.payload)
                     code = json.loads(frame.payload)["code"]
                     self.acks.append((mid, code))
                     if code == 200:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 
-from adapters.feishu.longconn.client import reconnect_delay
+from adapters.feishu.longconn.client import reconnect_delay, refusal
 from adapters.feishu.longconn.frame import (
     METHOD_CONTROL,
     METHOD_DATA,
@@ -19,6 +19,7 @@ from adapters.feishu.longconn.protocol import (
     EventDelivery,
     LongConnProtocol,
 )
+from adapters.feishu.openapi import FeishuApiError
 
 CFG = ClientConfig(
     ping_interval_s=120.0, reconnect_count=-1, reconnect_interval_s=120, reconnect_nonce_s=30
@@ -117,7 +118,10 @@ def test_single_event_and_ack_frame() -> None:
     [ack] = [decode_frame(b) for b in p.data_to_send()]
     assert ack.method == METHOD_DATA and ack.seq_id == 5 and ack.log_id == 6
     assert ack.header("message_id") == "m1" and ack.header("biz_rt") == "12"
-    assert json.loads(ack.payload)["code"] == 200
+    assert ack.payload == b'{"code":200}'  # what Feishu's SDKs send: no headers, no data
+    p.ack(event, 500)
+    [failed] = [decode_frame(b) for b in p.data_to_send()]
+    assert failed.payload == b'{"code":500}' and failed.header("biz_rt") == "0"
 
 
 def test_fragments_are_reassembled_in_seq_order() -> None:
@@ -167,14 +171,36 @@ def test_garbage_frames_are_counted_not_fatal() -> None:
     assert len(p.events_received()) == 1
 
 
-def test_reconnect_delay_honours_client_config_and_caps() -> None:
+def test_reconnect_delay_starts_from_reconnect_interval_and_caps() -> None:
     rng = random.Random(1)
     cfg = ClientConfig(
         ping_interval_s=120, reconnect_count=-1, reconnect_interval_s=8.0, reconnect_nonce_s=3.0
     )
-    first = [reconnect_delay(1, cfg, base_s=1.0, cap_s=60.0, rng=rng) for _ in range(50)]
-    assert all(0.0 <= d <= 3.0 for d in first)
-    later = [reconnect_delay(a, cfg, base_s=1.0, cap_s=60.0, rng=rng) for a in range(2, 12)]
-    assert all(d <= 8.0 for d in later)  # ReconnectInterval caps the backoff
-    assert later[0] <= 1.0 and later[-1] >= 4.0  # it grows
-    assert max(reconnect_delay(9, cfg, base_s=1.0, cap_s=2.0, rng=rng) for _ in range(20)) <= 2.0
+    first = [reconnect_delay(1, cfg, cap_s=60.0, rng=rng) for _ in range(50)]
+    assert all(0.0 <= d <= 3.0 for d in first)  # the first retry: a random part of the nonce
+    assert max(first) - min(first) > 1.0  # spread, not one fixed value
+    # Later ones: ReconnectInterval is the base (never waited less), doubling up to the cap.
+    for step, ceiling in ((2, 8.0), (3, 16.0), (4, 32.0), (5, 60.0), (9, 60.0)):
+        waits = [reconnect_delay(step, cfg, cap_s=60.0, rng=rng) for _ in range(20)]
+        assert all(ceiling <= d <= ceiling * 1.2 for d in waits), (step, waits)
+    # A cap below Feishu's interval never undercuts it (the SDKs wait exactly that interval).
+    assert min(reconnect_delay(6, cfg, cap_s=2.0, rng=rng) for _ in range(20)) >= 8.0
+    # The nonce is bounded by the cap too.
+    short = ClientConfig(reconnect_interval_s=1.0, reconnect_nonce_s=30.0)
+    assert max(reconnect_delay(1, short, cap_s=5.0, rng=rng) for _ in range(50)) <= 5.0
+
+
+def test_reconnect_delay_is_reproducible_with_an_injected_rng() -> None:
+    cfg = ClientConfig(reconnect_interval_s=4.0, reconnect_nonce_s=2.0)
+    a = [reconnect_delay(s, cfg, cap_s=30.0, rng=random.Random(42)) for s in range(1, 6)]
+    b = [reconnect_delay(s, cfg, cap_s=30.0, rng=random.Random(42)) for s in range(1, 6)]
+    assert a == b
+
+
+def test_endpoint_refusals_follow_the_sdk_codes() -> None:
+    assert refusal(FeishuApiError("auth failed", code=514))
+    assert refusal(FeishuApiError("forbidden", code=403))
+    assert refusal(FeishuApiError("no credential", code=1000040344))
+    assert not refusal(FeishuApiError("system busy", code=1))
+    assert not refusal(FeishuApiError("internal error", code=1000040343))
+    assert not refusal(FeishuApiError("gave up: http 503", code=-1, http_status=503))

@@ -24,6 +24,7 @@ from tests.app.test_feishu_e2e import (
     final_text,
     wait_final,
 )
+from tests.app.wsclient import recv_frame
 from tests.conftest import IMAGES
 from tests.redis_fixtures import RedisServer
 
@@ -57,12 +58,13 @@ async def test_a_chat_job_on_node_b_streams_to_a_subscriber_on_node_a(
             await ws.send(json.dumps({"type": "hello", "token": "client-token"}))
             assert json.loads(await ws.recv())["type"] == "welcome"
             await ws.send(json.dumps({"type": "subscribe", "topic": CHAT_TOPIC}))
-            assert json.loads(await ws.recv())["type"] == "subscribed"
+            assert (await recv_frame(ws))["type"] == "subscribed"
             assert await deliver(b) == 200
             assert await deliver(a) == 200  # the re-delivery lands on the other node
-            kinds, seqs = [], []
+            kinds: list[str] = []
+            seqs: list[int] = []
             while not kinds or kinds[-1] not in ("done", "error"):
-                frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                frame = await recv_frame(ws, 60)
                 if frame.get("type") == "event":
                     kinds.append(frame["kind"])
                     seqs.append(frame["seq"])
@@ -189,7 +191,7 @@ async def test_a_client_resumes_on_the_other_node_mid_job_with_no_gap(
                 json.dumps({"type": "submit", "id": "long", "prompt": "Describe", "image": image})
             )
             while len([f for f in seen if f["kind"] == "delta"]) < 5:
-                frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                frame = await recv_frame(ws, 60)
                 if frame.get("type") == "event":
                     seen.append(frame)
         # The client drops mid-job and comes back on the other node.
@@ -200,7 +202,7 @@ async def test_a_client_resumes_on_the_other_node_mid_job_with_no_gap(
             welcome = json.loads(await ws.recv())
             assert welcome["resumed"] is True and welcome["session"] == session
             while seen[-1]["kind"] not in ("done", "error"):
-                frame = json.loads(await asyncio.wait_for(ws.recv(), 120))
+                frame = await recv_frame(ws, 120)
                 if frame.get("type") == "event":
                     seen.append(frame)
         seqs = [int(f["seq"]) for f in seen]  # type: ignore[call-overload]

@@ -12,6 +12,7 @@ import websockets
 
 from tests.adapters.fake_feishu import APP_ID, APP_SECRET, FakeFeishu
 from tests.app.procs import BridgeProcess
+from tests.app.wsclient import recv_frame
 from tests.conftest import DATA
 
 SAMPLE = json.loads((DATA / "feishu" / "image_message_plain.json").read_text())
@@ -23,6 +24,7 @@ def bridge_args(fake: FakeFeishu, db: Path, *extra: str) -> list[str]:
     return [
         "--store", f"sqlite:///{db}",
         "--token", "client-token",
+        "--topic-grant", "client-token=chat:feishu:*",
         "--max-new-tokens", "24",
         "--feishu-mode", "webhook",
         "--feishu-app-id", APP_ID,
@@ -75,12 +77,12 @@ async def test_redelivered_four_times_one_answer_also_streamed_to_a_subscriber(
             await ws.send(json.dumps({"type": "hello", "token": "client-token"}))
             assert json.loads(await ws.recv())["type"] == "welcome"
             await ws.send(json.dumps({"type": "subscribe", "topic": CHAT_TOPIC}))
-            assert json.loads(await ws.recv()) == {"type": "subscribed", "topic": CHAT_TOPIC}
+            assert await recv_frame(ws) == {"type": "subscribed", "topic": CHAT_TOPIC}
             statuses = [await deliver(bridge) for _ in range(4)]
             assert statuses == [200, 200, 200, 200]
             streamed, done = "", None
             while done is None:
-                frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                frame = await recv_frame(ws, 60)
                 if frame.get("type") != "event":
                     continue
                 assert frame["topic"] == CHAT_TOPIC and frame["id"] == f"feishu:{MESSAGE_ID}"

@@ -15,6 +15,7 @@ from bridge.config import load_settings
 from bridge.store.memory import MemoryStore
 from engine.tiny import build_tiny_model
 from tests.app.procs import free_port
+from tests.app.wsclient import recv_frame
 from tests.conftest import IMAGES
 
 ADMIN = "admin-token-for-swap"
@@ -32,11 +33,11 @@ async def run_jobs(url: str, count: int) -> list[dict[str, object]]:
             await ws.send(json.dumps({**frame, "max_tokens": 8}))
             await asyncio.sleep(0.02)
         while len(finals) < count:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), 120))
-            if frame.get("type") == "event" and frame["kind"] in ("done", "error"):
-                finals[str(frame["id"])] = frame
-            elif frame.get("type") == "error":
-                finals[str(frame.get("id"))] = frame
+            got = await recv_frame(ws, 120)
+            if got.get("type") == "event" and got["kind"] in ("done", "error"):
+                finals[str(got["id"])] = got
+            elif got.get("type") == "error":
+                finals[str(got.get("id"))] = got
     return list(finals.values())
 
 

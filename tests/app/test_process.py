@@ -170,7 +170,7 @@ def test_serve_is_ready_answers_and_exits_0_on_sigterm(
 
 
 async def test_console_script_serves_and_sigint_says_bye_and_exits_0(tmp_path: Path) -> None:
-    """SPEC §1: the ``bridge`` command; SIGINT stops it like SIGTERM: ``bye``, 1001, exit 0."""
+    """The ``bridge`` command (README): SIGINT stops it like SIGTERM: ``bye``, 1001, exit 0."""
     script = Path(sys.executable).parent / "bridge"
     assert script.exists(), "the project's console script is not installed"
     bridge = BridgeProcess(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from playwright.async_api import Browser, expect
+from playwright.async_api import Browser, Page, expect
 
 from bridge.dashboard import setup_dashboard
 from tests.dashboard.conftest import ARTIFACTS, TOKEN
@@ -27,6 +28,9 @@ async def served() -> AsyncIterator[tuple[str, FakeOpsSource]]:
         yield f"http://127.0.0.1:{server.port}", source
     finally:
         await server.close()
+
+
+LONG_CODE = "feishu.longconn_handshake_refused_connection_limit_exceeded"
 
 
 def _populate(source: FakeOpsSource) -> None:
@@ -60,6 +64,12 @@ def _populate(source: FakeOpsSource) -> None:
     source.errors = [
         {"ts": now - 40, "source": "hub", "code": "heartbeat_timeout", "message": "no pong"},
         {"ts": now - 300, "source": "feishu", "code": "reconnect", "message": "gateway 1006"},
+        {
+            "ts": now - 900,
+            "source": "feishu",
+            "code": LONG_CODE,
+            "message": "handshake refused: http 403 status=514 autherr=1000040350 " * 3,
+        },
     ]
     source.samples = [
         {
@@ -106,6 +116,8 @@ async def test_login_see_client_appear_with_rtt_then_kick_it(
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
     await expect(page.locator("#live")).to_have_text("live", timeout=5000)
     await expect(page.locator("#stat-connections")).to_have_text("36")
+    # The chart header shows the card's live count, not the last 5 s sample (34 here).
+    await expect(page.locator("#last-connections")).to_have_text("36")
     feishu = page.locator('[data-adapter="feishu"]')
     await expect(feishu).to_contain_text("feishu · longconn")
     await expect(feishu).to_contain_text("Connected for1h 30m")
@@ -128,9 +140,12 @@ async def test_login_see_client_appear_with_rtt_then_kick_it(
     assert appeared_s < 2.0
     await expect(row.locator("td").nth(5)).to_have_text("42 ms")
     await expect(page.locator("#stat-connections")).to_have_text("37")
+    await expect(page.locator("#last-connections")).to_have_text("37")
 
+    await _assert_errors_do_not_overlap(page)
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    await page.locator("#errors").screenshot(path=str(ARTIFACTS / "dashboard-errors.png"))
 
     kick = row.get_by_role("button", name="Kick connection conn-new")
     await kick.click()
@@ -142,6 +157,28 @@ async def test_login_see_client_appear_with_rtt_then_kick_it(
     await expect(page.locator("#stat-connections")).to_have_text("36")
     assert errors == []
     await context.close()
+
+
+async def _assert_errors_do_not_overlap(page: Page) -> None:
+    """Every column of the errors list stays inside its own box, and the columns line up."""
+    await expect(page.locator("#errors")).to_contain_text(LONG_CODE)
+    boxes = await page.eval_on_selector_all(
+        "#errors li",
+        """items => items.map(li => [...li.children].map(span => {
+            const r = span.getBoundingClientRect();
+            return {left: r.left, right: r.right, clipped: span.scrollWidth > span.clientWidth + 1};
+        }))""",
+    )
+    assert len(boxes) == 3
+    for row in boxes:
+        assert len(row) == 4
+        for cell, after in itertools.pairwise(row):
+            assert cell["right"] <= after["left"], row  # nothing runs into the next column
+        assert not any(cell["clipped"] for cell in row), row  # long text wraps, is not cut
+    lefts = {tuple(round(cell["left"]) for cell in row) for row in boxes}
+    assert len(lefts) == 1, lefts  # one grid: the code and message columns line up
+    code = await page.locator("#errors .code", has_text=LONG_CODE).bounding_box()
+    assert code is not None and code["width"] >= 200  # the code column grew for the long code
 
 
 async def test_ten_thousand_connections_search_sort_and_paging(

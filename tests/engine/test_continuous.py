@@ -8,8 +8,10 @@ continuous loop must reproduce it token for token with rows admitted mid-decode,
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
+import warnings
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +21,7 @@ import pytest
 import torch
 
 from engine import Engine, EngineConfig, JobRequest
-from engine.continuous import RunningBatch, choose_batching, continuous_support
+from engine.continuous import RunningBatch, cache_kwarg, choose_batching, continuous_support
 from engine.images import ImageLimits, load_image
 from engine.model import Replica, RowResult, RowSpec
 from engine.types import Delta, Done, Failed
@@ -319,3 +321,27 @@ async def test_prefill_that_does_not_fit_beside_running_rows_waits_for_them(
         assert isinstance(result[-1], Done) and result[-1].text == expected
     assert prefills == [1, 1, 1]  # refused beside the first, admitted again once it ended
     assert max(steps) == 1  # never decoded together
+
+
+def test_cache_goes_by_the_keyword_the_forward_declares(replica: Replica) -> None:
+    class Current:
+        def forward(self, input_ids: Any = None, cache: Any = None, **kwargs: Any) -> None: ...
+
+    class Older:
+        def forward(
+            self, input_ids: Any = None, past_key_values: Any = None, **kw: Any
+        ) -> None: ...
+
+    assert cache_kwarg(Current()) == "cache"
+    assert cache_kwarg(Older()) == "past_key_values"  # a ``cache=`` would vanish into **kwargs
+    # The installed transformers: the real model's forward, whichever name it declares, with no
+    # deprecation warning from a decode step (the suite turns that FutureWarning into an error).
+    name = cache_kwarg(replica.model)
+    assert name in inspect.signature(replica.model.forward).parameters
+    rec = Recorder()
+    batch = rec.batch(replica)
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        batch.admit([0], [spec(replica, job(0, max_tokens=3))])
+        batch.step()
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]

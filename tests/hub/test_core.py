@@ -23,11 +23,49 @@ HELLO = json.dumps({"type": "hello", "token": "t"})
 
 
 def opened(clock: FakeClock) -> ConnectionCore:
+    """A welcomed core whose first ping (sent right after welcome) was answered at once."""
     core = ConnectionCore("c1", CFG, clock())
     actions, frame = core.receive(HELLO, clock())
     assert actions == [] and isinstance(frame, p.Hello)
     core.welcomed(clock())
+    [ping] = core.on_timer(clock())
+    assert isinstance(ping, Send)
+    core.receive(json.dumps({"type": "pong", "ts": json.loads(ping.frame)["ts"]}), clock())
     return core
+
+
+def test_first_ping_right_after_welcome_measures_rtt_within_one_round_trip() -> None:
+    clock = FakeClock()
+    core = ConnectionCore("c1", CFG, clock())
+    core.receive(HELLO, clock())
+    start = clock()
+    core.welcomed(start)
+    assert core.rtt_s is None and core.last_pong_at is None
+    assert core.next_deadline() == start  # due at once, not a whole interval later
+    [send] = core.on_timer(clock())
+    assert isinstance(send, Send)
+    ping = json.loads(send.frame)
+    assert ping["type"] == "ping" and ping["ts"] == round(start, 6)
+    assert core.next_deadline() == start + 10.0  # its pong deadline
+    core.receive(json.dumps({"type": "pong", "ts": ping["ts"]}), clock.advance(0.004))
+    assert core.rtt_s is not None and abs(core.rtt_s - 0.004) < 1e-9
+    assert core.last_pong_at == clock()
+    # The cadence continues from there: the next ping is one interval after the first.
+    assert core.next_deadline() == start + 45.0
+    assert core.on_timer(start + 44.9) == []
+    [again] = core.on_timer(start + 45.0)
+    assert json.loads(again.frame)["type"] == "ping"  # type: ignore[union-attr]
+
+
+def test_a_client_that_never_answers_the_first_ping_is_closed_at_its_deadline() -> None:
+    clock = FakeClock()
+    core = ConnectionCore("c1", CFG, clock())
+    core.receive(HELLO, clock())
+    core.welcomed(clock())
+    [send] = core.on_timer(clock())
+    assert isinstance(send, Send)
+    assert core.on_timer(clock.advance(9.999)) == []
+    assert core.on_timer(clock.advance(0.001)) == [Close(4002, "heartbeat timeout")]
 
 
 def test_hello_deadline_closes_4001() -> None:

@@ -175,7 +175,7 @@ def test_fuzz_any_text(text: str) -> None:
     ],
 )
 def test_unknown_fields_are_ignored(frame: dict[str, object], parsed: p.ClientFrame) -> None:
-    """SPEC §3: a newer client's extra fields never break an older server."""
+    """docs/protocol.md: a newer client's extra fields never break an older server."""
     assert parse(frame) == parsed
 
 

@@ -93,7 +93,7 @@ async def test_pings_arrive_at_the_interval_and_pongs_record_rtt(start_hub: Star
     await eventually(lambda: run.hub.connections()[0].rtt_ms is not None)
     info = run.hub.connections()[0]
     assert info.last_pong_at is not None and 0 <= (info.rtt_ms or 0) < 1000
-    # Each answered ping is one observation of the SPEC §5 RTT histogram.
+    # Each answered ping is one observation of the RTT histogram (docs/dashboard.md).
     registry = run.metrics.registry
     await eventually(
         lambda: registry.get_sample_value("bridge_ws_heartbeat_rtt_seconds_count") == 3

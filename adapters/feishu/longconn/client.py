@@ -39,20 +39,46 @@ class ConnectionLost(Exception):
     """The current connection ended; the message says why (never a secret)."""
 
 
-def reconnect_delay(
-    attempt: int, config: ClientConfig, *, base_s: float, cap_s: float, rng: random.Random
-) -> float:
-    """Seconds to wait before reconnect ``attempt`` (1-based).
+# Endpoint codes Feishu's SDKs retry (system busy, internal error); any other non-zero code
+# (514 wrong credentials, 403 forbidden, 1000040344 no credential, ...) refuses the app itself.
+RETRYABLE_ENDPOINT_CODES = frozenset({1, 1000040343})
+HANDSHAKE_FORBIDDEN = 403
+HANDSHAKE_AUTH_FAILED = 514
+AUTH_EXCEEDS_CONN_LIMIT = 1000040350
+JITTER = 0.2
 
-    The first try waits a random part of Feishu's ``ReconnectNonce`` (so a fleet does not
-    reconnect at once); later ones back off exponentially with jitter, capped by the smaller of
-    our cap and Feishu's ``ReconnectInterval``.
+
+class ConnectionRefused(ConnectionLost):
+    """Feishu refused the app itself (credentials, a ban, the connection limit).
+
+    Retrying soon cannot help, so the client shows ``failed`` and tries again only every
+    ``refused_retry_s`` (or never). The message carries Feishu's code, never a secret.
     """
-    ceiling_cap = min(cap_s, config.reconnect_interval_s)
-    if attempt <= 1:
-        return rng.uniform(0.0, min(config.reconnect_nonce_s, ceiling_cap))
-    ceiling = min(ceiling_cap, base_s * 2 ** (attempt - 2))
-    return rng.uniform(ceiling / 2, ceiling)
+
+
+def reconnect_delay(step: int, config: ClientConfig, *, cap_s: float, rng: random.Random) -> float:
+    """Seconds to wait before the ``step``-th retry (1-based) since the backoff was reset.
+
+    The first retry waits a random part of Feishu's ``ReconnectNonce`` (so a fleet does not
+    reconnect at once), as Feishu's SDKs do. Later ones wait Feishu's ``ReconnectInterval`` (the
+    SDKs' fixed wait between failed tries), doubling per step up to ``cap_s`` but never below
+    that interval, plus up to 20 % jitter; a wait is never shorter than Feishu asked for.
+    """
+    base = config.reconnect_interval_s
+    cap = max(cap_s, base)
+    if step <= 1:
+        return rng.uniform(0.0, min(config.reconnect_nonce_s, cap))
+    ceiling = min(cap, base * 2.0 ** (step - 2))
+    return ceiling * rng.uniform(1.0, 1.0 + JITTER)
+
+
+def refusal(exc: FeishuApiError) -> bool:
+    """Whether an endpoint error refuses the app itself (see :data:`RETRYABLE_ENDPOINT_CODES`).
+
+    Transport errors, HTTP failures and answers without a Feishu code (``code`` -1) are the
+    service's trouble and worth a normal retry, as are the codes the SDKs retry.
+    """
+    return exc.code > 0 and exc.code not in RETRYABLE_ENDPOINT_CODES
 
 
 class LongConnClient:
@@ -67,6 +93,7 @@ class LongConnClient:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._cfg = config
         self._api = api
@@ -74,15 +101,19 @@ class LongConnClient:
         self._status = status
         self._monotonic = monotonic
         self._rng = rng or random.Random()
+        self._sleep = sleep
+        # Ours until Feishu's ClientConfig arrives with the endpoint (an endpoint that cannot be
+        # reached at start-up is retried from reconnect_base_s, doubling to reconnect_max_s).
         self._client_config = ClientConfig(
             ping_interval_s=config.ping_interval_s,
-            reconnect_interval_s=config.reconnect_max_s,
+            reconnect_interval_s=config.reconnect_base_s,
             reconnect_nonce_s=min(30.0, config.reconnect_max_s),
         )
         self._task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._connected_at: float | None = None
+        self._conn_id: int | None = None  # the last connection tried, for the loop's log events
         self.connections = 0
         self.acked = 0
 
@@ -110,65 +141,110 @@ class LongConnClient:
         self._status.set_state("stopped")
 
     async def _run(self) -> None:
-        attempts = 0
+        """Connect, and after every loss try again until :meth:`stop` or giving up.
+
+        Two counters, as Feishu's SDKs count: ``retries`` are the retries since the link was
+        last up, and only they are limited by ``ReconnectCount`` (a retry that brings the link up
+        is a success and starts the count afresh, however soon that link drops again). ``step``
+        drives the waits and resets only after ``stable_after_s`` of a healthy link, so a link
+        that flaps still backs off. A refusal (wrong credentials, ...) is ``failed`` at once and
+        retried every ``refused_retry_s`` at most.
+        """
+        retries = 0  # retries since the link was last up (or since start)
+        failed_tries = 0  # tries in a row that did not bring the link up (status "attempts")
+        step = 0
+        refused = False
         while not self._stopping:
             started = self._monotonic()
             self._connected_at = None
+            if self.connections == 0 and failed_tries == 0:
+                self._status.set_state("connecting")
+            elif not refused:
+                self._status.set_state("reconnecting")
+            refused = False
+            reason = ""
             try:
-                if self.connections == 0 and attempts == 0:
-                    self._status.set_state("connecting")
-                else:
-                    self._status.set_state("reconnecting")
                 endpoint = await self._api.ws_endpoint()
                 self._client_config = self._client_config.merged(endpoint.client_config)
                 await self._connect_once(endpoint)
             except asyncio.CancelledError:
                 raise
-            except (
-                ConnectionLost,
-                FeishuApiError,
-                OSError,
-                WebSocketException,
-                TimeoutError,
-            ) as exc:
-                self._status.record_error(_describe(exc))
-                log.warning("feishu.longconn_lost", reason=_describe(exc), attempts=attempts)
+            except ConnectionRefused as exc:
+                refused, reason = True, _describe(exc)
+            except FeishuApiError as exc:
+                refused, reason = refusal(exc), _describe(exc)
+            except (ConnectionLost, OSError, WebSocketException, TimeoutError) as exc:
+                reason = _describe(exc)
             except Exception as exc:  # the loop must survive anything to stay honest
-                self._status.record_error(f"unexpected: {type(exc).__name__}")
+                reason = f"unexpected: {type(exc).__name__}"
                 log.exception("feishu.longconn_error")
+            self._status.record_error(reason)
             if self._stopping:
                 return
             up_since = self._connected_at
-            if up_since is not None and self._monotonic() - up_since >= self._cfg.stable_after_s:
-                attempts = 0
-            attempts += 1
+            if up_since is not None:
+                retries = failed_tries = 0
+                if self._monotonic() - up_since >= self._cfg.stable_after_s:
+                    step = 0
+            else:
+                failed_tries += 1
+            log.warning(
+                "feishu.longconn_lost",
+                conn_id=self._conn_id,
+                app_id=self._cfg.app_id,
+                reason=reason,
+                came_up=up_since is not None,
+                failed_tries=failed_tries,
+                refused=refused,
+            )
             limit = self._cfg.max_reconnect_attempts
             if limit < 0:
                 limit = self._client_config.reconnect_count
-            if 0 <= limit < attempts:
-                self._status.set_state("failed", attempts=attempts)
-                log.error("feishu.longconn_gave_up", attempts=attempts)
+            if refused and self._cfg.refused_retry_s <= 0:
+                limit = retries  # Feishu's SDKs stop for good on a refusal
+            if 0 <= limit <= retries:
+                self._status.set_state("failed", attempts=failed_tries)
+                log.error(
+                    "feishu.longconn_gave_up",
+                    conn_id=self._conn_id,
+                    app_id=self._cfg.app_id,
+                    failed_tries=failed_tries,
+                    retries=retries,
+                    reason=reason,
+                )
                 return
-            delay = reconnect_delay(
-                attempts,
-                self._client_config,
-                base_s=self._cfg.reconnect_base_s,
-                cap_s=self._cfg.reconnect_max_s,
-                rng=self._rng,
-            )
-            self._status.set_state("reconnecting", attempts=attempts)
+            retries += 1
+            step += 1
+            if refused:
+                delay = self._cfg.refused_retry_s * self._rng.uniform(1.0, 1.0 + JITTER)
+                self._status.set_state("failed", attempts=failed_tries)
+                log.error(
+                    "feishu.longconn_refused",
+                    conn_id=self._conn_id,
+                    app_id=self._cfg.app_id,
+                    reason=reason,
+                    retry_in_s=round(delay, 3),
+                )
+            else:
+                delay = reconnect_delay(
+                    step, self._client_config, cap_s=self._cfg.reconnect_max_s, rng=self._rng
+                )
+                self._status.set_state("reconnecting", attempts=failed_tries)
             log.info(
                 "feishu.longconn_backoff",
-                attempts=attempts,
+                conn_id=self._conn_id,
+                retry=retries,
+                step=step,
                 delay_s=round(delay, 3),
                 after_s=round(self._monotonic() - started, 3),
             )
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
 
     async def _connect_once(self, endpoint: WsEndpoint) -> None:
         """Run one connection until it fails (always by raising :class:`ConnectionLost`)."""
         service_id = _service_id(endpoint.url)
         conn_id = next(_conn_ids)
+        self._conn_id = conn_id
         try:
             ws = await websockets.connect(
                 endpoint.url,
@@ -179,11 +255,19 @@ class LongConnClient:
             )
         except InvalidStatus as exc:
             headers = exc.response.headers
-            raise ConnectionLost(
+            status = headers.get("Handshake-Status", "")
+            autherr = headers.get("Handshake-Autherrcode", "")
+            message = (
                 f"handshake refused: http {exc.response.status_code} "
-                f"status={headers.get('Handshake-Status', '')} "
-                f"autherr={headers.get('Handshake-Autherrcode', '')}"
-            ) from None
+                f"status={status} autherr={autherr}"
+            )
+            # As Feishu's SDKs judge it: a ban, or an auth failure for exceeding the connection
+            # limit, refuses the app; any other refusal is the gateway's and worth a retry.
+            if status == str(HANDSHAKE_FORBIDDEN) or (
+                status == str(HANDSHAKE_AUTH_FAILED) and autherr == str(AUTH_EXCEEDS_CONN_LIMIT)
+            ):
+                raise ConnectionRefused(message) from None
+            raise ConnectionLost(message) from None
         connected_at = self._monotonic()
         self._connected_at = connected_at
         self.connections += 1
@@ -228,6 +312,15 @@ class LongConnClient:
                 if isinstance(event, ConfigChanged):
                     self._client_config = event.config
                     log.info("feishu.longconn_config", ping_interval_s=event.config.ping_interval_s)
+                elif event.kind != "event":
+                    # Card (and unknown) frames get what Feishu's SDKs send them: nothing.
+                    log.info(
+                        "feishu.longconn_frame_ignored",
+                        conn_id=conn_id,
+                        kind=event.kind,
+                        message_id=event.message_id,
+                        trace_id=event.trace_id,
+                    )
                 else:
                     task = asyncio.create_task(self._dispatch(ws, proto, lock, event, conn_id))
                     self._handlers.add(task)

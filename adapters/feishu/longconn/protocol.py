@@ -31,9 +31,9 @@ class ClientConfig:
 
     Attributes:
         ping_interval_s: how often to ping (``PingInterval``).
-        reconnect_count: reconnect attempts before giving up, -1 for unlimited.
-        reconnect_interval_s: wait between reconnect attempts (our backoff's ceiling).
-        reconnect_nonce_s: random extra wait before the first reconnect (spreads a stampede).
+        reconnect_count: failed retries in a row before giving up, -1 for unlimited.
+        reconnect_interval_s: wait between two failed tries (our backoff's base).
+        reconnect_nonce_s: the first retry waits a random part of this (spreads a stampede).
     """
 
     ping_interval_s: float = 120.0
@@ -170,10 +170,15 @@ class LongConnProtocol:
                 self.dropped_fragments += 1
 
     def ack(self, delivery: EventDelivery, code: int, *, biz_rt_ms: int = 0) -> None:
-        """Queue the answer to ``delivery``: its frame with ``{"code": code}`` as payload."""
+        """Queue the answer to ``delivery``: its frame with ``{"code":code}`` as payload.
+
+        That is the payload Feishu's SDKs send for an event (no ``headers``, no ``data``), with
+        the handling time in a ``biz_rt`` header. Card frames are never answered (the SDKs
+        ignore them too), so callers ack only ``kind == "event"`` deliveries.
+        """
         if self.failure is not None:
             return
-        body = json.dumps({"code": code, "headers": {}, "data": None}).encode()
+        body = json.dumps({"code": code}, separators=(",", ":")).encode()
         frame = replace(delivery.frame, payload=body).with_header("biz_rt", str(biz_rt_ms))
         self._out.append(encode_frame(frame))
 

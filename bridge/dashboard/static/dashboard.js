@@ -185,6 +185,8 @@
       ["Queue", `${fmtInt(engine.queue_depth)} / ${fmtInt(engine.queue_capacity)}`],
       ["Tokens / s", typeof engine.tokens_per_s === "number" ? engine.tokens_per_s.toFixed(1) : "–"],
     ];
+    // While the model loads: phase, shards / bytes / weights and elapsed seconds, one line.
+    if (engine.loading && engine.loading.text) pairs.unshift(["Loading", engine.loading.text]);
     const kv = $("engine-kv");
     kv.replaceChildren(...pairs.flatMap(([k, v]) => [el("dt", "", k), el("dd", "", v)]));
     setText($("stat-queue"), `${fmtInt(engine.queue_depth)} / ${fmtInt(engine.queue_capacity)}`);
@@ -234,6 +236,17 @@
       card.append(head, kv);
       return card;
     }));
+  }
+
+  // Each client token's topic grants, under the token's label (the dashboard never sees tokens).
+  function renderGrants(grants) {
+    const box = $("grants");
+    if (!box || !Array.isArray(grants)) return;
+    if (!grants.length) {
+      box.replaceChildren(el("dt", "", "–"), el("dd", "muted", "No grants: only admin tokens may follow chat topics."));
+      return;
+    }
+    box.replaceChildren(...grants.flatMap((g) => [el("dt", "mono", g.token || "?"), el("dd", "", (g.patterns || []).join(", "))]));
   }
 
   function renderErrors(errors, now) {
@@ -289,9 +302,13 @@
     ctx.fillText(Number.isInteger(max) ? fmtInt(Math.round(max)) : max.toFixed(1), 4, 11);
   }
 
-  function renderTimeline(samples) {
+  // The samples are taken every few seconds; the connections chart ends at (and its header shows)
+  // the live count of this same snapshot, so it always agrees with the Connections card.
+  function renderTimeline(samples, liveConnections) {
     samples = samples || [];
-    drawChart("chart-connections", "last-connections", samples.map((s) => s.connections), "");
+    const connections = samples.map((s) => s.connections);
+    if (typeof liveConnections === "number") connections.push(liveConnections);
+    drawChart("chart-connections", "last-connections", connections, "");
     drawChart("chart-events", "last-events", samples.map((s) => s.events_per_s), "/s");
     drawChart("chart-p95", "last-p95", samples.map((s) => s.p95_ms), " ms");
   }
@@ -302,8 +319,9 @@
     renderPage(data.page, now);
     renderEngine(data.engine);
     renderAdapters(data.adapters, now);
+    renderGrants(data.grants);
     renderErrors(data.errors, now);
-    renderTimeline(data.timeline);
+    renderTimeline(data.timeline, ((data.page || {}).counts || {}).all);
   }
 
   // ---- live stream -----------------------------------------------------------------------
