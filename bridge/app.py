@@ -40,6 +40,7 @@ from bridge.relay import Publisher, Relay
 from bridge.store import Store, StoreInUse, StoreUnavailable, open_store
 from bridge.store.backoff import Backoff
 from engine import Engine, EngineConfig
+from engine.shared_cache import SharedAnswerCache
 from engine.types import EngineLike
 
 log = structlog.get_logger(__name__)
@@ -64,6 +65,20 @@ def engine_config(settings: Settings) -> EngineConfig:
         queue_size=settings.queue_size,
         max_new_tokens=settings.max_new_tokens,
         job_timeout_s=settings.job_timeout,
+    )
+
+
+def shared_answer_cache(settings: Settings, store: Store) -> SharedAnswerCache | None:
+    """The cluster-wide answer cache on the Redis store's client; None for other stores or
+    when ``--shared-cache-ttl`` is 0."""
+    from bridge.store.redis import RedisStore
+
+    if not isinstance(store, RedisStore) or settings.shared_cache_ttl <= 0:
+        return None
+    from bridge.store.redis_answers import RedisAnswerCache
+
+    return RedisAnswerCache(
+        store, ttl_s=settings.shared_cache_ttl, max_bytes=settings.shared_cache_max_bytes
     )
 
 
@@ -102,6 +117,7 @@ class BridgeApp:
             observer=EngineMetrics(
                 self.metrics, latency=lambda s: self.ops.chart.record_latency(s)
             ),
+            shared_cache=shared_answer_cache(settings, self.store),
         )
         self.adapters: list[Adapter] = adapters if adapters is not None else self._build_adapters()
         # On a shared (Redis) store several nodes cooperate: IM jobs go through a Redis Streams

@@ -239,6 +239,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue-size", _int_range(1, 1_000_000), 256, "pending jobs before 'busy'"),
     Option("max-new-tokens", _int_range(1, 32_768), 256, "cap on generated tokens per job"),
     Option("job-timeout", _float_range(0.1, 86_400), 120.0, "seconds before a job fails"),
+    Option(
+        "shared-cache-ttl",
+        _float_range(0, 30 * 86_400),
+        3600.0,
+        "seconds a finished answer is shared with every node on a Redis store (0: off)",
+    ),
+    Option(
+        "shared-cache-max-bytes",
+        _byte_size(2**16, 2**40),
+        256 * 2**20,
+        "bound on the bytes of the answers shared on Redis (least recently used go first)",
+    ),
     Option("store", _store, "sqlite:///var/bridge.db", "sqlite:///PATH, redis://... or memory://"),
     Option("heartbeat", _float_range(0.01, 3600), 45.0, "seconds between server pings"),
     Option("heartbeat-timeout", _float_range(0.01, 3600), 10.0, "seconds to wait for a pong"),
@@ -307,6 +319,8 @@ class Settings:
     queue_size: int = 256
     max_new_tokens: int = 256
     job_timeout: float = 120.0
+    shared_cache_ttl: float = 3600.0
+    shared_cache_max_bytes: int = 256 * 2**20
     store: str = "sqlite:///var/bridge.db"
     heartbeat: float = 45.0
     heartbeat_timeout: float = 10.0

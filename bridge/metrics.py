@@ -99,6 +99,32 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.engine_cache_lookups = Counter(
+            "bridge_engine_answer_cache_lookups_total",
+            "Answer cache lookups by tier (local LRU, shared Redis) and result (hit, miss).",
+            ["tier", "result"],
+            registry=r,
+        )
+        self.engine_load_weight = Gauge(
+            "bridge_engine_load_weight",
+            "How much more work this replica can take, 0 (none) to 100 (idle); /readyz 'weight'.",
+            registry=r,
+        )
+        self.engine_live_rows = Gauge(
+            "bridge_engine_live_rows", "Jobs in a running batch on a worker now.", registry=r
+        )
+        self.engine_gpu_memory_used = Gauge(
+            "bridge_engine_gpu_memory_used_bytes",
+            "GPU memory in use on the device (all processes), from cudaMemGetInfo.",
+            ["device"],
+            registry=r,
+        )
+        self.engine_gpu_memory_free = Gauge(
+            "bridge_engine_gpu_memory_free_bytes",
+            "GPU memory free on the device, from cudaMemGetInfo.",
+            ["device"],
+            registry=r,
+        )
         self.feishu_events = Counter(
             "bridge_feishu_events_total",
             "Feishu events by outcome (accepted, duplicate, rejected).",
@@ -116,6 +142,9 @@ class Metrics:
             self.ws_frames.labels(direction=direction)
         for stage in ("generate", "prefill", "decode"):
             self.engine_batch_isolations.labels(stage=stage)
+        for tier in ("local", "shared"):
+            for result in ("hit", "miss"):
+                self.engine_cache_lookups.labels(tier=tier, result=result)
 
     def render(self) -> bytes:
         """The exposition text of every registered metric."""

@@ -31,6 +31,9 @@ class EngineMetrics:
     def on_batch_isolated(self, stage: str, jobs: int) -> None:
         self._m.engine_batch_isolations.labels(stage=stage).inc()
 
+    def on_cache_lookup(self, tier: str, hit: bool) -> None:
+        self._m.engine_cache_lookups.labels(tier=tier, result="hit" if hit else "miss").inc()
+
 
 class FeishuMetrics:
     """Counts Feishu events by outcome: accepted, duplicate, rejected."""

@@ -26,6 +26,8 @@ class EngineConfig:
         job_timeout_s: default deadline of a job from submission.
         cache_ttl_s: how long a finished answer may be served again (0 disables the cache).
         cache_max_bytes: the answer cache's size bound.
+        shared_cache_timeout_s: how long a decode thread waits for the cluster-wide answer cache
+            (when the bridge gives the engine one) before treating the lookup as a miss.
         max_pixels: images with more pixels (read from the header) are refused undecoded.
         warmup: run a short generate on every replica before reporting ready.
         decode_threads: threads decoding images off the event loop.
@@ -48,6 +50,7 @@ class EngineConfig:
     job_timeout_s: float = 120.0
     cache_ttl_s: float = 600.0
     cache_max_bytes: int = 64 * 2**20
+    shared_cache_timeout_s: float = 0.5
     max_pixels: int = 50_000_000
     warmup: bool = True
     decode_threads: int = 2
@@ -68,6 +71,8 @@ class EngineConfig:
             raise ValueError("max_new_tokens must be >= 1")
         if self.job_timeout_s <= 0:
             raise ValueError("job_timeout_s must be > 0")
+        if self.shared_cache_timeout_s <= 0:
+            raise ValueError("shared_cache_timeout_s must be > 0")
         if self.max_pixels < 1:
             raise ValueError("max_pixels must be >= 1")
         if self.decode_threads < 1:

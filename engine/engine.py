@@ -21,6 +21,7 @@ from engine.job import Dispatcher, Handle, Job
 from engine.loading import LOG_EVERY_S, LoadCancelled, LoadProgress, ModelUnavailable
 from engine.model import Replica, RowResult, StepUsage, resolve_devices
 from engine.sanitize import is_valid_text
+from engine.shared_cache import SharedAnswerCache, TieredAnswers
 from engine.stats import EngineStats
 from engine.types import (
     BusyError,
@@ -48,11 +49,22 @@ class Engine:
     event stream ends with exactly one ``Done`` or ``Failed``.
     """
 
-    def __init__(self, config: EngineConfig, observer: EngineObserver | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        observer: EngineObserver | None = None,
+        shared_cache: SharedAnswerCache | None = None,
+    ) -> None:
         self.config = config
         self._observer = observer
         self._stats = EngineStats()
         self._cache = AnswerCache(config.cache_ttl_s, config.cache_max_bytes)
+        self._answers = TieredAnswers(
+            self._cache,
+            shared_cache,
+            timeout_s=config.shared_cache_timeout_s,
+            on_lookup=observer.on_cache_lookup if observer is not None else None,
+        )
         self._batcher = Batcher(
             capacity=config.queue_size,
             max_batch=config.max_batch,
@@ -97,6 +109,7 @@ class Engine:
                 ``cancelled`` when :meth:`stop` cancelled the load.
         """
         self._loop = asyncio.get_running_loop()
+        self._answers.bind(self._loop)
         if self._dispatcher is None:
             self._dispatcher = Dispatcher(self._loop)
         if self._decode_pool is None:
@@ -228,6 +241,7 @@ class Engine:
             await asyncio.wait(self._tasks, timeout=5.0)
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._answers.cancel_pending()
         for worker in workers:
             worker.replica.close()
         self._reason = "stopped"
@@ -310,7 +324,7 @@ class Engine:
                 raise EngineError("internal", f"cannot load model {model!r}: {exc}") from exc
             old = self._workers
             self._install(replicas, model)
-            self._cache.clear()
+            self._answers.clear()
             self._retired.extend(old)
             for worker in old:
                 worker.retire()
@@ -381,12 +395,16 @@ class Engine:
             if job.finished:
                 self._batcher.release()
                 return
-            if self._cache.enabled:
+            if self._answers.enabled:
                 job.cache_key = cache_key(
                     bytes(job.request.image), job.request.prompt, job.max_tokens, model
                 )
-                answer = self._cache.get(job.cache_key)
+                answer, tier = self._answers.get(job.cache_key)
+                if job.finished:  # cancelled or timed out while the shared tier answered
+                    self._batcher.release()
+                    return
                 if answer is not None:
+                    log.debug("engine.job_cached", job_id=job.job_id, tier=tier)
                     self._batcher.release()
                     job.started = True
                     job.emit(Started())
@@ -456,7 +474,7 @@ class Engine:
         job.prompt_tokens = result.prompt_tokens
         job.completion_tokens = result.completion_tokens
         if job.succeed() and job.cache_key is not None:
-            self._cache.put(
+            self._answers.put(
                 job.cache_key,
                 CachedAnswer(job.sent_text, result.prompt_tokens, result.completion_tokens),
             )
@@ -522,8 +540,13 @@ class Engine:
 
     @property
     def cache(self) -> AnswerCache:
-        """The answer cache (for inspection)."""
+        """The local answer cache (for inspection)."""
         return self._cache
+
+    @property
+    def answers(self) -> TieredAnswers:
+        """Both answer cache tiers, with lookup counts by tier (for inspection)."""
+        return self._answers
 
     def reset_stats(self) -> None:
         """Start the batch-size, token-rate and occupancy figures afresh (benchmarks)."""

@@ -182,3 +182,7 @@ class EngineObserver(Protocol):
         """A batch failed (not out of memory) at ``stage`` (``generate``, ``prefill`` or
         ``decode``); its ``jobs`` unfinished jobs are rerun one by one."""
         ...
+
+    def on_cache_lookup(self, tier: str, hit: bool) -> None:
+        """The answer cache's ``tier`` (``local`` or ``shared``) was asked; ``hit`` if it knew."""
+        ...

@@ -138,6 +138,15 @@ class RedisStore:
         self.breaker.success()
         return result
 
+    async def execute(self, what: str, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """Run ``fn`` on the store's client behind its circuit breaker (for components that share
+        this connection pool, like the cluster-wide answer cache).
+
+        Raises:
+            StoreUnavailable: Redis is down, or the store is not open.
+        """
+        return await self._run(what, fn)
+
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 

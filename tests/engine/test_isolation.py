@@ -48,6 +48,9 @@ class Observer:
     def on_batch_isolated(self, stage: str, jobs: int) -> None:
         self.isolations.append((stage, jobs))
 
+    def on_cache_lookup(self, tier: str, hit: bool) -> None:
+        pass
+
 
 @pytest.fixture
 async def observed(make_engine: Factory) -> Callable[..., Coroutine[Any, Any, Any]]:
