@@ -40,6 +40,7 @@ from bridge.relay import Publisher, Relay
 from bridge.store import Store, StoreInUse, StoreUnavailable, open_store
 from bridge.store.backoff import Backoff
 from engine import Engine, EngineConfig
+from engine.load import LoadMonitor, LoadReport, MemInfo, cuda_mem_info
 from engine.shared_cache import SharedAnswerCache
 from engine.types import EngineLike
 
@@ -107,6 +108,7 @@ class BridgeApp:
         store: Store | None = None,
         adapters: list[Adapter] | None = None,
         clock: Callable[[], float] = time.time,
+        mem_info: MemInfo = cuda_mem_info,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -119,6 +121,7 @@ class BridgeApp:
             ),
             shared_cache=shared_answer_cache(settings, self.store),
         )
+        self.load = LoadMonitor(settings.max_batch, mem_info=mem_info)
         self.adapters: list[Adapter] = adapters if adapters is not None else self._build_adapters()
         # On a shared (Redis) store several nodes cooperate: IM jobs go through a Redis Streams
         # consumer group to whichever node has room, and their events cross nodes on the bus.
@@ -239,7 +242,8 @@ class BridgeApp:
         return route
 
     async def readiness(self) -> Readiness:
-        """Ready when the model is loaded, the store answers and we are not draining."""
+        """Ready when the model is loaded, the store answers and we are not draining; carries the
+        replica's load (weight 0 whenever not ready)."""
         reasons: list[str] = []
         components: dict[str, Any] = {}
         status = self.engine.status()
@@ -257,8 +261,18 @@ class BridgeApp:
             components[adapter.platform] = st.to_dict() if hasattr(st, "to_dict") else str(st)
         if self.draining:
             reasons.append("shutting down")
+        load = self.load.report(status, ready=not reasons)
+        self._record_load(load)
         self.metrics.ready.set(0.0 if reasons else 1.0)
-        return Readiness(not reasons, reasons, components)
+        return Readiness(not reasons, reasons, components, load.to_dict())
+
+    def _record_load(self, load: LoadReport) -> None:
+        m = self.metrics
+        m.engine_load_weight.set(load.weight)
+        m.engine_live_rows.set(load.live_rows)
+        for device, mem in load.gpu.items():
+            m.engine_gpu_memory_used.labels(device=device).set(mem.used_bytes)
+            m.engine_gpu_memory_free.labels(device=device).set(mem.free_bytes)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:

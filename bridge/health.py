@@ -17,13 +17,16 @@ class Readiness:
     ready: bool
     reasons: list[str] = field(default_factory=list)
     components: dict[str, Any] = field(default_factory=dict)
+    #: The replica's load (``engine.load.LoadReport.to_dict``), answered as ``load``.
+    load: dict[str, Any] | None = None
 
 
 ReadinessCheck = Callable[[], Awaitable[Readiness]]
 
 
 def add_health_routes(app: web.Application, check: ReadinessCheck, timeout_s: float = 2.0) -> None:
-    """Register ``GET /healthz`` (always 200 while serving) and ``GET /readyz`` (200 or 503)."""
+    """Register ``GET /healthz`` (always 200 while serving) and ``GET /readyz`` (200 or 503,
+    with the replica's load for balancers either way)."""
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -37,6 +40,8 @@ def add_health_routes(app: web.Application, check: ReadinessCheck, timeout_s: fl
             "status": "ready" if result.ready else "not_ready",
             "components": result.components,
         }
+        if result.load is not None:
+            body["load"] = result.load
         if not result.ready:
             body["reason"] = "; ".join(result.reasons) or "not ready"
         return web.json_response(body, status=200 if result.ready else 503)
