@@ -10,7 +10,7 @@ Scenarios, each on node B and each timed from the first submit to the last ``don
 * ``50% shared``: half were asked on node A before (B's LRU misses, Redis answers).
 
     python bench/answer_cache.py [--jobs 96] [--concurrency 16] [--max-tokens 32]
-        [--redis redis://127.0.0.1:6379/11]
+        [--rounds 2] [--redis redis://127.0.0.1:6379/11]
 """
 
 from __future__ import annotations
@@ -40,14 +40,13 @@ PROMPT = "Describe the image."
 
 
 def unique_images(count: int, salt: int) -> list[bytes]:
-    """``count`` JPEGs, each a sample photo with one pixel set from its index (all distinct)."""
+    """``count`` JPEGs, each a sample photo with a 16x16 corner patch coloured from ``salt`` and
+    its index (large enough to survive JPEG quantisation: all distinct, checked)."""
     bases = [Image.open(IMAGES / name).convert("RGB") for name in PHOTOS]
     out = []
     for i in range(count):
         img = bases[i % len(bases)].copy()
-        n = i * 7919 + salt * 104729
-        img.putpixel((0, 0), (n % 256, (n // 256) % 256, (n // 65536) % 256))
-        img.putpixel((1, 0), (salt % 256, i % 256, (i // 256) % 256))
+        img.paste((salt * 37 % 256, i % 256, (i // 256) * 64 % 256), (0, 0, 16, 16))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=92)
         out.append(buf.getvalue())
@@ -94,6 +93,7 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/11")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     quiet_logs()
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
@@ -111,27 +111,34 @@ async def main() -> None:
             nodes.append(engine)
         a, b = nodes
         half = args.jobs // 2
-        warm = unique_images(args.jobs, salt=0)  # throwaway: model and thread warm-up
-        await run(b, warm[: args.concurrency], args.concurrency, args.max_tokens, "warm")
-        fresh = unique_images(args.jobs, salt=1)
-        asked_on_b = unique_images(half, salt=2)
-        asked_on_a = unique_images(half, salt=3)
-        new_b, new_a = unique_images(half, salt=4), unique_images(half, salt=5)
-        await run(b, asked_on_b, args.concurrency, args.max_tokens, "prime-b")
-        await run(a, asked_on_a, args.concurrency, args.max_tokens, "prime-a")
-        await asyncio.sleep(0.5)  # the shared tier's writes are asynchronous to the jobs
+        warm = unique_images(args.concurrency, salt=0)  # throwaway: model and threads warm up
+        await run(b, warm, args.concurrency, args.max_tokens, "warm")
+        rounds: list[dict[str, dict[str, float]]] = []
+        for r in range(args.rounds):
+            salt = 1 + 5 * r
+            fresh = unique_images(args.jobs, salt)
+            asked_on_b, asked_on_a = unique_images(half, salt + 1), unique_images(half, salt + 2)
+            new_b, new_a = unique_images(half, salt + 3), unique_images(half, salt + 4)
+            every = [*warm, *fresh, *asked_on_b, *asked_on_a, *new_b, *new_a]
+            assert len(set(every)) == len(every), "the generated images must all differ"
+            await run(b, asked_on_b, args.concurrency, args.max_tokens, f"prime-b{r}")
+            await run(a, asked_on_a, args.concurrency, args.max_tokens, f"prime-a{r}")
+            await asyncio.sleep(0.5)  # the shared tier's writes are asynchronous to the jobs
 
-        def mix(repeats: list[bytes], news: list[bytes]) -> list[bytes]:
-            return [x for pair in zip(repeats, news, strict=True) for x in pair]
+            def mix(repeats: list[bytes], news: list[bytes]) -> list[bytes]:
+                return [x for pair in zip(repeats, news, strict=True) for x in pair]
 
+            c, t = args.concurrency, args.max_tokens
+            rounds.append(
+                {
+                    "none": await run(b, fresh, c, t, f"none{r}"),
+                    "50% local": await run(b, mix(asked_on_b, new_b), c, t, f"local{r}"),
+                    "50% shared": await run(b, mix(asked_on_a, new_a), c, t, f"shared{r}"),
+                }
+            )
         results = {
-            "none": await run(b, fresh, args.concurrency, args.max_tokens, "none"),
-            "50% local": await run(
-                b, mix(asked_on_b, new_b), args.concurrency, args.max_tokens, "local"
-            ),
-            "50% shared": await run(
-                b, mix(asked_on_a, new_a), args.concurrency, args.max_tokens, "shared"
-            ),
+            name: {k: statistics.mean(rd[name][k] for rd in rounds) for k in rounds[0][name]}
+            for name in rounds[0]
         }
         counts = b.answers.counts
     finally:
@@ -142,15 +149,16 @@ async def main() -> None:
         delete_prefix(args.redis, prefix)
     print(
         f"python {platform.python_version()}, {args.jobs} jobs, {args.concurrency} concurrent, "
-        f"max_tokens {args.max_tokens} (ignore_eos), max_batch 16, tiny model on CPU"
+        f"max_tokens {args.max_tokens} (ignore_eos), max_batch 16, tiny model on CPU, "
+        f"mean of {args.rounds} rounds"
     )
     print("| repeated questions | jobs/s | p50 ms | p95 ms | CPU ms/job | answered from cache |")
     print("|---|---|---|---|---|---|")
     base = results["none"]["jobs_s"]
-    for name, r in results.items():
+    for name, row in results.items():
         print(
-            f"| {name} | {r['jobs_s']:.1f} ({r['jobs_s'] / base:.2f}x) | {r['p50_ms']:.0f} | "
-            f"{r['p95_ms']:.0f} | {r['cpu_ms_job']:.0f} | {int(r['cached'])}/{args.jobs} |"
+            f"| {name} | {row['jobs_s']:.1f} ({row['jobs_s'] / base:.2f}x) | {row['p50_ms']:.0f} | "
+            f"{row['p95_ms']:.0f} | {row['cpu_ms_job']:.0f} | {row['cached']:.0f}/{args.jobs} |"
         )
     print("node B lookups:", {f"{t}/{'hit' if h else 'miss'}": n for (t, h), n in counts.items()})
 
