@@ -149,8 +149,12 @@ def _target_size(width: int, height: int, limits: ImageLimits) -> tuple[int, int
 
 
 def _orientation(img: Image.Image) -> int:
-    """The EXIF orientation (1-8; 1 when absent or unreadable as a number)."""
-    value = img.getexif().get(_ORIENTATION_TAG, 1)
+    """The EXIF orientation (1-8; 1 when absent or unreadable: a broken EXIF block costs the
+    rotation, not the image)."""
+    try:
+        value = img.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:
+        return 1
     return value if isinstance(value, int) and value in _TRANSPOSE else 1
 
 

@@ -252,3 +252,13 @@ def test_every_exif_orientation_with_a_downscale(orientation: int) -> None:
     # apart at the hard red/blue edge, nowhere else.
     assert int(diff.max()) <= (0 if orientation < 5 else 12)
     assert float(diff.mean()) < 0.2
+
+
+@pytest.mark.parametrize(
+    "blob", [b"Exif\x00\x00garbage", b"MM\x00*\x00\x00\x00\x08\xff\xff", b"\x00"]
+)
+def test_a_broken_exif_block_keeps_the_image(blob: bytes) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20), (10, 200, 30)).save(buf, format="JPEG", exif=blob)
+    img = load_image(buf.getvalue(), LIMITS)
+    assert img.size == (40, 20) and img.mode == "RGB"
