@@ -261,7 +261,11 @@ class BridgeApp:
             components[adapter.platform] = st.to_dict() if hasattr(st, "to_dict") else str(st)
         if self.draining:
             reasons.append("shutting down")
-        load = self.load.report(status, ready=not reasons)
+        if any(w.device.startswith("cuda") for w in status.workers):
+            # cudaMemGetInfo is a driver call: keep it off the loop, like every torch call.
+            load = await asyncio.to_thread(self.load.report, status, not reasons)
+        else:
+            load = self.load.report(status, ready=not reasons)
         self._record_load(load)
         self.metrics.ready.set(0.0 if reasons else 1.0)
         return Readiness(not reasons, reasons, components, load.to_dict())
