@@ -35,7 +35,8 @@ from bridge.heap import freeze_heap
 from bridge.hub import Hub, HubConfig
 from bridge.logs import add_tap, remove_tap
 from bridge.metrics import CONTENT_TYPE, Metrics
-from bridge.observers import EngineMetrics, FeishuMetrics
+from bridge.observers import EngineMetrics
+from bridge.platforms import Handler, webhook_routes
 from bridge.relay import Publisher, Relay
 from bridge.store import Store, StoreInUse, StoreUnavailable, open_store
 from bridge.store.backoff import Backoff
@@ -181,30 +182,17 @@ class BridgeApp:
 
     # --- construction -------------------------------------------------------------------------
     def _build_adapters(self) -> list[Adapter]:
-        s = self.settings
-        if s.feishu_mode == "off":
-            return []
-        from adapters.feishu import FeishuAdapter, FeishuConfig
+        from bridge.platforms import build_adapters
 
-        cfg = FeishuConfig(
-            mode="longconn" if s.feishu_mode == "longconn" else "webhook",
-            app_id=s.feishu_app_id,
-            app_secret=s.feishu_app_secret or "",
-            verification_token=s.feishu_verification_token or "",
-            encrypt_key=s.feishu_encrypt_key or "",
-            base_url=s.feishu_base_url,
-        )
-        return [FeishuAdapter(cfg, observer=FeishuMetrics(self.metrics))]
+        return build_adapters(self.settings, self.metrics)
 
     def _build_web(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
         add_health_routes(app, self.readiness)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/ws", self._ws)
-        for adapter in self.adapters:
-            handler = getattr(adapter, "handle_webhook", None)
-            if handler is not None and self.settings.feishu_mode == "webhook":
-                app.router.add_post(f"/webhooks/{adapter.platform}", self._webhook(adapter))
+        for method, path, handler in webhook_routes(self.adapters, self.settings):
+            app.router.add_route(method, path, self._unless_draining(handler))
         from bridge.dashboard.routes import setup_dashboard
         from bridge.ops import BridgeOpsSource
 
@@ -226,18 +214,12 @@ class BridgeApp:
             return error_response(503, "shutting_down", "the bridge is shutting down")
         return await self.hub.handle(request)
 
-    def _webhook(
-        self, adapter: Adapter
-    ) -> Callable[[web.Request], Coroutine[Any, Any, web.Response]]:
-        handle = adapter.handle_webhook  # type: ignore[attr-defined]
-
-        async def route(request: web.Request) -> web.Response:
+    def _unless_draining(self, handler: Handler) -> Handler:
+        async def route(request: web.Request) -> web.StreamResponse:
             if self.draining:
-                # Feishu re-delivers on a non-200, so nothing accepted is lost.
+                # Platforms re-deliver on a non-2xx answer, so nothing accepted is lost.
                 return error_response(503, "shutting_down", "the bridge is shutting down")
-            body = await request.read()
-            result = await handle(dict(request.headers), body)
-            return web.json_response(result.body, status=result.status)
+            return await handler(request)
 
         return route
 
@@ -467,7 +449,7 @@ async def serve(settings: Settings) -> int:
         ready=base + "/readyz",
         metrics=base + "/metrics",
         dashboard=(base + "/dashboard") if settings.admin_token else None,
-        webhook=(base + "/webhooks/feishu") if settings.feishu_mode == "webhook" else None,
+        webhooks=[base + path for _, path, _ in webhook_routes(app.adapters, settings)],
         model=settings.model,
         store=_safe_url(settings.store),
     )

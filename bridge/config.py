@@ -290,6 +290,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("feishu-encrypt-key", _optional_secret, None, "event Encrypt Key", secret=True),
     Option("feishu-base-url", _base_url, "https://open.feishu.cn", "Feishu OpenAPI base URL"),
+    # -- Slack options (bridge/platforms/slack.py) --
+    # -- Telegram options (bridge/platforms/telegram.py) --
+    # -- DingTalk options (bridge/platforms/dingtalk.py) --
+    # -- WeCom options (bridge/platforms/wecom.py) --
+    # -- HTTP API options (bridge/http/) --
     Option("grace", _float_range(0, 600), 10.0, "seconds to drain on SIGTERM/SIGINT"),
     Option(
         "cluster-lease",
@@ -335,6 +340,16 @@ class Settings:
     feishu_verification_token: str | None = field(default=None, repr=False)
     feishu_encrypt_key: str | None = field(default=None, repr=False)
     feishu_base_url: str = "https://open.feishu.cn"
+    # -- Slack settings --
+
+    # -- Telegram settings --
+
+    # -- DingTalk settings --
+
+    # -- WeCom settings --
+
+    # -- HTTP API settings --
+
     grace: float = 10.0
     cluster_lease: float = 60.0
     log_level: str = "info"
@@ -432,21 +447,9 @@ def _check_combinations(s: Settings) -> None:
         raise ConfigError(
             f"--topic-grant: {unknown} grant(s) ({patterns}) name a token that is not a --token"
         )
-    if s.feishu_mode != "off":
-        missing = [
-            name
-            for name, value in (
-                ("--feishu-app-id", s.feishu_app_id),
-                ("--feishu-app-secret", s.feishu_app_secret),
-            )
-            if not value
-        ]
-        if missing:
-            raise ConfigError(f"--feishu-mode {s.feishu_mode} needs {' and '.join(missing)}")
-        if s.feishu_mode == "webhook" and not (s.feishu_verification_token or s.feishu_encrypt_key):
-            raise ConfigError(
-                "--feishu-mode webhook needs --feishu-verification-token or --feishu-encrypt-key"
-            )
+    from bridge.platforms import check_settings
+
+    check_settings(s)
 
 
 def option_names() -> Sequence[str]:

@@ -131,9 +131,17 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.im_events = Counter(
+            "bridge_im_events_total",
+            "IM platform deliveries by platform and outcome (accepted, duplicate, rejected).",
+            ["platform", "outcome"],
+            registry=r,
+        )
         self.ready = Gauge("bridge_ready", "1 when /readyz answers 200.", registry=r)
         for outcome in ("accepted", "duplicate", "rejected"):
             self.feishu_events.labels(outcome=outcome)
+            for platform in ("feishu", "slack", "telegram", "dingtalk", "wecom"):
+                self.im_events.labels(platform=platform, outcome=outcome)
         # Every outcome the engine reports (``done``, ``cached`` or the error code), so each series
         # exists, at zero, from the start.
         for outcome in ("done", "cached", *get_args(ErrorCode)):

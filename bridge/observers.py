@@ -43,3 +43,15 @@ class FeishuMetrics:
 
     def on_event(self, outcome: str) -> None:
         self._m.feishu_events.labels(outcome=outcome).inc()
+        self._m.im_events.labels(platform="feishu", outcome=outcome).inc()
+
+
+class ImMetrics:
+    """Counts one IM platform's deliveries by outcome in ``bridge_im_events_total``."""
+
+    def __init__(self, metrics: Metrics, platform: str) -> None:
+        self._m = metrics
+        self._platform = platform
+
+    def on_event(self, outcome: str) -> None:
+        self._m.im_events.labels(platform=self._platform, outcome=outcome).inc()
