@@ -266,9 +266,14 @@ async def test_event_loop_stays_responsive_under_load(make_engine: Factory) -> N
 
     tick = asyncio.create_task(ticker())
     started = loop.time()
-    big = [request(i, max_tokens=64) for i in range(32)]
-    await run_all(engine, big)
-    elapsed = loop.time() - started
+    # Enough work that a blocked loop would show: on a fast machine one round can be short, so
+    # run rounds until the engine has been busy for a while (bounded).
+    for round_no in range(8):
+        big = [request(round_no * 32 + i, max_tokens=64) for i in range(32)]
+        await run_all(engine, big)
+        elapsed = loop.time() - started
+        if elapsed > 0.3:
+            break
     stop.set()
     await tick
     assert threading.main_thread().name not in threads
