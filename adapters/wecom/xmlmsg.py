@@ -36,6 +36,7 @@ def parse_flat_xml(data: bytes) -> dict[str, str]:
     fields: dict[str, str] = {}
     stack: list[str] = []
     text: list[str] = []
+    seen = [0]
 
     def refuse(*_args: Any) -> Any:
         raise _Refused("DOCTYPE, entities and processing instructions are refused")
@@ -49,7 +50,8 @@ def parse_flat_xml(data: bytes) -> dict[str, str]:
     def end(name: str) -> None:
         stack.pop()
         if len(stack) == 1:
-            if len(fields) >= MAX_FIELDS:
+            seen[0] += 1
+            if seen[0] > MAX_FIELDS:
                 raise _Refused("too many fields")
             fields.setdefault(name, "".join(text))
         text.clear()
