@@ -39,7 +39,7 @@ def check(s: Settings) -> None:
     try:
         _config(s).validate()
     except WeComConfigError as exc:  # the message names the field, never its value
-        raise ConfigError(f"--wecom-*: {exc}") from None
+        raise ConfigError(f"invalid WeCom settings: {exc}") from None
 
 
 def _config(s: Settings) -> WeComConfig:
