@@ -140,3 +140,33 @@ async def test_bad_aes_key_is_a_clear_startup_error(tmp_path: Path) -> None:
         assert "43 characters" in log and bad_key not in log
     finally:
         bridge.ensure_dead()
+
+
+async def test_rate_limit_and_expired_token_are_survived(wecom: FakeWeCom, tmp_path: Path) -> None:
+    bridge = BridgeProcess(tmp_path / "b.log", *wecom_args(wecom, tmp_path / "b.db")).start()
+    sender = CallbackSender()
+    try:
+        await bridge.wait_ready()
+        async with aiohttp.ClientSession() as http:
+            wecom.rate_limit_sends = 1  # the placeholder meets errcode 45009 once
+            assert await sender.post(http, bridge.base, image_message(1, "media-coffee")) == (
+                200,
+                "",
+            )
+            await wait_sent(wecom, 2)
+            wecom.expire_tokens()  # the next call with the cached token gets 42001
+            assert await sender.post(http, bridge.base, image_message(2, "media-coffee")) == (
+                200,
+                "",
+            )
+            await wait_sent(wecom, 4)
+        contents = [s.content for s in wecom.sent]
+        assert contents[0] == PLACEHOLDER and contents[2] == PLACEHOLDER, sent_json(wecom)
+        assert len(contents) == 4 and wecom.tokens_issued == 2
+        log = bridge.log()
+        assert "wecom.api_retry" in log and "wecom.token_rejected" in log
+        for secret in (SECRET, TOKEN, AES_KEY, "fake-token-", "access_token="):
+            assert secret not in log, secret
+    finally:
+        await bridge.terminate()
+        bridge.ensure_dead()
