@@ -58,7 +58,8 @@ class CallbackCore:
     def url_check(self, query: Mapping[str, str]) -> CallbackDecision:
         """Answer the URL check: verify the signature over echostr, answer its plaintext."""
         sig, ts, nonce = _params(query)
-        echostr = query.get("echostr", "")
+        # Base64 has no spaces: a "+" that reached us unescaped was decoded to " " on the way.
+        echostr = query.get("echostr", "").replace(" ", "+")
         if not (sig and ts and echostr):
             return _reject(400, "missing msg_signature, timestamp or echostr")
         try:

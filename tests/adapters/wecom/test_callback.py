@@ -49,6 +49,17 @@ def test_url_check_answers_the_plain_echostr(adapter: WeComAdapter) -> None:
     assert (result.status, result.text) == (200, "1616140317555161061")
 
 
+def test_url_check_survives_an_unescaped_plus(adapter: WeComAdapter) -> None:
+    for i in range(40):  # find an echostr with a "+", as a proxy that does not escape it sees it
+        query = SENDER.url_check_query(f"echo-{i}")
+        if "+" in query["echostr"]:
+            break
+    else:
+        raise AssertionError("no echostr with a '+' in 40 tries")
+    mangled = {**query, "echostr": query["echostr"].replace("+", " ")}
+    assert adapter.handle_url_check(mangled).text == f"echo-{i}"
+
+
 def test_url_check_with_a_bad_signature_is_refused(adapter: WeComAdapter) -> None:
     query = SENDER.url_check_query("echo")
     query["msg_signature"] = "0" * 40
