@@ -170,3 +170,29 @@ async def test_rate_limit_and_expired_token_are_survived(wecom: FakeWeCom, tmp_p
     finally:
         await bridge.terminate()
         bridge.ensure_dead()
+
+
+async def test_kill_9_after_the_ack_then_a_retry_gives_one_answer(
+    wecom: FakeWeCom, tmp_path: Path
+) -> None:
+    args = wecom_args(wecom, tmp_path / "b.db")
+    first = BridgeProcess(tmp_path / "first.log", *args).start()
+    second = BridgeProcess(tmp_path / "second.log", *args)
+    sender = CallbackSender()
+    fields = image_message(31337, "media-coffee")
+    try:
+        await first.wait_ready()
+        async with aiohttp.ClientSession() as http:
+            assert await sender.post(http, first.base, fields) == (200, "")
+            first.kill9()  # acknowledged (so recorded), then the process dies at once
+            second.start()
+            await second.wait_ready()
+            assert await sender.post(http, second.base, fields) == (200, "")  # WeCom's retry
+        await wait_sent(wecom, 2)
+        await asyncio.sleep(1.0)
+        contents = [s.content for s in wecom.sent]
+        assert contents.count(PLACEHOLDER) == 1 and len(contents) == 2, sent_json(wecom)
+        assert await second.terminate() == 0
+    finally:
+        first.ensure_dead()
+        second.ensure_dead()
