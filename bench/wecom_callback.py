@@ -7,7 +7,7 @@ earlier MsgId) and measures each acknowledgement from its scheduled send time, s
 server cannot hide queueing delay. Afterwards it waits (at most ``--drain-s``) for the answers and
 counts messages that got more than one. Run::
 
-    python bench/wecom_callback.py --rate 200 --seconds 10
+    python bench/wecom_callback.py --rate 200 --seconds 10 [--users 50]
 """
 
 from __future__ import annotations
@@ -49,21 +49,24 @@ def source_index(i: int) -> int:
     return i - 5 if i % 10 == 9 and i >= 5 else i
 
 
-def make_events(total: int) -> list[SignedRequest]:
+def make_events(total: int, users: int) -> list[SignedRequest]:
+    """Signed callbacks from ``users`` senders in turn (each sender is its own chat topic)."""
     sender = CallbackSender()
     return [
         sender.sign_message(
-            message_xml(image_message(10**12 + source_index(i), "media-coffee", user=f"u{i % 50}")),
+            message_xml(
+                image_message(10**12 + source_index(i), "media-photo", user=f"u{i % users}")
+            ),
             nonce=f"n{i}",
         )
         for i in range(total)
     ]
 
 
-async def load(base: str, rate: float, seconds: float) -> dict[str, object]:
+async def load(base: str, rate: float, seconds: float, users: int) -> dict[str, object]:
     """Send the events open-loop and collect acknowledgement latencies."""
     total = int(rate * seconds)
-    events = make_events(total)
+    events = make_events(total, users)
     url = base + "/webhooks/wecom"
     latencies: list[float] = []
     statuses: Counter[int] = Counter()
@@ -86,6 +89,7 @@ async def load(base: str, rate: float, seconds: float) -> dict[str, object]:
     return {
         "events": total,
         "rate_per_s": rate,
+        "users": users,
         "statuses": dict(statuses),
         "p50_ms": round(q[49] * 1000, 2),
         "p90_ms": round(q[89] * 1000, 2),
@@ -94,10 +98,12 @@ async def load(base: str, rate: float, seconds: float) -> dict[str, object]:
     }
 
 
-async def run(rate: float, seconds: float, drain_s: float, tmp: str) -> dict[str, object]:
+async def run(
+    rate: float, seconds: float, users: int, drain_s: float, tmp: str
+) -> dict[str, object]:
     """Start the fake and the bridge, load it, then wait for the answers."""
     fake = FakeWeCom()
-    fake.media["media-coffee"] = ((IMAGES / "coffee.jpg").read_bytes(), "image/jpeg")
+    fake.media["media-photo"] = ((IMAGES / "chelsea.jpg").read_bytes(), "image/jpeg")
     await fake.start()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -124,7 +130,7 @@ async def run(rate: float, seconds: float, drain_s: float, tmp: str) -> dict[str
                 await asyncio.sleep(0.1)
             else:
                 raise SystemExit("the bridge did not become ready")
-        result = await load(base, rate, seconds)
+        result = await load(base, rate, seconds, users)
         messages = len({source_index(i) for i in range(int(rate * seconds))})
         loop = asyncio.get_running_loop()
         end = loop.time()
@@ -154,10 +160,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--users", type=int, default=50, help="distinct senders (chats)")
     parser.add_argument("--drain-s", type=float, default=120.0, help="wait for answers this long")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        print(json.dumps(asyncio.run(run(args.rate, args.seconds, args.drain_s, tmp))))
+        print(json.dumps(asyncio.run(run(args.rate, args.seconds, args.users, args.drain_s, tmp))))
 
 
 if __name__ == "__main__":
