@@ -44,7 +44,11 @@ class _Retryable(Exception):
 
 
 class _TokenRejected(Exception):
-    """WeCom refused the access token: refresh it and try once more."""
+    """WeCom refused the access token ``token``: refresh it and try once more."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__("access token refused")
+        self.token = token
 
 
 class WeComApi:
@@ -92,10 +96,15 @@ class WeComApi:
             log.info("wecom.token_refreshed", expires_in_s=int(expires))
             return token
 
-    def invalidate_token(self) -> None:
-        """Forget the cached token (WeCom said it is invalid or expired)."""
-        self._token = None
-        self._token_expires_at = 0.0
+    def invalidate_token(self, token: str | None = None) -> None:
+        """Forget the cached token (WeCom said it is invalid or expired).
+
+        With ``token``, only if it is still the cached one: concurrent calls refused with the
+        old token must not throw away the new one another call just fetched.
+        """
+        if token is None or token == self._token:
+            self._token = None
+            self._token_expires_at = 0.0
 
     async def get_media(self, media_id: str) -> bytes:
         """Download a temporary media file (at most ``max_image_bytes``).
@@ -135,8 +144,8 @@ class WeComApi:
     ) -> HttpResponse:
         try:
             return await self._retrying(method, path, params, body, auth=True)
-        except _TokenRejected:
-            self.invalidate_token()
+        except _TokenRejected as exc:
+            self.invalidate_token(exc.token)
             log.info("wecom.token_rejected", path=path)
         try:
             return await self._retrying(method, path, params, body, auth=True)
@@ -177,8 +186,10 @@ class WeComApi:
         auth: bool,
     ) -> HttpResponse:
         query = dict(params or {})
+        token = ""
         if auth:
-            query = {"access_token": await self.access_token(), **query}
+            token = await self.access_token()
+            query = {"access_token": token, **query}
         request = HttpRequest.build(
             method,
             self._cfg.api_root + path,
@@ -200,7 +211,7 @@ class WeComApi:
         if resp.status >= 500:
             raise _Retryable(f"http {resp.status}")
         if auth and errcode in TOKEN_ERRORS:
-            raise _TokenRejected()
+            raise _TokenRejected(token)
         if isinstance(errcode, int) and errcode != 0:
             msg = str(data.get("errmsg", "") if data else "")
             raise self._permanent(

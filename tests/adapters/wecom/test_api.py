@@ -197,3 +197,34 @@ async def test_no_secret_or_access_token_reaches_the_logs(wecom: FakeWeCom) -> N
     assert wecom.tokens_issued == 2 and any(e["event"] == "wecom.api_retry" for e in logs)
     for issued in ["fake-token-", "access_token=", SECRET, TOKEN, AES_KEY]:
         assert issued not in text, issued
+
+
+async def test_a_late_refusal_of_the_old_token_keeps_the_new_one() -> None:
+    import asyncio
+
+    from adapters.http import HttpRequest
+
+    issued: list[str] = []
+    t2_issued = asyncio.Event()
+    refusals = 0
+
+    async def handler(request: HttpRequest) -> HttpResponse:
+        nonlocal refusals
+        if "/gettoken" in request.url:
+            issued.append(f"T{len(issued) + 1}")
+            if len(issued) == 2:
+                t2_issued.set()
+            return HttpResponse.of_json(
+                {"errcode": 0, "access_token": issued[-1], "expires_in": 7200}
+            )
+        if "access_token=T1" in request.url and len(issued) >= 1 and refusals < 2:
+            refusals += 1
+            if refusals == 2:  # the second call's refusal arrives after T2 was fetched
+                await t2_issued.wait()
+            return HttpResponse.of_json({"errcode": 42001, "errmsg": "access_token expired"})
+        return HttpResponse.of_json({"errcode": 0, "msgid": "m"})
+
+    api = WeComApi(make_config("http://fake"), MockTransport(handler))
+    await api.access_token()
+    await asyncio.gather(api.send_text("a", "1"), api.send_text("b", "2"))
+    assert issued == ["T1", "T2"]
