@@ -38,6 +38,22 @@ def test_signature_is_sha1_of_the_sorted_concatenation() -> None:
     assert doc_signature("tok", "1409659813", "nonce", "cipher") == expected
 
 
+def test_the_url_check_vector_published_with_wechatpy() -> None:
+    """An echostr signed and encrypted by WeCom, from wechatpy's WeCom crypto tests."""
+    crypto = WeComCrypto(
+        "123456", "kWxPEV2UEDyxWpmPdKC3F4dgPDmOvfKX1HGnEUDS1aR", "wx49f0ab532d5d035a"
+    )
+    echostr = (
+        "4ByGGj+sVCYcvGeQYhaKIk1o0pQRNbRjxybjTGblXrBaXlTXeOo1+bXFXDQQb1o6co6Yh9Bv41n7hOchLF6p+Q=="
+    )
+    crypto.verify("dd6b9c95b495b3f7e2901bfbc76c664930ffdb96", "1411443780", "437374425", echostr)
+    assert crypto.decrypt(echostr) == b"5927782489442352469"
+    with pytest.raises(CryptoError):  # one digit of the nonce changed
+        crypto.verify(
+            "dd6b9c95b495b3f7e2901bfbc76c664930ffdb96", "1411443780", "437374424", echostr
+        )
+
+
 def test_decrypts_what_the_documented_algorithm_encrypts() -> None:
     message = "<xml><MsgType><![CDATA[text]]></MsgType><Content>你好</Content></xml>".encode()
     assert CRYPTO.decrypt(doc_encrypt(message)) == message
