@@ -294,6 +294,19 @@ OPTIONS: tuple[Option, ...] = (
     # -- Telegram options (bridge/platforms/telegram.py) --
     # -- DingTalk options (bridge/platforms/dingtalk.py) --
     # -- WeCom options (bridge/platforms/wecom.py) --
+    Option("wecom-mode", _choice("off", "webhook"), "off", "off, webhook (WeCom callback mode)"),
+    Option("wecom-corp-id", _text, "", "the WeCom CorpID (also the callback's receive id)"),
+    Option("wecom-agent-id", _text, "", "the self-built app's AgentId"),
+    Option("wecom-secret", _optional_secret, None, "the self-built app's Secret", secret=True),
+    Option("wecom-token", _optional_secret, None, "the callback Token", secret=True),
+    Option(
+        "wecom-aes-key",
+        _optional_secret,
+        None,
+        "the callback EncodingAESKey (43 characters)",
+        secret=True,
+    ),
+    Option("wecom-base-url", _base_url, "https://qyapi.weixin.qq.com", "WeCom API base URL"),
     # -- HTTP API options (bridge/http/) --
     Option("grace", _float_range(0, 600), 10.0, "seconds to drain on SIGTERM/SIGINT"),
     Option(
@@ -347,6 +360,13 @@ class Settings:
     # -- DingTalk settings --
 
     # -- WeCom settings --
+    wecom_mode: str = "off"
+    wecom_corp_id: str = ""
+    wecom_agent_id: str = ""
+    wecom_secret: str | None = field(default=None, repr=False)
+    wecom_token: str | None = field(default=None, repr=False)
+    wecom_aes_key: str | None = field(default=None, repr=False)
+    wecom_base_url: str = "https://qyapi.weixin.qq.com"
 
     # -- HTTP API settings --
 

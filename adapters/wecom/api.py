@@ -1,0 +1,256 @@
+"""WeCom server API client: cached access token, ``media/get`` and ``message/send``.
+
+The access token travels in the query string (``?access_token=``), so no URL of this client is
+ever logged or put in an error: messages name the API path only. Rate limits (errcode 45009,
+HTTP 429), 5xx and I/O errors back off exponentially with jitter (tenacity); errcode 40014, 42001
+or 40001 on a call drops the cached token, fetches a new one and tries once more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+
+from adapters.base import AdapterError
+from adapters.http import BodyTooLarge, HttpClient, HttpError, HttpRequest, HttpResponse
+from adapters.wecom.config import WeComConfig
+
+log = structlog.get_logger(__name__)
+
+ERR_RATE_LIMITED = 45009
+TOKEN_ERRORS = frozenset({40014, 42001, 40001})
+TOKEN_PATH = "/cgi-bin/gettoken"
+MEDIA_PATH = "/cgi-bin/media/get"
+SEND_PATH = "/cgi-bin/message/send"
+
+
+class WeComApiError(AdapterError):
+    """A call failed for good; ``errcode`` is WeCom's code (or -1), never a secret."""
+
+    def __init__(self, message: str, *, errcode: int = -1, http_status: int = 0) -> None:
+        super().__init__(message)
+        self.errcode = errcode
+        self.http_status = http_status
+
+
+class _Retryable(Exception):
+    """A failure worth another try after the backoff."""
+
+
+class _TokenRejected(Exception):
+    """WeCom refused the access token ``token``: refresh it and try once more."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__("access token refused")
+        self.token = token
+
+
+class WeComApi:
+    """Calls the WeCom API for one self-built app; safe for concurrent use on one event loop."""
+
+    def __init__(
+        self,
+        config: WeComConfig,
+        http: HttpClient,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._cfg = config
+        self._http = http
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._token: str | None = None
+        self._token_expires_at = 0.0
+        self._token_lock = asyncio.Lock()
+        self.permanent_errors = 0
+        self.tokens_fetched = 0
+
+    def __repr__(self) -> str:
+        return f"WeComApi(base_url={self._cfg.api_root!r})"
+
+    async def access_token(self) -> str:
+        """The cached access token, fetched when absent or within the refresh margin."""
+        if self._token is not None and self._monotonic() < self._token_expires_at:
+            return self._token
+        async with self._token_lock:
+            if self._token is not None and self._monotonic() < self._token_expires_at:
+                return self._token
+            params = {"corpid": self._cfg.corp_id, "corpsecret": self._cfg.secret}
+            resp = await self._retrying("GET", TOKEN_PATH, params, None, auth=False)
+            data = _json(resp) or {}
+            token, expires = data.get("access_token"), data.get("expires_in")
+            if not isinstance(token, str) or not token or not isinstance(expires, int | float):
+                raise self._permanent("gettoken answer lacks access_token")
+            lifetime = max(0.0, float(expires) - self._cfg.token_refresh_margin_s)
+            self._token, self._token_expires_at = token, self._monotonic() + lifetime
+            self.tokens_fetched += 1
+            log.info("wecom.token_refreshed", expires_in_s=int(expires))
+            return token
+
+    def invalidate_token(self, token: str | None = None) -> None:
+        """Forget the cached token (WeCom said it is invalid or expired).
+
+        With ``token``, only if it is still the cached one: concurrent calls refused with the
+        old token must not throw away the new one another call just fetched.
+        """
+        if token is None or token == self._token:
+            self._token = None
+            self._token_expires_at = 0.0
+
+    async def get_media(self, media_id: str) -> bytes:
+        """Download a temporary media file (at most ``max_image_bytes``).
+
+        Raises:
+            WeComApiError: a JSON error answer (invalid media_id, ...), empty, too large, or
+                retries exhausted.
+        """
+        resp = await self._call("GET", MEDIA_PATH, {"media_id": media_id}, None)
+        if not resp.body:
+            raise self._permanent("media/get answered an empty body", http_status=resp.status)
+        return resp.body
+
+    async def send_text(self, to_user: str, content: str) -> str:
+        """Send one text message to ``to_user`` from the app; returns WeCom's ``msgid``.
+
+        Raises:
+            WeComApiError: refused (including an invalid user) or retries exhausted.
+        """
+        body = {
+            "touser": to_user,
+            "msgtype": "text",
+            "agentid": int(self._cfg.agent_id),
+            "text": {"content": content},
+            "safe": 0,
+        }
+        resp = await self._call("POST", SEND_PATH, None, body)
+        data = _json(resp) or {}
+        if data.get("invaliduser"):
+            raise self._permanent("message/send: the user is not in the app's visible range")
+        msgid = data.get("msgid")
+        return msgid if isinstance(msgid, str) and msgid else ""
+
+    # --- machinery ---------------------------------------------------------------------------
+    async def _call(
+        self, method: str, path: str, params: Mapping[str, str] | None, body: Any
+    ) -> HttpResponse:
+        try:
+            return await self._retrying(method, path, params, body, auth=True)
+        except _TokenRejected as exc:
+            self.invalidate_token(exc.token)
+            log.info("wecom.token_rejected", path=path)
+        try:
+            return await self._retrying(method, path, params, body, auth=True)
+        except _TokenRejected:
+            raise self._permanent(f"{method} {path}: access token refused twice") from None
+
+    async def _retrying(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        body: Any,
+        *,
+        auth: bool,
+    ) -> HttpResponse:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._cfg.api_max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(_Retryable),
+            sleep=self._sleep,
+            reraise=True,
+            before_sleep=_log_retry,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._once(method, path, params, body, auth)
+        except _Retryable as exc:
+            raise self._permanent(f"{method} {path}: gave up: {exc}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        body: Any,
+        auth: bool,
+    ) -> HttpResponse:
+        query = dict(params or {})
+        token = ""
+        if auth:
+            token = await self.access_token()
+            query = {"access_token": token, **query}
+        request = HttpRequest.build(
+            method,
+            self._cfg.api_root + path,
+            params=query,
+            json_body=body,
+            timeout_s=self._cfg.api_timeout_s,
+        )
+        limit = self._cfg.max_image_bytes if path == MEDIA_PATH else 1_000_000
+        try:
+            resp = await self._http.send(request, max_body_bytes=limit)
+        except BodyTooLarge:
+            raise self._permanent(f"{method} {path}: answer larger than {limit} bytes") from None
+        except HttpError as exc:
+            raise _Retryable(f"transport: {_no_query(str(exc))}") from None
+        data = _json(resp)
+        errcode = data.get("errcode", 0) if data is not None else 0
+        if resp.status == 429 or errcode == ERR_RATE_LIMITED:
+            raise _Retryable("rate limited")
+        if resp.status >= 500:
+            raise _Retryable(f"http {resp.status}")
+        if auth and errcode in TOKEN_ERRORS:
+            raise _TokenRejected(token)
+        if isinstance(errcode, int) and errcode != 0:
+            msg = str(data.get("errmsg", "") if data else "")
+            raise self._permanent(
+                f"{method} {path}: errcode {errcode}: {_no_query(msg)[:120]}",
+                errcode=errcode,
+                http_status=resp.status,
+            )
+        if resp.status >= 400:
+            raise self._permanent(f"{method} {path}: http {resp.status}", http_status=resp.status)
+        return resp
+
+    def _wait(self, state: RetryCallState) -> float:
+        exponent: int = state.attempt_number - 1
+        ceiling = min(self._cfg.api_backoff_max_s, self._cfg.api_backoff_base_s * 2.0**exponent)
+        return float(ceiling * self._rng.uniform(0.5, 1.0))
+
+    def _permanent(self, message: str, *, errcode: int = -1, http_status: int = 0) -> WeComApiError:
+        self.permanent_errors += 1
+        log.warning("wecom.api_error", error=message, errcode=errcode, http_status=http_status)
+        return WeComApiError(message, errcode=errcode, http_status=http_status)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    log.info("wecom.api_retry", attempt=state.attempt_number, reason=str(exc))
+
+
+def _json(resp: HttpResponse) -> dict[str, Any] | None:
+    """The body as a JSON object when it is one (media/get answers errors as JSON, files not)."""
+    ctype = resp.header("content-type") or ""
+    if "json" not in ctype and "text/plain" not in ctype and not resp.body.startswith(b"{"):
+        return None
+    try:
+        data = resp.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _no_query(text: str) -> str:
+    """``text`` cut before any ``access_token=`` (WeCom echoes request details in errmsg)."""
+    return text.split("access_token", 1)[0].rstrip(" ,?&:")
