@@ -290,10 +290,11 @@ class SocketModeClient:
 
     async def _close(self, link: _Link, *, wait_s: float) -> None:
         """Let in-flight envelopes finish (so their acks go out on this link), then close it."""
-        pending = list(link.dispatches)
-        if pending and wait_s > 0:
-            await asyncio.wait(pending, timeout=wait_s)
-        for task in link.dispatches:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while link.dispatches and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(link.dispatches), timeout=left)
+        for task in list(link.dispatches):  # unacked: Slack re-delivers them on the new link
             task.cancel()
         await link.ws.close()
         self._links.discard(link)
