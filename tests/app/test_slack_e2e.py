@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -80,8 +81,15 @@ async def test_image_redelivered_four_times_is_answered_once_in_its_thread(
             await ws.send(json.dumps({"type": "subscribe", "topic": TOPIC}))
             assert await recv_frame(ws) == {"type": "subscribed", "topic": TOPIC}
             for n in range(4):  # Slack re-delivers an unacked event with new envelope ids
-                env = message_envelope(f"env-{n}", event_id="EvE2E1", channel=CHANNEL, ts=TS,
-                                       text="what is this?", files=[photo], retry_attempt=n)  # fmt: skip
+                env = message_envelope(
+                    f"env-{n}",
+                    event_id="EvE2E1",
+                    channel=CHANNEL,
+                    ts=TS,
+                    text="what is this?",
+                    files=[photo],
+                    retry_attempt=n,
+                )
                 await slack.send(link, env)
             await slack.wait_acks(4, limit_s=30)
             done = None
@@ -97,7 +105,7 @@ async def test_image_redelivered_four_times_is_answered_once_in_its_thread(
         assert replies[0]["channel"] == CHANNEL
         assert slack.updates, "the answer is streamed into the reply with chat.update"
         times = [u.at for u in slack.updates]
-        assert all(b - a >= 0.9 for a, b in zip(times, times[1:], strict=False))
+        assert all(b - a >= 0.9 for a, b in itertools.pairwise(times))
         assert len([r for r in slack.file_requests if "F0E2E" in r[0]]) == 1
         ready = await get_json(bridge.base + "/readyz")
         status = ready["components"]["slack"]

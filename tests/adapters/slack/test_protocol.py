@@ -64,8 +64,13 @@ def test_oversized_socket_message_is_refused_before_parsing() -> None:
 
 
 def test_image_message_becomes_an_inbound_message_with_stable_ids() -> None:
-    p = payload(event_id="Ev9", channel="C9", ts="1.000200", text="<@U0BOT> what is this?",
-                files=[PNG, {"id": "F2", "mimetype": "application/pdf", "url_private": "https://x"}])  # fmt: skip
+    p = payload(
+        event_id="Ev9",
+        channel="C9",
+        ts="1.000200",
+        text="<@U0BOT> what is this?",
+        files=[PNG, {"id": "F2", "mimetype": "application/pdf", "url_private": "https://x"}],
+    )
     decision = to_inbound(p, received_at=5.0)
     msg = decision.message
     assert msg is not None

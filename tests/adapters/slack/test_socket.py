@@ -16,8 +16,14 @@ from tests.adapters.slack.fake_slack import APP_TOKEN, BOT_TOKEN, FakeSlack, mes
 
 
 def config(fake: FakeSlack, **kw: Any) -> SlackConfig:
-    base = SlackConfig(app_token=APP_TOKEN, bot_token=BOT_TOKEN, base_url=fake.api_url,
-                       reconnect_base_s=0.05, reconnect_max_s=0.2, update_interval_s=0.1)  # fmt: skip
+    base = SlackConfig(
+        app_token=APP_TOKEN,
+        bot_token=BOT_TOKEN,
+        base_url=fake.api_url,
+        reconnect_base_s=0.05,
+        reconnect_max_s=0.2,
+        update_interval_s=0.1,
+    )
     return dataclasses.replace(base, **kw)
 
 
