@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import Callable
 
 import structlog
@@ -19,8 +18,8 @@ from adapters.base import (
     MessageSink,
     ReplyError,
 )
-from adapters.feishu.status import StatusTracker
-from adapters.http import AiohttpClient, HttpClient
+from adapters.http import HttpClient
+from adapters.lifecycle import AdapterCore
 from adapters.slack.config import SlackConfig
 from adapters.slack.protocol import (
     EVENTS_API,
@@ -61,16 +60,13 @@ class SlackAdapter:
     ) -> None:
         config.validate()
         self.config = config
-        self._owns_http = http is None
-        self._http: HttpClient = http if http is not None else AiohttpClient()
+        self._core = AdapterCore(PLATFORM, "socket", http, clock, observer)
+        self._status = self._core.status
         self._clock = clock
         self._monotonic = monotonic
-        self._observer = observer
-        self.api = SlackWebApi(config, self._http)
-        self._status = StatusTracker("socket", clock, platform=PLATFORM)
+        self.api = SlackWebApi(config, self._core.http)
         self._sink: MessageSink | None = None
         self._client: SocketModeClient | None = None
-        self._streams: weakref.WeakSet[SlackReplyStream] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"SlackAdapter(mode='socket', base_url={self.config.api_root!r})"
@@ -94,12 +90,8 @@ class SlackAdapter:
         if self._client is not None:
             await self._client.stop()
             self._client = None
-        streams = list(self._streams)
-        await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
         self._sink = None
-        self._status.set_state("stopped")
-        if self._owns_http:
-            await self._http.close()
+        await self._core.close()
 
     def status(self) -> AdapterStatus:
         """State for the dashboard and ``/readyz`` (no secrets)."""
@@ -119,7 +111,7 @@ class SlackAdapter:
         try:
             decision = to_inbound(envelope.payload, received_at=self._clock())
         except ProtocolError as exc:
-            self._count("rejected")
+            self._core.count("rejected")
             log.warning("slack.bad_event", envelope_id=envelope.envelope_id, error=str(exc))
             return True
         msg = decision.message
@@ -144,7 +136,7 @@ class SlackAdapter:
             log.exception("slack.sink_failed", message_id=msg.message_id, event_id=msg.event_id)
             return False
         outcome: EventOutcome = "accepted" if is_new else "duplicate"
-        self._count(outcome)
+        self._core.count(outcome)
         log.info(
             "slack.event",
             outcome=outcome,
@@ -155,14 +147,6 @@ class SlackAdapter:
             images=len(msg.images),
         )
         return True
-
-    def _count(self, outcome: EventOutcome) -> None:
-        self._status.count(outcome)
-        if self._observer is not None:
-            try:
-                self._observer.on_event(outcome)
-            except Exception:
-                log.exception("slack.observer_failed")
 
     async def fetch_image(self, msg: InboundMessage, ref: ImageRef) -> bytes:
         """Download one file of ``msg`` with the bot token (at most ``max_image_bytes``).
@@ -204,7 +188,7 @@ class SlackAdapter:
             max_chars=self.config.max_text_chars,
             monotonic=self._monotonic,
         )
-        self._streams.add(stream)
+        self._core.track(stream)
         return stream
 
     async def send_text_reply(self, msg: InboundMessage, text: str) -> None:
