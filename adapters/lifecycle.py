@@ -15,8 +15,8 @@ from typing import Protocol
 import structlog
 
 from adapters.base import AdapterObserver, EventOutcome
-from adapters.feishu.status import StatusTracker
 from adapters.http import AiohttpClient, HttpClient
+from adapters.status import StatusTracker
 
 log = structlog.get_logger(__name__)
 

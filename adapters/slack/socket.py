@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
-from adapters.feishu.status import StatusTracker
 from adapters.slack.config import SlackConfig
 from adapters.slack.protocol import ProtocolError, SocketMessage, ack_frame, parse_socket_message
 from adapters.slack.webapi import REFUSALS, SlackApiError, SlackWebApi, backoff_delay
+from adapters.status import StatusTracker
 
 log = structlog.get_logger(__name__)
 
