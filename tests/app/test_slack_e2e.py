@@ -138,3 +138,39 @@ async def test_text_only_message_gets_the_short_help_in_its_thread(
         assert await bridge.terminate() == 0
     finally:
         bridge.ensure_dead()
+
+
+async def test_kill_9_after_the_ack_then_restart_gives_exactly_one_answer(
+    slack: FakeSlack, tmp_path: Path
+) -> None:
+    photo = slack.add_file("F0K9", "coffee.jpg", "image/jpeg", (IMAGES / "coffee.jpg").read_bytes())
+    args = bridge_args(slack, tmp_path / "b.db")
+    first = BridgeProcess(tmp_path / "first.log", *args).start()
+    second = BridgeProcess(tmp_path / "second.log", *args)
+
+    def envelope(n: int) -> dict[str, Any]:
+        return message_envelope(
+            f"env-k{n}", event_id="EvK9", channel=CHANNEL, ts=TS, files=[photo], retry_attempt=n
+        )
+
+    try:
+        await first.wait_ready()
+        await slack.send(await slack.wait_links(1, limit_s=30), envelope(0))
+        await slack.wait_acks(1, limit_s=30)
+        first.kill9()  # acknowledged, then the process dies at once
+        second.start()
+        await second.wait_ready()
+        await slack.send(await slack.wait_links(2, limit_s=30), envelope(1))  # a re-delivery
+        await slack.wait_acks(2, limit_s=30)
+
+        def answered() -> bool:
+            logs = first.log() + second.log()
+            return "relay_answered" in logs and bool(slack.updates)
+
+        await until(answered, "an answer")
+        assert len(slack.posted) == 1
+        assert "relay_recovered" in second.log() or "im_duplicate" in second.log()
+        assert await second.terminate() == 0
+    finally:
+        first.ensure_dead()
+        second.ensure_dead()
