@@ -30,6 +30,8 @@ log = structlog.get_logger(__name__)
 #: Decides one envelope; True means acknowledge it (after the sink recorded the message).
 EnvelopeHandler = Callable[[SocketMessage], Awaitable[bool]]
 REFRESH_REASONS = frozenset({"warning", "refresh_requested"})
+#: Backoff step after ``too_many_websockets`` (Slack allows 10 sockets per app): start slow.
+TOO_MANY_STEP = 4
 _link_ids = itertools.count(1)
 
 
@@ -130,6 +132,8 @@ class SocketModeClient:
             if self._stopping:
                 return
             step += 1
+            if "too_many_websockets" in reason:
+                step = max(step, TOO_MANY_STEP)  # more sockets now would only be refused again
             delay = backoff_delay(
                 step,
                 base_s=self._cfg.reconnect_base_s,

@@ -156,8 +156,11 @@ async def test_too_many_websockets_reconnects_with_backoff(
 ) -> None:
     adapter, _ = running
     first = await slack.wait_links(1)
-    await slack.send(first, {"type": "disconnect", "reason": "too_many_websockets"})
-    await slack.wait_links(2)
+    with structlog.testing.capture_logs() as logs:
+        await slack.send(first, {"type": "disconnect", "reason": "too_many_websockets"})
+        await slack.wait_links(2)
+    (lost,) = [e for e in logs if e["event"] == "slack.socket_lost"]
+    assert lost["retry_in_s"] >= 0.2  # starts at the capped step, not at reconnect_base_s
     await until(lambda: adapter.status().state == "connected")
     assert "too_many_websockets" in (adapter.status().last_error or "")
 
