@@ -165,17 +165,25 @@ class SlackAdapter:
         """Post the threaded reply for ``msg``, or bind to the one an earlier run posted.
 
         Slack's chat.postMessage has no idempotency key, so the relay's stored reply ``ts``
-        (``existing_reply_id``) is what keeps a re-run from posting a second reply.
+        (``existing_reply_id``) keeps a re-run from posting a second reply; without one, the
+        thread is searched for a reply tagged (in its metadata) with this message's id, which
+        covers a crash between posting and the relay's store write.
 
         Raises:
             ReplyError: the reply could not be posted.
         """
+        if existing_reply_id is None:
+            existing_reply_id = await self.api.find_tagged_reply(
+                msg.chat_id, thread_ts(msg), _tag(msg, "answer")
+            )
         if existing_reply_id is not None:
             ts = existing_reply_id
             log.info("slack.reply_resumed", message_id=msg.message_id, reply_ts=ts)
         else:
             try:
-                ts = await self.api.post_message(msg.chat_id, PLACEHOLDER, thread_ts(msg))
+                ts = await self.api.post_message(
+                    msg.chat_id, PLACEHOLDER, thread_ts(msg), tag=_tag(msg, "answer")
+                )
             except SlackApiError as exc:
                 raise ReplyError(f"reply to {msg.message_id}: {exc}") from None
             log.info("slack.reply_opened", message_id=msg.message_id, reply_ts=ts)
@@ -197,9 +205,18 @@ class SlackAdapter:
         Raises:
             ReplyError: the reply could not be posted.
         """
+        tag = _tag(msg, "text")
+        if await self.api.find_tagged_reply(msg.chat_id, thread_ts(msg), tag) is not None:
+            log.info("slack.text_reply_exists", message_id=msg.message_id)
+            return
         try:
             await self.api.post_message(
-                msg.chat_id, fit_text(text, self.config.max_text_chars), thread_ts(msg)
+                msg.chat_id, fit_text(text, self.config.max_text_chars), thread_ts(msg), tag=tag
             )
         except SlackApiError as exc:
             raise ReplyError(f"text reply to {msg.message_id}: {exc}") from None
+
+
+def _tag(msg: InboundMessage, purpose: str) -> str:
+    """The metadata tag of the reply of ``purpose`` to ``msg`` (no secrets: ids only)."""
+    return f"{purpose}:{msg.message_id}"

@@ -27,6 +27,8 @@ REFUSALS = frozenset(
     {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "not_allowed_token_type"}
 )
 JITTER = 0.2
+#: Metadata ``event_type`` of the bridge's replies (found again by their tag after a crash).
+REPLY_EVENT_TYPE = "bridge_reply"
 
 
 class SlackApiError(AdapterError):
@@ -73,16 +75,50 @@ class SlackWebApi:
             raise self._permanent("apps.connections.open answer lacks a wss URL")
         return url
 
-    async def post_message(self, channel: str, text: str, thread_ts: str | None) -> str:
-        """Post ``text`` (in the thread of ``thread_ts``); returns the new message's ``ts``."""
+    async def post_message(
+        self, channel: str, text: str, thread_ts: str | None, *, tag: str | None = None
+    ) -> str:
+        """Post ``text`` (in the thread of ``thread_ts``); returns the new message's ``ts``.
+
+        ``tag`` goes into the message's metadata (``event_type`` :data:`REPLY_EVENT_TYPE`), so
+        that :meth:`find_tagged_reply` can find the message again after a crash.
+        """
         body: dict[str, Any] = {"channel": channel, "text": text}
         if thread_ts:
             body["thread_ts"] = thread_ts
+        if tag is not None:
+            body["metadata"] = {"event_type": REPLY_EVENT_TYPE, "event_payload": {"tag": tag}}
         data = await self.call("chat.postMessage", body, token=self._cfg.bot_token)
         ts = data.get("ts")
         if not isinstance(ts, str) or not ts:
             raise self._permanent("chat.postMessage answer lacks ts")
         return ts
+
+    async def find_tagged_reply(self, channel: str, thread_ts: str, tag: str) -> str | None:
+        """The ``ts`` of the bot's reply tagged ``tag`` in the thread, if one was posted.
+
+        Why: chat.postMessage has no idempotency key; a process that died after posting but
+        before the bridge stored the reply's ts would otherwise post a second reply. One try
+        only (``conversations.replies`` is rate-limited harder): on any failure None.
+        """
+        params = {"channel": channel, "ts": thread_ts, "include_all_metadata": "true",
+                  "limit": "200"}  # fmt: skip
+        try:
+            data = await self.call("conversations.replies", None, token=self._cfg.bot_token,
+                                   params=params, attempts=1)  # fmt: skip
+        except SlackApiError as exc:
+            log.info("slack.reply_lookup_failed", thread_ts=thread_ts, error=exc.error)
+            return None
+        messages = data.get("messages")
+        for item in messages if isinstance(messages, list) else []:
+            meta = item.get("metadata") if isinstance(item, dict) else None
+            if not isinstance(meta, dict) or meta.get("event_type") != REPLY_EVENT_TYPE:
+                continue
+            payload = meta.get("event_payload")
+            ts = item.get("ts")
+            if isinstance(payload, dict) and payload.get("tag") == tag and isinstance(ts, str):
+                return ts
+        return None
 
     async def update_message(self, channel: str, ts: str, text: str) -> None:
         """Replace the text of a message the bot posted."""
@@ -120,20 +156,32 @@ class SlackWebApi:
             raise self._permanent("file download is empty")
         return resp.body
 
-    async def call(self, method: str, body: dict[str, Any] | None, *, token: str) -> dict[str, Any]:
-        """POST a Web API method with a JSON body; returns Slack's answer when ``ok`` is true.
+    async def call(
+        self,
+        method: str,
+        body: dict[str, Any] | None,
+        *,
+        token: str,
+        params: dict[str, str] | None = None,
+        attempts: int | None = None,
+    ) -> dict[str, Any]:
+        """Call a Web API method; returns Slack's answer when ``ok`` is true.
+
+        Write methods get a JSON body (POST); read methods (``params``) a query string (GET),
+        as Slack takes JSON bodies only for write methods.
 
         Raises:
             SlackApiError: ``ok`` false, a bad answer, or retries exhausted.
         """
         request = HttpRequest.build(
-            "POST",
+            "GET" if params is not None else "POST",
             f"{self._cfg.api_root}/{method}",
-            json_body=body if body is not None else {},
+            params=params,
+            json_body=None if params is not None else (body if body is not None else {}),
             headers=self._auth(token),
             timeout_s=self._cfg.api_timeout_s,
         )
-        resp = await self._send(request, method)
+        resp = await self._send(request, method, attempts=attempts)
         try:
             data = resp.json()
         except ValueError:
@@ -149,10 +197,15 @@ class SlackWebApi:
         return data
 
     async def _send(
-        self, request: HttpRequest, what: str, *, max_body_bytes: int = 2**20
+        self,
+        request: HttpRequest,
+        what: str,
+        *,
+        max_body_bytes: int = 2**20,
+        attempts: int | None = None,
     ) -> HttpResponse:
         """Send with retries; returns the first answer that is neither rate-limited nor 5xx."""
-        attempts = self._cfg.api_max_attempts
+        attempts = attempts or self._cfg.api_max_attempts
         for attempt in range(1, attempts + 1):
             wait: float | None = None
             try:

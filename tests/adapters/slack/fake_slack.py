@@ -107,6 +107,7 @@ class FakeSlack:
         self.updates: list[Call] = []
         self.acks: list[tuple[int, str]] = []  # (link number, envelope_id)
         self.links: list[Link] = []
+        self.metadata: dict[str, dict[str, Any]] = {}  # ts -> message metadata as posted
         self.opens = 0
         self.file_requests: list[tuple[str, str]] = []  # (path, authorization header)
         self.link_disabled = False
@@ -141,6 +142,7 @@ class FakeSlack:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/api/{method}", self._api)
+        app.router.add_get("/api/{method}", self._api)
         app.router.add_get("/link/", self._socket)
         app.router.add_get("/files-pri/{rest:.+}", self._file)
         self._runner = web.AppRunner(app, handle_signals=False)
@@ -211,6 +213,8 @@ class FakeSlack:
             return web.json_response({"ok": True, "url": url})
         if auth != f"Bearer {BOT_TOKEN}":
             return web.json_response({"ok": False, "error": "invalid_auth"})
+        if method == "conversations.replies":
+            return self._replies(dict(request.query))  # a read method: query/form args only
         channel = body.get("channel")
         text = body.get("text")
         if not isinstance(channel, str) or not channel:
@@ -221,6 +225,8 @@ class FakeSlack:
             ts = f"1700001000.{next(self._ts):06d}"
             thread = body.get("thread_ts")
             self.posted[ts] = {"channel": channel, "thread_ts": thread, "text": text[:40_000]}
+            if isinstance(body.get("metadata"), dict):
+                self.metadata[ts] = body["metadata"]
             message = {"type": "message", "text": text, "ts": ts, "bot_id": "B0FAKE"}
             return web.json_response({"ok": True, "channel": channel, "ts": ts, "message": message})
         if method == "chat.update":
@@ -231,6 +237,21 @@ class FakeSlack:
             self.updates.append(Call(method, body, loop.time()))
             return web.json_response({"ok": True, "channel": channel, "ts": ts, "text": text})
         return web.json_response({"ok": False, "error": "unknown_method"})
+
+    def _replies(self, args: dict[str, str]) -> web.Response:
+        channel, thread = args.get("channel"), args.get("ts")
+        if not channel or not thread:
+            return web.json_response({"ok": False, "error": "channel_not_found"})
+        messages: list[dict[str, Any]] = [{"type": "message", "ts": thread, "user": "U0FAKEUSER"}]
+        for ts, post in self.posted.items():
+            if post["channel"] != channel or post["thread_ts"] != thread:
+                continue
+            item: dict[str, Any] = {"type": "message", "ts": ts, "text": post["text"],
+                                    "bot_id": "B0FAKE", "thread_ts": thread}  # fmt: skip
+            if args.get("include_all_metadata") == "true" and ts in self.metadata:
+                item["metadata"] = self.metadata[ts]
+            messages.append(item)
+        return web.json_response({"ok": True, "messages": messages, "has_more": False})
 
     async def _file(self, request: web.Request) -> web.Response:
         path = request.path.replace("/download/", "/")

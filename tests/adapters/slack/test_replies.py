@@ -204,3 +204,38 @@ async def test_tokens_never_reach_logs_errors_or_reprs(slack: FakeSlack) -> None
     assert errors and "invalid_auth" in text
     for secret in (APP_TOKEN, BOT_TOKEN, "fakebottoken", "fakeapptoken"):
         assert secret not in text
+
+
+async def test_a_reply_posted_before_a_crash_is_found_by_its_tag_and_resumed(
+    slack: FakeSlack,
+) -> None:
+    """The window between posting and the relay's store write: a new process finds the reply."""
+    first = SlackAdapter(config(slack))
+    second = SlackAdapter(config(slack))
+    try:
+        msg = inbound(slack)
+        posted = await first.open_reply(msg)  # ... and the process dies before storing the ts
+        resumed = await second.open_reply(msg)
+        assert resumed.reply_message_id == posted.reply_message_id and len(slack.posted) == 1
+        await resumed.finish("the answer")
+        assert slack.posted[posted.reply_message_id]["text"] == "the answer"
+        await second.send_text_reply(msg, "hint")
+        await second.send_text_reply(msg, "hint")
+        assert len(slack.posted) == 2  # one answer, one text reply: each tagged on its own
+        lookups = [c for c in slack.calls if c.method == "conversations.replies"]
+        assert len(lookups) == 4  # every post is preceded by one lookup
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+async def test_a_failed_lookup_is_tried_once_and_the_reply_is_posted(slack: FakeSlack) -> None:
+    adapter = SlackAdapter(config(slack))
+    try:
+        slack.fail_next("conversations.replies", status=429, error="ratelimited",
+                        **{"Retry-After": "30"})  # fmt: skip
+        stream = await adapter.open_reply(inbound(slack))
+        assert list(slack.posted) == [stream.reply_message_id]
+        assert [c.method for c in slack.calls] == ["conversations.replies", "chat.postMessage"]
+    finally:
+        await adapter.stop()
