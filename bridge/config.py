@@ -291,6 +291,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("feishu-encrypt-key", _optional_secret, None, "event Encrypt Key", secret=True),
     Option("feishu-base-url", _base_url, "https://open.feishu.cn", "Feishu OpenAPI base URL"),
     # -- Slack options (bridge/platforms/slack.py) --
+    Option("slack-mode", _choice("off", "socket"), "off", "off, socket (Slack Socket Mode)"),
+    Option(
+        "slack-app-token",
+        _optional_secret,
+        None,
+        "app-level token xapp-... (Socket Mode)",
+        secret=True,
+    ),
+    Option("slack-bot-token", _optional_secret, None, "bot token xoxb-...", secret=True),
+    Option("slack-base-url", _base_url, "https://slack.com/api", "Slack Web API base URL"),
     # -- Telegram options (bridge/platforms/telegram.py) --
     # -- DingTalk options (bridge/platforms/dingtalk.py) --
     # -- WeCom options (bridge/platforms/wecom.py) --
@@ -354,6 +364,10 @@ class Settings:
     feishu_encrypt_key: str | None = field(default=None, repr=False)
     feishu_base_url: str = "https://open.feishu.cn"
     # -- Slack settings --
+    slack_mode: str = "off"
+    slack_app_token: str | None = field(default=None, repr=False)
+    slack_bot_token: str | None = field(default=None, repr=False)
+    slack_base_url: str = "https://slack.com/api"
 
     # -- Telegram settings --
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import weakref
 from collections.abc import Callable, Mapping
 
 import structlog
@@ -28,9 +27,9 @@ from adapters.feishu.longconn.client import LongConnClient
 from adapters.feishu.longconn.protocol import EventDelivery
 from adapters.feishu.openapi import FeishuApiError, OpenApiClient, idempotency_uuid
 from adapters.feishu.reply import FeishuReplyStream
-from adapters.feishu.status import StatusTracker
 from adapters.feishu.webhook import WebhookVerifier
-from adapters.http import AiohttpClient, HttpClient
+from adapters.http import HttpClient
+from adapters.lifecycle import AdapterCore
 
 log = structlog.get_logger(__name__)
 
@@ -59,17 +58,14 @@ class FeishuAdapter:
     ) -> None:
         config.validate()
         self.config = config
-        self._owns_http = http is None
-        self._http: HttpClient = http if http is not None else AiohttpClient()
+        self._core = AdapterCore("feishu", config.mode, http, clock, observer)
+        self._status = self._core.status
         self._clock = clock
         self._monotonic = monotonic
-        self._observer = observer
-        self.api = OpenApiClient(config, self._http, monotonic=monotonic)
+        self.api = OpenApiClient(config, self._core.http, monotonic=monotonic)
         self._verifier = WebhookVerifier(config, clock)
-        self._status = StatusTracker(config.mode, clock)
         self._sink: MessageSink | None = None
         self._client: LongConnClient | None = None
-        self._streams: weakref.WeakSet[FeishuReplyStream] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"FeishuAdapter(mode={self.config.mode!r}, app_id={self.config.app_id!r})"
@@ -98,12 +94,8 @@ class FeishuAdapter:
         if self._client is not None:
             await self._client.stop()
             self._client = None
-        streams = list(self._streams)
-        await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
         self._sink = None
-        self._status.set_state("stopped")
-        if self._owns_http:
-            await self._http.close()
+        await self._core.close()
 
     def status(self) -> AdapterStatus:
         """State for the dashboard and ``/readyz`` (no secrets)."""
@@ -194,12 +186,7 @@ class FeishuAdapter:
         return 200
 
     def _count(self, outcome: EventOutcome) -> None:
-        self._status.count(outcome)
-        if self._observer is not None:
-            try:
-                self._observer.on_event(outcome)
-            except Exception:
-                log.exception("feishu.observer_failed")
+        self._core.count(outcome)
 
     # --- outbound ------------------------------------------------------------------------------
     async def fetch_image(self, msg: InboundMessage, ref: ImageRef) -> bytes:
@@ -248,7 +235,7 @@ class FeishuAdapter:
             interval_s=self.config.patch_interval_s,
             monotonic=self._monotonic,
         )
-        self._streams.add(stream)
+        self._core.track(stream)
         return stream
 
     async def send_text_reply(self, msg: InboundMessage, text: str) -> None:
