@@ -293,6 +293,18 @@ OPTIONS: tuple[Option, ...] = (
     # -- Slack options (bridge/platforms/slack.py) --
     # -- Telegram options (bridge/platforms/telegram.py) --
     # -- DingTalk options (bridge/platforms/dingtalk.py) --
+    Option("dingtalk-mode", _choice("off", "stream"), "off", "off, stream"),
+    Option("dingtalk-client-id", _text, "", "the DingTalk app's Client ID (AppKey)"),
+    Option(
+        "dingtalk-client-secret",
+        _optional_secret,
+        None,
+        "the DingTalk app's Client Secret (AppSecret)",
+        secret=True,
+    ),
+    Option(
+        "dingtalk-base-url", _base_url, "https://api.dingtalk.com", "DingTalk OpenAPI base URL"
+    ),
     # -- WeCom options (bridge/platforms/wecom.py) --
     # -- HTTP API options (bridge/http/) --
     Option("grace", _float_range(0, 600), 10.0, "seconds to drain on SIGTERM/SIGINT"),
@@ -345,6 +357,10 @@ class Settings:
     # -- Telegram settings --
 
     # -- DingTalk settings --
+    dingtalk_mode: str = "off"
+    dingtalk_client_id: str = ""
+    dingtalk_client_secret: str | None = field(default=None, repr=False)
+    dingtalk_base_url: str = "https://api.dingtalk.com"
 
     # -- WeCom settings --
 

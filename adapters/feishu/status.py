@@ -12,8 +12,9 @@ _HEALTHY = frozenset({"listening", "connected"})
 class StatusTracker:
     """Mutable status owned by one adapter; :meth:`snapshot` gives the immutable view."""
 
-    def __init__(self, mode: str, clock: Callable[[], float]) -> None:
+    def __init__(self, mode: str, clock: Callable[[], float], platform: str = "feishu") -> None:
         self._clock = clock
+        self.platform = platform
         self.mode = mode
         self.state = "off"
         self.since = clock()
@@ -43,7 +44,7 @@ class StatusTracker:
     def snapshot(self, api_errors: int = 0) -> AdapterStatus:
         """The current status."""
         return AdapterStatus(
-            platform="feishu",
+            platform=self.platform,
             mode=self.mode,
             state=self.state,
             healthy=self.state in _HEALTHY,
