@@ -8,6 +8,7 @@ The callback ``data`` holds ``msgtype`` (``text``, ``picture``, ``richText``, ..
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,19 @@ class ReplyTarget:
 def _text(data: Mapping[str, Any], key: str) -> str:
     value = data.get(key)
     return value if isinstance(value, str) else ""
+
+
+def _millis(value: object) -> int:
+    """An epoch-milliseconds field (a number or digits); 0, i.e. expired, when unusable."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and math.isfinite(value):
+        return max(int(value), 0)
+    if isinstance(value, str) and value.isdigit() and len(value) < 20:
+        return int(value)
+    return 0
 
 
 def to_inbound(
@@ -76,7 +90,6 @@ def to_inbound(
                 codes.append(code)
     single = _text(data, "conversationType") == "1"
     sender = _text(data, "senderStaffId") or _text(data, "senderId")
-    expires = data.get("sessionWebhookExpiredTime")
     msg = InboundMessage(
         platform=PLATFORM,
         chat_id=conversation,
@@ -95,8 +108,6 @@ def to_inbound(
         sender_staff_id=sender,
         robot_code=_text(data, "robotCode"),
         session_webhook=_text(data, "sessionWebhook"),
-        webhook_expires_ms=(
-            int(expires) if isinstance(expires, int | float | str) and str(expires).isdigit() else 0
-        ),
+        webhook_expires_ms=_millis(data.get("sessionWebhookExpiredTime")),
     )
     return msg, target
