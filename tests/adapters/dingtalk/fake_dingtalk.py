@@ -59,6 +59,8 @@ class FakeDingTalk:
         self.bad_client_frames = 0
         self.connections = 0
         self.silent = False  # stop sending anything (pings included) on the stream
+        self.ping_every_s: float | None = None  # DingTalk pings the client this often
+        self.ping_ids: list[str] = []
         self.ticket_header_seen: list[str] = []
         self._tickets: set[str] = set()
         self._ws: web.WebSocketResponse | None = None
@@ -219,6 +221,22 @@ class FakeDingTalk:
             self._connected.notify_all()
         for frame in list(self.pending.values()):  # DingTalk re-pushes what was not acked
             await self._send(frame)
+        pinger = asyncio.create_task(self._pings(ws)) if self.ping_every_s else None
+        try:
+            await self._read(ws)
+        finally:
+            if pinger is not None:
+                pinger.cancel()
+        return ws
+
+    async def _pings(self, ws: web.WebSocketResponse) -> None:
+        assert self.ping_every_s is not None
+        while not ws.closed:
+            await asyncio.sleep(self.ping_every_s)
+            if self._ws is ws:
+                self.ping_ids.append(await self.send_system("ping", {"opaque": "keepalive"}))
+
+    async def _read(self, ws: web.WebSocketResponse) -> None:
         async for message in ws:
             if message.type != WSMsgType.TEXT:
                 continue
@@ -232,7 +250,6 @@ class FakeDingTalk:
             mid = answer.get("headers", {}).get("messageId")
             if answer.get("code") == 200 and mid in self.pending:
                 del self.pending[mid]
-        return ws
 
     async def _token(self, request: web.Request) -> web.Response:
         body = await request.json()

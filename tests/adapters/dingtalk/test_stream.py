@@ -146,6 +146,19 @@ async def test_a_silent_socket_is_dropped_on_our_deadline_and_reconnected(
     assert adapter.status().state == "stopped"
 
 
+async def test_dingtalk_pings_keep_a_quiet_link_alive(fake: FakeDingTalk, sink: Sink) -> None:
+    fake.ping_every_s = 0.05 * UNIT
+    adapter = make(fake, silent_timeout_s=0.5 * UNIT)
+    await adapter.start(sink)
+    try:
+        await fake.wait_connections(1)
+        await until(lambda: len(fake.ping_ids) >= 20)  # two deadlines' worth of pings
+        await until(lambda: all(fake.acks_for(mid) for mid in fake.ping_ids[:20]))
+        assert fake.connections == 1 and adapter.status().state == "connected"
+    finally:
+        await adapter.stop()
+
+
 async def test_same_message_delivered_four_times_is_accepted_once(
     running: DingTalkAdapter, fake: FakeDingTalk, sink: Sink
 ) -> None:
