@@ -302,9 +302,7 @@ OPTIONS: tuple[Option, ...] = (
         "the DingTalk app's Client Secret (AppSecret)",
         secret=True,
     ),
-    Option(
-        "dingtalk-base-url", _base_url, "https://api.dingtalk.com", "DingTalk OpenAPI base URL"
-    ),
+    Option("dingtalk-base-url", _base_url, "https://api.dingtalk.com", "DingTalk OpenAPI base URL"),
     # -- WeCom options (bridge/platforms/wecom.py) --
     # -- HTTP API options (bridge/http/) --
     Option("grace", _float_range(0, 600), 10.0, "seconds to drain on SIGTERM/SIGINT"),

@@ -277,8 +277,11 @@ def _name(url: str, name: str | None) -> str:
 
 
 def _json(resp: HttpResponse) -> dict[str, Any] | None:
+    """The body as a JSON object; ``{}`` when empty, None when not JSON (a file, an HTML page)."""
     if not resp.body:
         return {}
+    if resp.body[:64].lstrip()[:1] != b"{":
+        return None
     try:
         data = resp.json()
     except ValueError:
