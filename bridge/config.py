@@ -303,6 +303,15 @@ OPTIONS: tuple[Option, ...] = (
         secret=True,
     ),
     Option("dingtalk-base-url", _base_url, "https://api.dingtalk.com", "DingTalk OpenAPI base URL"),
+    Option(
+        "dingtalk-card-template-id",
+        _text,
+        "",
+        "an AI card template id: answers stream in that card (empty: one final message)",
+    ),
+    Option(
+        "dingtalk-card-content-key", _text, "content", "the card template's streamed text variable"
+    ),
     # -- WeCom options (bridge/platforms/wecom.py) --
     # -- HTTP API options (bridge/http/) --
     Option("grace", _float_range(0, 600), 10.0, "seconds to drain on SIGTERM/SIGINT"),
@@ -359,6 +368,8 @@ class Settings:
     dingtalk_client_id: str = ""
     dingtalk_client_secret: str | None = field(default=None, repr=False)
     dingtalk_base_url: str = "https://api.dingtalk.com"
+    dingtalk_card_template_id: str = ""
+    dingtalk_card_content_key: str = "content"
 
     # -- WeCom settings --
 

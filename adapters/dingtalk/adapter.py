@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -19,6 +20,13 @@ from adapters.base import (
     InboundMessage,
     MessageSink,
     ReplyError,
+)
+from adapters.dingtalk.cards import (
+    CREATE_PATH,
+    FLOW_INPUTING,
+    DingTalkCardReply,
+    create_body,
+    out_track_id,
 )
 from adapters.dingtalk.config import BOT_MESSAGE_TOPIC, DingTalkConfig
 from adapters.dingtalk.frames import FrameError
@@ -73,6 +81,7 @@ class DingTalkAdapter:
         # Reply routes by message id, learnt from callbacks (a restart forgets them: the robot
         # API, which needs only the conversation or the sender, is used then).
         self._targets: OrderedDict[str, ReplyTarget] = OrderedDict()
+        self._cards: weakref.WeakSet[DingTalkCardReply] = weakref.WeakSet()
         self._posted: OrderedDict[str, None] = OrderedDict()  # "answer:<id>"/"text:<id>" sent
 
     def __repr__(self) -> str:
@@ -97,6 +106,8 @@ class DingTalkAdapter:
         if self._client is not None:
             await self._client.stop()
             self._client = None
+        cards = list(self._cards)
+        await asyncio.gather(*(c.aclose() for c in cards), return_exceptions=True)
         self._sink = None
         self._status.set_state("stopped")
         if self._owns_http:
@@ -171,18 +182,60 @@ class DingTalkAdapter:
 
     async def open_reply(
         self, msg: InboundMessage, existing_reply_id: str | None = None
-    ) -> DingTalkReply:
-        """The reply to ``msg``; nothing is posted until it finishes (DingTalk cannot edit).
+    ) -> DingTalkReply | DingTalkCardReply:
+        """The reply to ``msg``: a streamed AI card when a template is set, else one message.
 
-        The id is derived from the message, so a resumed reply (``existing_reply_id``) is the
-        same reply; within one process the answer is posted at most once per message.
+        A card's ``outTrackId`` and a message reply's id are derived from the message, so a
+        resumed reply (``existing_reply_id``) is the same reply: nothing new is posted.
+
+        Raises:
+            ReplyError: the card could not be created.
         """
+        if self.config.card_template_id:
+            return await self._open_card(msg, existing_reply_id)
         reply_id = existing_reply_id or f"dingtalk:{msg.message_id}"
 
         async def post(text: str) -> None:
             await self._send_once(msg, "answer", text, markdown=True)
 
         return DingTalkReply(post, source_message_id=msg.message_id, reply_message_id=reply_id)
+
+    async def _open_card(self, msg: InboundMessage, existing: str | None) -> DingTalkCardReply:
+        track_id = existing or out_track_id(msg.message_id)
+        if existing is None:
+            target = self._targets.get(msg.message_id)
+            robot = target.robot_code if target is not None else ""
+            body = create_body(self.config, msg, track_id, robot)
+            try:
+                await self.api.call("POST", CREATE_PATH, body)
+            except DingTalkApiError as exc:
+                # A run that died after creating it: the card exists if it takes an update.
+                if not await self._card_exists(track_id):
+                    raise ReplyError(f"card for {msg.message_id}: {exc}") from None
+            log.info("dingtalk.card_opened", message_id=msg.message_id, track_id=track_id)
+        stream = DingTalkCardReply(
+            self.api,
+            self.config,
+            source_message_id=msg.message_id,
+            track_id=track_id,
+            monotonic=self._monotonic,
+        )
+        self._cards.add(stream)
+        return stream
+
+    async def _card_exists(self, track_id: str) -> bool:
+        try:
+            await self.api.call(
+                "PUT",
+                "/v1.0/card/instances",
+                {
+                    "outTrackId": track_id,
+                    "cardData": {"cardParamMap": {"flowStatus": FLOW_INPUTING}},
+                },
+            )
+        except DingTalkApiError:
+            return False
+        return True
 
     async def send_text_reply(self, msg: InboundMessage, text: str) -> None:
         """Reply once with plain text.

@@ -31,6 +31,9 @@ class DingTalkConfig:
         max_image_bytes: the cap on one downloaded picture.
         token_refresh_margin_s: refresh the access token this long before it expires.
         sink_timeout_s: how long recording one message may take before it is not acked.
+        card_template_id: an AI card template (card platform); set, answers stream in a card.
+        card_content_key: the template's streamed text variable.
+        card_interval_s: the least time between two streamed card updates.
     """
 
     mode: str = "stream"
@@ -48,6 +51,9 @@ class DingTalkConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     token_refresh_margin_s: float = 300.0
     sink_timeout_s: float = 10.0
+    card_template_id: str = ""
+    card_content_key: str = "content"
+    card_interval_s: float = 0.5
 
     @property
     def api_root(self) -> str:

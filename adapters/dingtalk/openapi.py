@@ -169,6 +169,10 @@ class DingTalkApi:
         key = data.get("processQueryKey")
         return key if isinstance(key, str) else ""
 
+    async def call(self, method: str, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """One authenticated OpenAPI call (``path`` under the base URL); its JSON answer."""
+        return await self._call(method, self._cfg.api_root + path, body)
+
     # --- machinery ---------------------------------------------------------------------------
     async def _call(
         self,

@@ -40,6 +40,8 @@ def build(s: Settings, metrics: Metrics) -> list[Adapter]:
         client_id=s.dingtalk_client_id,
         client_secret=s.dingtalk_client_secret or "",
         base_url=s.dingtalk_base_url,
+        card_template_id=s.dingtalk_card_template_id,
+        card_content_key=s.dingtalk_card_content_key or "content",
     )
     return [DingTalkAdapter(cfg, observer=ImMetrics(metrics, "dingtalk"))]
 

@@ -89,3 +89,35 @@ async def test_picture_delivered_four_times_gets_one_answer_in_the_conversation(
         assert await bridge.terminate() == 0
     finally:
         bridge.ensure_dead()
+
+
+async def test_with_a_card_template_the_answer_streams_into_one_finished_card(
+    dingtalk: FakeDingTalk, tmp_path: Path
+) -> None:
+    bridge = BridgeProcess(
+        tmp_path / "b.log",
+        "--store", f"sqlite:///{tmp_path}/b.db",
+        "--max-new-tokens", "24",
+        "--dingtalk-mode", "stream",
+        "--dingtalk-client-id", CLIENT_ID,
+        "--dingtalk-client-secret", CLIENT_SECRET,
+        "--dingtalk-base-url", dingtalk.base_url,
+        "--dingtalk-card-template-id", "tmpl-ai.schema",
+    ).start()  # fmt: skip
+    try:
+        await bridge.wait_ready()
+        await dingtalk.wait_connections(1, limit_s=60 * UNIT)
+        data = bot_message(dingtalk, msg_id="msgCARD==", conversation_type="1")
+        await dingtalk.wait_ack(await dingtalk.push_callback(data), limit_s=30 * UNIT)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60 * UNIT
+        while not any(c.flow_status == "3" for c in dingtalk.cards.values()):
+            assert loop.time() < deadline, f"no finished card: {dingtalk.cards}"
+            await asyncio.sleep(0.05)
+        [card] = dingtalk.cards.values()
+        assert card.create["openSpaceId"] == "dtv1.card//IM_ROBOT.staff001"
+        assert card.streams[-1]["isFinalize"] is True and card.streams[-1]["content"].strip()
+        assert dingtalk.card_creates == 1 and dingtalk.sent == []
+        assert await bridge.terminate() == 0
+    finally:
+        bridge.ensure_dead()

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from adapters.base import InboundMessage
-from tests.adapters.dingtalk.fake_dingtalk import FakeDingTalk
+from adapters.dingtalk import DingTalkAdapter
+from adapters.dingtalk.frames import Frame
+from adapters.dingtalk.protocol import CallbackDelivery
+from tests.adapters.dingtalk.fake_dingtalk import BOT_TOPIC, FakeDingTalk
 from tests.conftest import IMAGES
 
 
@@ -51,3 +56,14 @@ async def fake() -> AsyncIterator[FakeDingTalk]:
 @pytest.fixture
 def sink() -> Sink:
     return Sink()
+
+
+async def deliver(adapter: DingTalkAdapter, data: dict[str, Any]) -> InboundMessage:
+    """Feed one bot-message callback through the adapter's handler; the message it recorded."""
+    sink = Sink()
+    adapter._sink = sink
+    frame = Frame(
+        type="CALLBACK", headers={"messageId": "d1", "topic": BOT_TOPIC}, data=json.dumps(data)
+    )
+    assert await adapter._on_callback(CallbackDelivery(frame)) is True
+    return sink.seen[-1]

@@ -43,6 +43,24 @@ class Sent:
     body: dict[str, Any]
 
 
+@dataclass
+class Card:
+    """An AI card the robot created: its create body, streamed texts and card-data updates."""
+
+    create: dict[str, Any]
+    streams: list[dict[str, Any]] = field(default_factory=list)
+    updates: list[dict[str, Any]] = field(default_factory=list)
+    stream_times: list[float] = field(default_factory=list)
+
+    @property
+    def flow_status(self) -> str:
+        """The latest ``flowStatus`` set on the card."""
+        status = self.create["cardData"]["cardParamMap"].get("flowStatus", "")
+        for update in self.updates:
+            status = update["cardData"]["cardParamMap"].get("flowStatus", status)
+        return str(status)
+
+
 class FakeDingTalk:
     """The fake service; ``base_url`` for the adapter, records and controls for tests."""
 
@@ -61,7 +79,8 @@ class FakeDingTalk:
         self.silent = False  # stop sending anything (pings included) on the stream
         self.ping_every_s: float | None = None  # DingTalk pings the client this often
         self.ping_ids: list[str] = []
-        self.ticket_header_seen: list[str] = []
+        self.cards: dict[str, Card] = {}  # outTrackId -> card
+        self.card_creates = 0
         self._tickets: set[str] = set()
         self._ws: web.WebSocketResponse | None = None
         self._ids = itertools.count(1)
@@ -80,6 +99,9 @@ class FakeDingTalk:
         app.router.add_post("/robot/sendBySession", self._webhook)
         app.router.add_post("/v1.0/robot/oToMessages/batchSend", self._single)
         app.router.add_post("/v1.0/robot/groupMessages/send", self._group)
+        app.router.add_post("/v1.0/card/instances/createAndDeliver", self._card_create)
+        app.router.add_put("/v1.0/card/streaming", self._card_stream)
+        app.router.add_put("/v1.0/card/instances", self._card_update)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -308,6 +330,52 @@ class FakeDingTalk:
         json.loads(body.get("msgParam", ""))  # must be JSON text
         self.sent.append(Sent(via, body))
         return web.json_response({"processQueryKey": f"pqk-{next(self._ids)}"})
+
+    async def _card_create(self, request: web.Request) -> web.Response:
+        if (denied := self._authorized(request)) is not None:
+            return denied
+        if (fault := self._fault("card_create")) is not None:
+            return fault
+        body = await request.json()
+        track = body.get("outTrackId")
+        space = str(body.get("openSpaceId", ""))
+        params = body.get("cardData", {}).get("cardParamMap")
+        if not body.get("cardTemplateId") or not track or not isinstance(params, dict):
+            return web.json_response({"code": "invalidParameter"}, status=400)
+        if not space.startswith(("dtv1.card//IM_GROUP.", "dtv1.card//IM_ROBOT.")):
+            return web.json_response({"code": "invalidParameter.openSpaceId"}, status=400)
+        group = space.startswith("dtv1.card//IM_GROUP.")
+        model = body.get("imGroupOpenDeliverModel" if group else "imRobotOpenDeliverModel")
+        if not isinstance(model, dict) or (group and model.get("robotCode") != ROBOT_CODE):
+            return web.json_response({"code": "invalidParameter.deliverModel"}, status=400)
+        if track in self.cards:
+            return web.json_response({"code": "param.outTrackIdExist"}, status=400)
+        self.card_creates += 1
+        self.cards[track] = Card(create=body)
+        return web.json_response({"success": True, "result": {"outTrackId": track}})
+
+    async def _card_stream(self, request: web.Request) -> web.Response:
+        if (denied := self._authorized(request)) is not None:
+            return denied
+        if (fault := self._fault("card_stream")) is not None:
+            return fault
+        body = await request.json()
+        card = self.cards.get(body.get("outTrackId"))
+        if card is None or not isinstance(body.get("content"), str) or not body.get("guid"):
+            return web.json_response({"code": "invalidParameter"}, status=400)
+        card.streams.append(body)
+        card.stream_times.append(asyncio.get_running_loop().time())
+        return web.json_response({})
+
+    async def _card_update(self, request: web.Request) -> web.Response:
+        if (denied := self._authorized(request)) is not None:
+            return denied
+        body = await request.json()
+        card = self.cards.get(body.get("outTrackId"))
+        if card is None or not isinstance(body.get("cardData", {}).get("cardParamMap"), dict):
+            return web.json_response({"code": "cardNotExist"}, status=400)
+        card.updates.append(body)
+        return web.json_response({"success": True})
 
 
 def bot_message(

@@ -12,12 +12,9 @@ from structlog.testing import capture_logs
 
 from adapters.base import ImageFetchError, InboundMessage, ReplyError
 from adapters.dingtalk import DingTalkAdapter, DingTalkConfig
-from adapters.dingtalk.frames import Frame
-from adapters.dingtalk.protocol import CallbackDelivery
 from adapters.http import AiohttpClient
-from tests.adapters.dingtalk.conftest import Sink
+from tests.adapters.dingtalk.conftest import deliver
 from tests.adapters.dingtalk.fake_dingtalk import (
-    BOT_TOPIC,
     CLIENT_ID,
     CLIENT_SECRET,
     FakeDingTalk,
@@ -51,16 +48,6 @@ async def parts(fake: FakeDingTalk) -> AsyncIterator[tuple[DingTalkAdapter, Cloc
     adapter.api._sleep = fake_sleep
     yield adapter, clock, waits
     await http.close()
-
-
-async def deliver(adapter: DingTalkAdapter, data: dict[str, Any]) -> InboundMessage:
-    """Feed one callback through the adapter's handler; the recorded message."""
-    sink = Sink()
-    adapter._sink = sink
-    frame = Frame(type="CALLBACK", headers={"messageId": "d1", "topic": BOT_TOPIC},
-                  data=json.dumps(data))  # fmt: skip
-    assert await adapter._on_callback(CallbackDelivery(frame)) is True
-    return sink.seen[-1]
 
 
 async def test_picture_is_downloaded_with_a_cached_token(

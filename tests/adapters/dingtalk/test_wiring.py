@@ -44,3 +44,19 @@ def test_stream_mode_builds_the_adapter_and_hides_the_secret() -> None:
         SECRET not in repr(s) and SECRET not in repr(adapter) and SECRET not in repr(adapter.config)
     )
     assert dingtalk.routes(adapter, s) == []
+
+
+def test_a_card_template_switches_answers_to_streamed_cards() -> None:
+    s = load_settings(
+        {
+            "dingtalk-mode": "stream",
+            "dingtalk-client-id": "ding123",
+            "dingtalk-client-secret": SECRET,
+            "dingtalk-card-template-id": "tmpl.schema",
+        },
+        env={},
+    )
+    [adapter] = dingtalk.build(s, Metrics())
+    assert isinstance(adapter, DingTalkAdapter)
+    assert adapter.config.card_template_id == "tmpl.schema"
+    assert adapter.config.card_content_key == "content"
