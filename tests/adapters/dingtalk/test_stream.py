@@ -199,3 +199,35 @@ async def test_wrong_credentials_show_failed_and_never_log_the_secret(
     assert status.last_error is not None and "401" in status.last_error
     assert wrong not in json.dumps(status.to_dict()) and wrong not in str(logs)
     assert fake.connections == 0
+
+
+async def test_status_goes_connecting_reconnecting_connected_honestly(
+    fake: FakeDingTalk, sink: Sink
+) -> None:
+    for _ in range(3):
+        fake.fail_next("open", 503, {"code": "ServiceUnavailable"})
+    adapter = make(fake, api_max_attempts=1)
+    states: list[tuple[str, int]] = []
+    tracker = adapter._status
+    original = tracker.set_state
+
+    def record(state: str, *, attempts: int | None = None) -> None:
+        original(state, attempts=attempts)
+        states.append((tracker.state, tracker.attempts))
+
+    tracker.set_state = record  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        await adapter.start(sink)
+        try:
+            await until(lambda: adapter.status().state == "connected")
+            assert adapter.status().attempts == 0 and adapter.status().healthy
+        finally:
+            await adapter.stop()
+    assert states[0] == ("connecting", 0)
+    assert ("reconnecting", 3) in states
+    up = states.index(("connected", 0))
+    assert {s for s, _ in states[:up]} == {"connecting", "reconnecting"}
+    assert {s for s, _ in states[up + 1 :]} == {"stopped"}
+    lost = [e for e in logs if e["event"] == "dingtalk.stream_lost"]
+    assert [e["failed_tries"] for e in lost] == [1, 2, 3]
+    assert all(e["retry_in_s"] > 0 for e in lost) and "503" in lost[0]["reason"]
