@@ -25,6 +25,7 @@ class DingTalkConfig:
         silent_timeout_s: our deadline: no frame for this long means the socket is dead.
         reconnect_base_s / reconnect_max_s: jittered exponential backoff between tries.
         stable_after_s: a link up this long resets the backoff.
+        drain_s: after a ``disconnect``, how long the old link stays open for pending acks.
         api_timeout_s: per HTTP call.
         api_max_attempts: tries per OpenAPI call (rate limits, 5xx, transport errors).
         api_backoff_base_s / api_backoff_max_s: the waits between those tries.
@@ -44,6 +45,7 @@ class DingTalkConfig:
     reconnect_base_s: float = 1.0
     reconnect_max_s: float = 60.0
     stable_after_s: float = 30.0
+    drain_s: float = 5.0
     api_timeout_s: float = 10.0
     api_max_attempts: int = 5
     api_backoff_base_s: float = 0.5

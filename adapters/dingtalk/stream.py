@@ -1,9 +1,10 @@
 """The asyncio stream client: ticket, WebSocket, acks, our silent deadline, reconnect/backoff.
 
 It moves text between a ``websockets`` connection and :class:`StreamProtocol`; what to answer
-and when the link is dead is decided in the core. A SYSTEM ``disconnect`` stops new callbacks,
-lets the ones in hand finish their acks (briefly), then opens a new connection at once; anything
-left unacked is delivered again by DingTalk and deduped by the sink.
+and when the link is dead is decided in the core. A SYSTEM ``disconnect`` stops new callbacks on
+that link and opens a new connection at once, while the old link stays open (briefly) for the
+acks of the callbacks in hand; anything left unacked is delivered again by DingTalk and deduped
+by the sink.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ log = structlog.get_logger(__name__)
 
 CallbackHandler = Callable[[CallbackDelivery], Awaitable[bool]]
 _conn_ids = itertools.count(1)
-DRAIN_S = 5.0
 
 
 class ConnectionLost(Exception):
@@ -184,11 +184,26 @@ class StreamClient:
         mine: set[asyncio.Task[None]] = set()
         try:
             await self._pump(ws, proto, lock, conn_id, mine)
+        except _Moved:
+            # The old link stays open for the acks of the callbacks in hand while the new one
+            # is opened at once.
+            closer = asyncio.create_task(self._drain(ws, mine), name="dingtalk-drain")
+            self._handlers.add(closer)
+            closer.add_done_callback(self._handlers.discard)
+            raise
         except ConnectionClosed as exc:
+            await ws.close()
             raise ConnectionLost(f"closed: code {exc.rcvd.code if exc.rcvd else 'none'}") from None
-        finally:
+        except BaseException:
+            await ws.close()
+            raise
+
+    async def _drain(self, ws: ClientConnection, mine: set[asyncio.Task[None]]) -> None:
+        """Let the callbacks of a moved link finish their acks (up to ``drain_s``), then close."""
+        try:
             if mine:
-                await asyncio.wait(mine, timeout=DRAIN_S)
+                await asyncio.wait(set(mine), timeout=self._cfg.drain_s)
+        finally:
             await ws.close()
 
     async def _pump(

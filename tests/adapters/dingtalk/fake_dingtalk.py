@@ -235,9 +235,7 @@ class FakeDingTalk:
         self._tickets.discard(ticket)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        old, self._ws = self._ws, ws
-        if old is not None and not old.closed:
-            await old.close()
+        self._ws = ws  # new frames go here; an older link stays open until the client closes it
         async with self._connected:
             self.connections += 1
             self._connected.notify_all()
