@@ -35,7 +35,7 @@ TOKEN_HEADER = "x-acs-dingtalk-access-token"
 RATE_LIMIT_CODES = frozenset(
     {"Forbidden.AccessDenied.QpsLimitForApi", "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi"}
 )
-RATE_LIMIT_ERRCODES = frozenset({130101, 90018, 90002})
+RATE_LIMIT_ERRCODES = frozenset({130101})  # "send too fast" (robot webhooks)
 USER_AGENT = "the-bridge/0.1 (dingtalk stream)"
 
 

@@ -1,4 +1,4 @@
-"""The Feishu adapter's live status: connection state, attempts, last event, counts."""
+"""An IM adapter's live status (Feishu, DingTalk): state, attempts, last event, counts."""
 
 from __future__ import annotations
 
