@@ -64,12 +64,21 @@ class Coalescer:
         """Wait for the pending edit, then send ``final_text`` (paced); raises if it fails."""
         if self.closed:
             return
+        await self.drain()
+        await self._deliver(final_text)
+
+    async def drain(self) -> None:
+        """Stop taking texts, let the edit in progress finish and wait out the interval.
+
+        For a platform whose final step is not a plain edit (a DingTalk card's finish): the
+        caller sends it after this returns, so it never overtakes an earlier edit.
+        """
         self.closed = True
         self._latest = None
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         await self._pace()
-        await self._deliver(final_text)
+        self._last_send_at = self._monotonic()
 
     async def cancel(self) -> None:
         """Stop without a final edit (shutdown)."""

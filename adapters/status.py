@@ -1,4 +1,4 @@
-"""An adapter's live status (every platform's): state, attempts, last event, counts."""
+"""An IM adapter's live status (every platform): state, attempts, last event, counts."""
 
 from __future__ import annotations
 

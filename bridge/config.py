@@ -303,6 +303,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("slack-base-url", _base_url, "https://slack.com/api", "Slack Web API base URL"),
     # -- Telegram options (bridge/platforms/telegram.py) --
     # -- DingTalk options (bridge/platforms/dingtalk.py) --
+    Option("dingtalk-mode", _choice("off", "stream"), "off", "off, stream"),
+    Option("dingtalk-client-id", _text, "", "the DingTalk app's Client ID (AppKey)"),
+    Option(
+        "dingtalk-client-secret",
+        _optional_secret,
+        None,
+        "the DingTalk app's Client Secret (AppSecret)",
+        secret=True,
+    ),
+    Option("dingtalk-base-url", _base_url, "https://api.dingtalk.com", "DingTalk OpenAPI base URL"),
+    Option(
+        "dingtalk-card-template-id",
+        _text,
+        "",
+        "an AI card template id: answers stream in that card (empty: one final message)",
+    ),
+    Option(
+        "dingtalk-card-content-key", _text, "content", "the card template's streamed text variable"
+    ),
     # -- WeCom options (bridge/platforms/wecom.py) --
     Option("wecom-mode", _choice("off", "webhook"), "off", "off, webhook (WeCom callback mode)"),
     Option("wecom-corp-id", _text, "", "the WeCom CorpID (also the callback's receive id)"),
@@ -372,6 +391,12 @@ class Settings:
     # -- Telegram settings --
 
     # -- DingTalk settings --
+    dingtalk_mode: str = "off"
+    dingtalk_client_id: str = ""
+    dingtalk_client_secret: str | None = field(default=None, repr=False)
+    dingtalk_base_url: str = "https://api.dingtalk.com"
+    dingtalk_card_template_id: str = ""
+    dingtalk_card_content_key: str = "content"
 
     # -- WeCom settings --
     wecom_mode: str = "off"

@@ -18,11 +18,11 @@ from typing import Any
 from urllib.parse import quote
 
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from adapters.base import AdapterError
 from adapters.feishu.config import FeishuConfig
 from adapters.http import BodyTooLarge, HttpClient, HttpError, HttpRequest, HttpResponse
+from adapters.retry import Retryable, retrying
 
 log = structlog.get_logger(__name__)
 
@@ -39,14 +39,6 @@ class FeishuApiError(AdapterError):
         super().__init__(message)
         self.code = code
         self.http_status = http_status
-
-
-class _Retryable(Exception):
-    """A failure worth another try; ``wait_s`` overrides the backoff when set."""
-
-    def __init__(self, message: str, wait_s: float | None = None) -> None:
-        super().__init__(message)
-        self.wait_s = wait_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,19 +197,19 @@ class OpenApiClient:
         auth: bool = True,
         headers: Mapping[str, str] | None = None,
     ) -> HttpResponse:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._cfg.api_max_attempts),
-            wait=self._wait,
-            retry=retry_if_exception_type(_Retryable),
+        policy = retrying(
+            attempts=self._cfg.api_max_attempts,
+            base_s=self._cfg.api_backoff_base_s,
+            cap_s=self._cfg.api_backoff_max_s,
+            rng=self._rng,
             sleep=self._sleep,
-            reraise=True,
-            before_sleep=_log_retry,
+            event="feishu.api_retry",
         )
         try:
-            async for attempt in retrying:
+            async for attempt in policy:
                 with attempt:
                     return await self._once(method, path, json_body, params, auth, headers)
-        except _Retryable as exc:
+        except Retryable as exc:
             raise self._permanent(f"{method} {_trim(path)}: gave up: {exc}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -247,16 +239,16 @@ class OpenApiClient:
         except BodyTooLarge:
             raise self._permanent(f"{method} {_trim(path)}: answer too large") from None
         except HttpError as exc:
-            raise _Retryable(f"transport: {exc}") from None
+            raise Retryable(f"transport: {exc}") from None
         data = _json(resp)
         code = data.get("code") if data is not None else None
         if resp.status == 429 or code == CODE_RATE_LIMITED:
-            raise _Retryable("rate limited", wait_s=self._reset_after(resp))
+            raise Retryable("rate limited", wait_s=self._reset_after(resp))
         if resp.status >= 500:
-            raise _Retryable(f"http {resp.status}")
+            raise Retryable(f"http {resp.status}")
         if code == CODE_TOKEN_INVALID and auth:
             self.invalidate_token()
-            raise _Retryable("token invalid", wait_s=0.0)
+            raise Retryable("token invalid", wait_s=0.0)
         if isinstance(code, int) and code != 0:
             msg = data.get("msg") if data is not None else None
             raise self._permanent(
@@ -278,24 +270,11 @@ class OpenApiClient:
             wait = self._cfg.api_backoff_base_s
         return min(max(wait, 0.0), self._cfg.rate_limit_max_wait_s)
 
-    def _wait(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(exc, _Retryable) and exc.wait_s is not None:
-            return float(exc.wait_s)
-        exponent: int = state.attempt_number - 1
-        ceiling = min(self._cfg.api_backoff_max_s, self._cfg.api_backoff_base_s * 2.0**exponent)
-        return float(ceiling * self._rng.uniform(0.5, 1.0))
-
     def _permanent(self, message: str, *, code: int = -1, http_status: int = 0) -> FeishuApiError:
         self.permanent_errors += 1
         self.last_error = message
         log.warning("feishu.api_error", error=message, code=code, http_status=http_status)
         return FeishuApiError(message, code=code, http_status=http_status)
-
-
-def _log_retry(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome is not None else None
-    log.info("feishu.api_retry", attempt=state.attempt_number, reason=str(exc))
 
 
 def _json(resp: HttpResponse) -> dict[str, Any] | None:

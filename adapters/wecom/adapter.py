@@ -19,8 +19,8 @@ from adapters.base import (
     MessageSink,
     ReplyError,
 )
-from adapters.feishu.status import StatusTracker
 from adapters.http import AiohttpClient, HttpClient
+from adapters.status import StatusTracker
 from adapters.wecom.api import WeComApi, WeComApiError
 from adapters.wecom.callback import CallbackCore, CallbackDecision
 from adapters.wecom.config import WeComConfig
@@ -67,7 +67,7 @@ class WeComAdapter:
         self._observer = observer
         self.api = WeComApi(config, self._http, monotonic=monotonic)
         self._core = CallbackCore(config, clock)
-        self._status = StatusTracker("webhook", clock)
+        self._status = StatusTracker("webhook", clock, platform="wecom")
         self._sink: MessageSink | None = None
 
     def __repr__(self) -> str:
@@ -88,8 +88,7 @@ class WeComAdapter:
 
     def status(self) -> AdapterStatus:
         """State for the dashboard and ``/readyz`` (no secrets)."""
-        snap = self._status.snapshot(api_errors=self.api.permanent_errors)
-        return dataclasses.replace(snap, platform="wecom")
+        return self._status.snapshot(api_errors=self.api.permanent_errors)
 
     # --- inbound -------------------------------------------------------------------------------
     def handle_url_check(self, query: Mapping[str, str]) -> CallbackReply:

@@ -21,8 +21,8 @@ from adapters.feishu import FeishuAdapter, FeishuConfig
 from adapters.feishu.longconn.client import LongConnClient
 from adapters.feishu.longconn.protocol import EventDelivery
 from adapters.feishu.openapi import OpenApiClient
-from adapters.feishu.status import StatusTracker
 from adapters.http import AiohttpClient
+from adapters.status import StatusTracker
 from tests.adapters import fake_feishu
 from tests.adapters.fake_feishu import APP_ID, APP_SECRET, FakeFeishu
 

@@ -27,7 +27,7 @@ from adapters.feishu.longconn.protocol import (
     LongConnProtocol,
 )
 from adapters.feishu.openapi import FeishuApiError, OpenApiClient, WsEndpoint
-from adapters.feishu.status import StatusTracker
+from adapters.status import StatusTracker
 
 log = structlog.get_logger(__name__)
 
