@@ -292,6 +292,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("feishu-base-url", _base_url, "https://open.feishu.cn", "Feishu OpenAPI base URL"),
     # -- Slack options (bridge/platforms/slack.py) --
     # -- Telegram options (bridge/platforms/telegram.py) --
+    Option("telegram-mode", _choice("off", "polling", "webhook"), "off", "off, polling, webhook"),
+    Option("telegram-token", _optional_secret, None, "the bot token from BotFather", secret=True),
+    Option("telegram-base-url", _base_url, "https://api.telegram.org", "Telegram Bot API URL"),
+    Option(
+        "telegram-webhook-secret",
+        _optional_secret,
+        None,
+        "setWebhook secret_token, checked on every webhook call",
+        secret=True,
+    ),
+    Option("telegram-group-mode", _choice("mention", "all"), "mention", "groups: mention or all"),
     # -- DingTalk options (bridge/platforms/dingtalk.py) --
     # -- WeCom options (bridge/platforms/wecom.py) --
     # -- HTTP API options (bridge/http/) --
@@ -343,6 +354,11 @@ class Settings:
     # -- Slack settings --
 
     # -- Telegram settings --
+    telegram_mode: str = "off"
+    telegram_token: str | None = field(default=None, repr=False)
+    telegram_base_url: str = "https://api.telegram.org"
+    telegram_webhook_secret: str | None = field(default=None, repr=False)
+    telegram_group_mode: str = "mention"
 
     # -- DingTalk settings --
 

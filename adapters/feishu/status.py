@@ -1,56 +1,5 @@
-"""The Feishu adapter's live status: connection state, attempts, last event, counts."""
+"""The Feishu adapter's live status (the shared tracker, under the name Feishu's code uses)."""
 
-from __future__ import annotations
+from adapters.status import StatusTracker
 
-from collections.abc import Callable
-
-from adapters.base import AdapterStatus, EventOutcome
-
-_HEALTHY = frozenset({"listening", "connected"})
-
-
-class StatusTracker:
-    """Mutable status owned by one adapter; :meth:`snapshot` gives the immutable view."""
-
-    def __init__(self, mode: str, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self.mode = mode
-        self.state = "off"
-        self.since = clock()
-        self.attempts = 0
-        self.last_event_at: float | None = None
-        self.last_error: str | None = None
-        self.events: dict[str, int] = {"accepted": 0, "duplicate": 0, "rejected": 0}
-
-    def set_state(self, state: str, *, attempts: int | None = None) -> None:
-        """Enter ``state`` (``since`` only moves when the state changes)."""
-        if state != self.state:
-            self.state = state
-            self.since = self._clock()
-        if attempts is not None:
-            self.attempts = attempts
-
-    def record_error(self, error: str) -> None:
-        """Remember a short, secret-free failure description."""
-        self.last_error = error[:200]
-
-    def count(self, outcome: EventOutcome) -> None:
-        """Count one delivery outcome; accepted and duplicate ones are proof of a live intake."""
-        self.events[outcome] += 1
-        if outcome != "rejected":
-            self.last_event_at = self._clock()
-
-    def snapshot(self, api_errors: int = 0) -> AdapterStatus:
-        """The current status."""
-        return AdapterStatus(
-            platform="feishu",
-            mode=self.mode,
-            state=self.state,
-            healthy=self.state in _HEALTHY,
-            since=self.since,
-            attempts=self.attempts,
-            last_event_at=self.last_event_at,
-            last_error=self.last_error,
-            events=dict(self.events),
-            api_errors=api_errors,
-        )
+__all__ = ["StatusTracker"]
