@@ -62,6 +62,7 @@ class Poller:
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
         self.offset: int | None = None
+        self._quick = True
         self.polls = 0
 
     def start(self, ready: Callable[[], Awaitable[object]]) -> None:
@@ -79,6 +80,7 @@ class Poller:
     async def _run(self, ready: Callable[[], Awaitable[object]]) -> None:
         await ready()
         loaded = False
+        self._quick = True
         while True:
             try:
                 if not loaded:
@@ -92,6 +94,7 @@ class Poller:
             except Exception as exc:
                 reason = str(exc)[:200] if isinstance(exc, TelegramApiError) else _kind(exc)
                 self._status.record_error(reason)
+                self._quick = True
                 delay = self._delays.next_delay()
                 self._status.set_state("reconnecting", attempts=self._status.attempts + 1)
                 log.warning(
@@ -103,16 +106,17 @@ class Poller:
                 await self._sleep(delay)
 
     async def _poll_once(self) -> None:
-        params: dict[str, object] = {
-            "timeout": self._cfg.poll_timeout_s,
-            "allowed_updates": ["message"],
-        }
+        # The first poll of a (re)connection does not wait, so the status turns "connected" as
+        # soon as Telegram answers instead of after a whole long poll.
+        timeout = 0 if self._quick else self._cfg.poll_timeout_s
+        params: dict[str, object] = {"timeout": timeout, "allowed_updates": ["message"]}
         if self.offset is not None:
             params["offset"] = self.offset
         result = await self._api.call(
-            "getUpdates", params, timeout_s=self._cfg.poll_timeout_s + self._cfg.api_timeout_s
+            "getUpdates", params, timeout_s=timeout + self._cfg.api_timeout_s
         )
         self.polls += 1
+        self._quick = False
         self._status.set_state("connected", attempts=0)
         if not isinstance(result, list):
             raise TelegramApiError("getUpdates: result is not a list")

@@ -58,6 +58,8 @@ class FakeTelegram:
         self._update_ids = itertools.count(1000)
         self._message_ids = itertools.count(5000)
         self._changed = asyncio.Condition()
+        self._closing = False
+        self.gates: dict[str, asyncio.Event] = {}  # method -> calls held, then dropped
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -74,6 +76,12 @@ class FakeTelegram:
         self.base_url = f"http://127.0.0.1:{port}"
 
     async def stop(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
+        async with self._changed:  # long polls in flight answer now
+            self._closing = True
+            self._changed.notify_all()
+        self._closing = True
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -134,6 +142,12 @@ class FakeTelegram:
             if isinstance(body, dict):
                 params.update(body)
         self.calls.append((method, params))
+        gate = self.gates.get(method)
+        if gate is not None:
+            # A black-holed call: no answer until the gate is set, and then it was never done
+            # (as if it never reached Telegram), so a killed caller left nothing behind.
+            await gate.wait()
+            return _fail(502, "Bad Gateway")
         faults = self._faults.get(method)
         if faults:
             status, retry_after = faults.pop(0)
@@ -183,7 +197,7 @@ class FakeTelegram:
             if offset:
                 self.updates = [u for u in self.updates if u["update_id"] >= offset]
             deadline = time.monotonic() + timeout
-            while not self.updates:
+            while not self.updates and not self._closing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break

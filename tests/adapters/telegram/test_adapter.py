@@ -114,8 +114,9 @@ async def test_polling_records_in_order_and_saves_the_offset_after_the_sink(
         assert [m.message_id for m in sink.messages] == ["42:11", "42:12"]
         assert offsets.saves == [first["update_id"] + 1, second["update_id"] + 1]
         assert adapter.status().state == "connected" and adapter.status().healthy
-        params = next(p for m, p in tg.calls if m == "getUpdates")
-        assert params["timeout"] == 2 and params["allowed_updates"] == ["message"]
+        polls = [p for m, p in tg.calls if m == "getUpdates"]
+        assert polls[0]["timeout"] == 0 and polls[1]["timeout"] == 2
+        assert all(p["allowed_updates"] == ["message"] for p in polls)
         assert adapter.status().events["accepted"] == 2
     finally:
         await adapter.stop()
