@@ -61,7 +61,7 @@ async def run(rate: float, seconds: float, tmp: str) -> dict[str, Any]:
     server = _start(args, Path(tmp) / "bridge.log")
     url = f"http://127.0.0.1:{port}/webhooks/telegram"
     try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as http:
             await _wait_listening(http, port, server)
             total = int(rate * seconds)
             rng = random.Random(7)
