@@ -81,6 +81,7 @@ class TelegramAdapter:
         self.api = BotApi(config, self._http, delays)
         self._status = StatusTracker(config.mode, clock, platform=PLATFORM, observer=observer)
         self.pacer = Pacer(config.edit_interval_s, monotonic=monotonic)
+        self.api.on_rate_limited = self._hold_chat
         self.bot: BotIdentity | None = None
         self._identified = asyncio.Event()
         self._sink: MessageSink | None = None
@@ -247,6 +248,12 @@ class TelegramAdapter:
             message_type=msg.message_type,
         )
         return outcome
+
+    def _hold_chat(self, params: Mapping[str, object], seconds: float) -> None:
+        """A 429 for one chat holds every other send and edit in that chat as long."""
+        chat_id = params.get("chat_id")
+        if isinstance(chat_id, int):
+            self.pacer.hold(str(chat_id), seconds)
 
     # --- outbound ------------------------------------------------------------------------------
     async def fetch_image(self, msg: InboundMessage, ref: ImageRef) -> bytes:

@@ -72,6 +72,8 @@ class BotApi:
         self._sleep = sleep
         self.permanent_errors = 0
         self.last_error: str | None = None
+        #: Told ``(params, seconds)`` when Telegram asks a call to wait (per-chat pacing uses it).
+        self.on_rate_limited: Callable[[dict[str, Any], float], None] | None = None
 
     def __repr__(self) -> str:
         return f"BotApi(base_url={self._cfg.api_root!r}, token='***')"
@@ -94,7 +96,7 @@ class BotApi:
         request = HttpRequest.build(
             "POST", url, json_body=params, timeout_s=timeout_s or self._cfg.api_timeout_s
         )
-        resp = await self._send(method, request, MAX_API_BODY)
+        resp = await self._send(method, request, MAX_API_BODY, params)
         data = _json(resp)
         if data is None:
             raise self._permanent(method, f"http {resp.status}, answer is not JSON")
@@ -113,7 +115,9 @@ class BotApi:
             raise self._permanent("file", "the file is empty")
         return resp.body
 
-    async def _send(self, what: str, request: HttpRequest, limit: int) -> HttpResponse:
+    async def _send(
+        self, what: str, request: HttpRequest, limit: int, params: dict[str, Any] | None = None
+    ) -> HttpResponse:
         delays = self._delays()
         for attempt in range(1, self._cfg.api_max_attempts + 1):
             try:
@@ -122,6 +126,8 @@ class BotApi:
                 if attempt >= self._cfg.api_max_attempts:
                     raise self._permanent(what, f"gave up: {exc}") from None
                 wait = exc.wait_s if exc.wait_s is not None else delays.next_delay()
+                if exc.wait_s is not None and params is not None and self.on_rate_limited:
+                    self.on_rate_limited(params, wait)
                 log.info("telegram.api_retry", method=what, attempt=attempt, reason=str(exc))
                 await self._sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover

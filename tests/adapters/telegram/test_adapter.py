@@ -231,6 +231,7 @@ async def test_429_on_send_waits_retry_after_and_posts_exactly_once(
     msg = _inbound(11)
     stream = await adapter.open_reply(msg)
     assert waits == [3.0] and len(tg.sent) == 1
+    assert adapter.pacer._next["42"] >= asyncio.get_running_loop().time() + 2.5  # chat held
     sent = tg.sent[0]
     assert (
         sent.reply_to == 11
@@ -339,3 +340,16 @@ def _json(data: Any) -> bytes:
     import json
 
     return json.dumps(data).encode()
+
+
+async def test_a_refused_token_shows_failed_with_telegram_s_description(tg: FakeTelegram) -> None:
+    tg.token = "999:someone-else"
+    adapter = make(tg)
+    await adapter.start(Sink())
+    try:
+        await until(lambda: adapter.status().state == "failed")
+        st = adapter.status()
+        assert not st.healthy and "401" in (st.last_error or "") and st.attempts == 1
+        assert "getUpdates" not in tg.methods()  # no polling without knowing the bot
+    finally:
+        await adapter.stop()
