@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from adapters.base import Adapter
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from bridge.platforms import Route
     from bridge.store import Store
 
+_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
 #: This module's ``build`` takes the store (the polling offset lives there).
 USES_STORE = True
 #: Re-poll and API retry backoff: 1 s doubling to a minute, jittered.
@@ -54,6 +56,12 @@ def check(s: Settings) -> None:
         raise ConfigError(f"--telegram-mode {s.telegram_mode} needs --telegram-token")
     if s.telegram_mode == "webhook" and not s.telegram_webhook_secret:
         raise ConfigError("--telegram-mode webhook needs --telegram-webhook-secret")
+    secret = s.telegram_webhook_secret
+    if secret is not None and not _SECRET_TOKEN.fullmatch(secret):
+        raise ConfigError(
+            "--telegram-webhook-secret must be 1-256 characters of A-Z, a-z, 0-9, _ and - "
+            "(what setWebhook accepts as secret_token)"
+        )
 
 
 def _delays() -> Backoff:

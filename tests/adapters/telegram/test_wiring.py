@@ -24,6 +24,9 @@ def test_modes_need_their_options_and_errors_name_no_secret() -> None:
     with pytest.raises(ConfigError, match="--telegram-webhook-secret") as info:
         settings(telegram_mode="webhook", telegram_token=TOKEN)
     assert TOKEN not in str(info.value)
+    with pytest.raises(ConfigError, match="A-Z") as bad:
+        settings(telegram_mode="webhook", telegram_token=TOKEN, telegram_webhook_secret="a b!")
+    assert "a b!" not in str(bad.value)
     with pytest.raises(ConfigError):
         settings(telegram_mode="longpoll")
     with pytest.raises(ConfigError):
