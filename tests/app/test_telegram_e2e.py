@@ -11,9 +11,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import websockets
 
 from tests.adapters.telegram.fake_telegram import TOKEN, FakeTelegram, message, photo_sizes
 from tests.app.procs import BridgeProcess
+from tests.app.wsclient import recv_frame
 from tests.conftest import IMAGES, UNIT
 
 SECRET = "e2e-webhook-secret_42"
@@ -35,6 +37,8 @@ def bridge_args(fake: FakeTelegram, db: Path, mode: str = "polling") -> list[str
         "--telegram-token", TOKEN,
         "--telegram-base-url", fake.base_url,
         "--telegram-webhook-secret", SECRET,
+        "--token", "client-token",
+        "--topic-grant", "client-token=chat:telegram:*",
     ]  # fmt: skip
 
 
@@ -161,10 +165,21 @@ async def test_webhook_checks_the_secret_and_answers_an_addressed_message(
         assert tg.sent == [] and "getFile" not in tg.methods()
         group = {"update_id": 901, "message": message(1, chat_id=-9, chat_type="group", text="x")}
         assert (await tg.post_webhook(url, group, SECRET))[0] == 200
-        for _ in range(3):  # Telegram re-delivers: answered once
-            status, body = await tg.post_webhook(url, update, SECRET)
-            assert status == 200 and body == {"ok": True}
+        async with websockets.connect(bridge.ws_url) as ws:
+            await ws.send(json.dumps({"type": "hello", "token": "client-token"}))
+            assert json.loads(await ws.recv())["type"] == "welcome"
+            await ws.send(json.dumps({"type": "subscribe", "topic": "chat:telegram:42"}))
+            assert (await recv_frame(ws))["type"] == "subscribed"
+            for _ in range(3):  # Telegram re-delivers: answered once
+                status, body = await tg.post_webhook(url, update, SECRET)
+                assert status == 200 and body == {"ok": True}
+            done: dict[str, Any] = {}
+            while done.get("kind") not in ("done", "error"):
+                done = await recv_frame(ws, 60 * UNIT)
+            assert done["kind"] == "done" and done["id"] == "telegram:42:31"
         await wait_for(lambda: closed(bridge, "42:31"), "answer", bridge)
+        shown = tg.replies_to(42, 31)[0].text
+        assert shown == (done["text"] if done["text"].strip() else "…")
         assert len(tg.replies_to(42, 31)) == 1 and tg.replies_to(-9, 1) == []
         async with aiohttp.ClientSession() as http, http.get(bridge.base + "/metrics") as resp:
             metrics = await resp.text()
