@@ -132,3 +132,49 @@ def test_hostile_entities_never_raise(text: str, offset: Any, length: Any) -> No
     msg = message(1, chat_type="group", chat_id=-5, text=text)
     msg["entities"] = [{"type": "mention", "offset": offset, "length": length}]
     assert parse({"update_id": 1, "message": msg}).kind in ("message", "ignored")
+
+
+def _webhook_adapter() -> Any:
+    from adapters.http import HttpResponse, MockTransport
+    from adapters.telegram import TelegramAdapter, TelegramConfig
+    from bridge.store.backoff import Backoff
+
+    class NoOffsets:
+        async def load(self) -> int | None:
+            return None
+
+        async def save(self, offset: int) -> None:
+            raise AssertionError("webhook mode keeps no offset")
+
+    cfg = TelegramConfig(mode="webhook", token="1:x", webhook_secret="s")
+    http = MockTransport(lambda r: HttpResponse.of_json({"ok": False, "error_code": 500}))
+    adapter = TelegramAdapter(
+        cfg, offsets=NoOffsets(), delays=lambda: Backoff(0.01, 0.01), http=http
+    )
+    adapter.bot = BOT
+    return adapter
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    body=st.binary(max_size=300)
+    | shaped.map(lambda v: json.dumps({"update_id": 1, "message": v}).encode())
+)
+def test_hostile_webhook_bodies_get_2xx_or_4xx_and_only_messages_reach_the_sink(
+    body: bytes,
+) -> None:
+    import asyncio
+
+    adapter = _webhook_adapter()
+    seen: list[Any] = []
+
+    async def sink(msg: Any) -> bool:
+        seen.append(msg)
+        return True
+
+    adapter._sink = sink
+    result = asyncio.run(adapter.handle_webhook({"X-Telegram-Bot-Api-Secret-Token": "s"}, body))
+    assert result.status in (200, 400)
+    assert len(seen) <= 1 and all(m.platform == "telegram" for m in seen)
+    refused = asyncio.run(adapter.handle_webhook({"X-Telegram-Bot-Api-Secret-Token": "t"}, body))
+    assert refused.status == 401 and len(seen) <= 1
