@@ -1,9 +1,10 @@
 """Coalesced, paced edits of one posted message: the newest text wins, at most one per interval.
 
-Platforms limit how often one message may be edited (Slack: about once a second). A streamed
-answer changes far more often, so :class:`Coalescer` keeps only the newest text and a single
-background task sends it no sooner than ``interval_s`` after the previous send started; the
-final text goes out after that task, so edits never arrive out of order.
+Platforms limit how often one message may be edited (Slack: about once a second per message;
+Telegram: about once a second per chat). A streamed answer changes far more often, so
+:class:`Coalescer` keeps only the newest text and a single background task sends it no sooner
+than ``interval_s`` after the previous send started (or when a shared :class:`Pacer` gives the
+chat its next slot); the final text goes out after that task, so edits never arrive out of order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,40 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
+_PRUNE_AT = 4096
+
+
+class Pacer:
+    """At most one action per ``interval_s`` per key; also honours a platform's "wait N s"."""
+
+    def __init__(
+        self,
+        interval_s: float,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._interval = interval_s
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._next: dict[str, float] = {}
+
+    async def wait(self, key: str) -> None:
+        """Wait for the next free slot of ``key`` and take it."""
+        now = self._monotonic()
+        slot = max(now, self._next.get(key, now))
+        self._next[key] = slot + self._interval
+        if len(self._next) > _PRUNE_AT:
+            self._next = {k: v for k, v in self._next.items() if v > now}
+        if slot > now:
+            await self._sleep(slot - now)
+
+    def hold(self, key: str, seconds: float) -> None:
+        """Let no action on ``key`` start in the next ``seconds`` (a 429's ``retry_after``)."""
+        until = self._monotonic() + seconds
+        self._next[key] = max(self._next.get(key, until), until)
+
+
 Send = Callable[[str], Awaitable[None]]
 
 
@@ -27,6 +62,8 @@ class Coalescer:
             skipped, a failed final edit propagates).
         interval_s: least time between the starts of two sends.
         name: for task names and log lines (a message id, never a secret).
+        pace: waits for the next send slot instead of ``interval_s`` (a :class:`Pacer` shared by
+            every reply in one chat, where the platform's rule is per chat).
         monotonic / sleep: the clock (tests inject fakes).
     """
 
@@ -34,8 +71,9 @@ class Coalescer:
         self,
         send: Send,
         *,
-        interval_s: float,
+        interval_s: float = 0.0,
         name: str,
+        pace: Callable[[], Awaitable[None]] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
@@ -44,6 +82,7 @@ class Coalescer:
         self._name = name
         self._monotonic = monotonic
         self._sleep = sleep
+        self._pace_fn = pace
         self._latest: str | None = None
         self._sent: str | None = None
         self._last_send_at = float("-inf")
@@ -101,6 +140,9 @@ class Coalescer:
                 self._sent = text  # do not hammer a failing message; the final edit retries
 
     async def _pace(self) -> None:
+        if self._pace_fn is not None:
+            await self._pace_fn()
+            return
         wait = self._last_send_at + self._interval - self._monotonic()
         if wait > 0:
             await self._sleep(wait)

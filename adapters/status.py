@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from adapters.base import AdapterStatus, EventOutcome
+import structlog
+
+from adapters.base import AdapterObserver, AdapterStatus, EventOutcome
+
+log = structlog.get_logger(__name__)
 
 _HEALTHY = frozenset({"listening", "connected"})
 
@@ -12,8 +16,15 @@ _HEALTHY = frozenset({"listening", "connected"})
 class StatusTracker:
     """Mutable status owned by one adapter; :meth:`snapshot` gives the immutable view."""
 
-    def __init__(self, mode: str, clock: Callable[[], float], platform: str = "feishu") -> None:
+    def __init__(
+        self,
+        mode: str,
+        clock: Callable[[], float],
+        platform: str = "feishu",
+        observer: AdapterObserver | None = None,
+    ) -> None:
         self._clock = clock
+        self._observer = observer
         self.platform = platform
         self.mode = mode
         self.state = "off"
@@ -36,10 +47,16 @@ class StatusTracker:
         self.last_error = error[:200]
 
     def count(self, outcome: EventOutcome) -> None:
-        """Count one delivery outcome; accepted and duplicate ones are proof of a live intake."""
+        """Count one delivery outcome (and tell the observer, if any); accepted and duplicate
+        ones are proof of a live intake."""
         self.events[outcome] += 1
         if outcome != "rejected":
             self.last_event_at = self._clock()
+        if self._observer is not None:
+            try:
+                self._observer.on_event(outcome)
+            except Exception:
+                log.exception("adapter.observer_failed", platform=self.platform)
 
     def snapshot(self, api_errors: int = 0) -> AdapterStatus:
         """The current status."""

@@ -184,7 +184,7 @@ class BridgeApp:
     def _build_adapters(self) -> list[Adapter]:
         from bridge.platforms import build_adapters
 
-        return build_adapters(self.settings, self.metrics)
+        return build_adapters(self.settings, self.metrics, self.store)
 
     def _build_web(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])

@@ -302,6 +302,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("slack-bot-token", _optional_secret, None, "bot token xoxb-...", secret=True),
     Option("slack-base-url", _base_url, "https://slack.com/api", "Slack Web API base URL"),
     # -- Telegram options (bridge/platforms/telegram.py) --
+    Option("telegram-mode", _choice("off", "polling", "webhook"), "off", "off, polling, webhook"),
+    Option("telegram-token", _optional_secret, None, "the bot token from BotFather", secret=True),
+    Option("telegram-base-url", _base_url, "https://api.telegram.org", "Telegram Bot API URL"),
+    Option(
+        "telegram-webhook-secret",
+        _optional_secret,
+        None,
+        "setWebhook secret_token, checked on every webhook call",
+        secret=True,
+    ),
+    Option("telegram-group-mode", _choice("mention", "all"), "mention", "groups: mention or all"),
     # -- DingTalk options (bridge/platforms/dingtalk.py) --
     Option("dingtalk-mode", _choice("off", "stream"), "off", "off, stream"),
     Option("dingtalk-client-id", _text, "", "the DingTalk app's Client ID (AppKey)"),
@@ -389,6 +400,11 @@ class Settings:
     slack_base_url: str = "https://slack.com/api"
 
     # -- Telegram settings --
+    telegram_mode: str = "off"
+    telegram_token: str | None = field(default=None, repr=False)
+    telegram_base_url: str = "https://api.telegram.org"
+    telegram_webhook_secret: str | None = field(default=None, repr=False)
+    telegram_group_mode: str = "mention"
 
     # -- DingTalk settings --
     dingtalk_mode: str = "off"

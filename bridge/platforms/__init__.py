@@ -4,7 +4,8 @@ Each platform has one module here (``feishu``, ``slack``, ``telegram``, ``dingta
 with three functions, so adding a platform touches its own module and the tuple below only:
 
 - ``check(settings)`` raises :class:`bridge.config.ConfigError` for an incomplete combination;
-- ``build(settings, metrics)`` returns the platform's adapters (none when it is off);
+- ``build(settings, metrics)`` returns the platform's adapters (none when it is off); a module
+  that sets ``USES_STORE = True`` gets the bridge's store too (``build(settings, metrics, store)``);
 - ``routes(adapter, settings)`` returns the ``(method, path, handler)`` webhook routes it serves.
 """
 
@@ -20,6 +21,7 @@ from adapters.base import Adapter
 from bridge.config import Settings
 from bridge.metrics import Metrics
 from bridge.platforms import dingtalk, feishu, slack, telegram, wecom
+from bridge.store import Store
 
 Handler = Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]
 Route = tuple[str, str, Handler]
@@ -33,11 +35,16 @@ def check_settings(settings: Settings) -> None:
         module.check(settings)
 
 
-def build_adapters(settings: Settings, metrics: Metrics) -> list[Adapter]:
+def build_adapters(
+    settings: Settings, metrics: Metrics, store: Store | None = None
+) -> list[Adapter]:
     """Every adapter the settings switch on, in platform order."""
     out: list[Adapter] = []
     for module in PLATFORMS:
-        out.extend(module.build(settings, metrics))
+        if getattr(module, "USES_STORE", False):
+            out.extend(module.build(settings, metrics, store))
+        else:
+            out.extend(module.build(settings, metrics))
     return out
 
 
