@@ -295,6 +295,12 @@ OPTIONS: tuple[Option, ...] = (
     # -- DingTalk options (bridge/platforms/dingtalk.py) --
     # -- WeCom options (bridge/platforms/wecom.py) --
     # -- HTTP API options (bridge/http/) --
+    Option(
+        "http-image-hosts",
+        lambda raw: tuple(dict.fromkeys(_host(h).lower() for h in _tokens(raw))),
+        (),
+        "hosts whose http(s) image_url the HTTP API may fetch (comma list; default none)",
+    ),
     Option("grace", _float_range(0, 600), 10.0, "seconds to drain on SIGTERM/SIGINT"),
     Option(
         "cluster-lease",
@@ -349,6 +355,7 @@ class Settings:
     # -- WeCom settings --
 
     # -- HTTP API settings --
+    http_image_hosts: tuple[str, ...] = ()
 
     grace: float = 10.0
     cluster_lease: float = 60.0
