@@ -86,8 +86,11 @@ async def wait_ready(base: str, timeout_s: float = 120.0) -> None:
     raise AssertionError("the bridge never became ready")
 
 
-async def serve(engine: EngineLike, store: MemoryStore | None = None, **flags: Any) -> BridgeApp:
-    options: dict[str, Any] = {"port": str(free_port()), "token": [TOKEN, OTHER], **flags}
+async def serve(
+    engine: EngineLike, store: MemoryStore | None = None, flags: dict[str, Any] | None = None
+) -> BridgeApp:
+    """A started bridge on a free loopback port (``flags`` by option name, e.g. ``queue-size``)."""
+    options: dict[str, Any] = {"port": str(free_port()), "token": [TOKEN, OTHER], **(flags or {})}
     settings = load_settings(options, env={})
     app = BridgeApp(settings, engine=engine, store=store or MemoryStore(), adapters=[])
     await app.start()
@@ -106,7 +109,7 @@ async def tiny() -> AsyncIterator[Served]:
             cache_ttl_s=0,
         )
     )
-    app = await serve(engine, model="tiny")
+    app = await serve(engine, flags={"model": "tiny"})
     try:
         await wait_ready(app.urls[0])
         served = Served(app, app.urls[0], [])
