@@ -22,6 +22,7 @@ from bridge.hub.jobs import finish_or_cancel
 from bridge.hub.submitlimit import SharedSubmitLimit
 from engine.types import (
     TERMINAL_KINDS,
+    Done,
     EngineError,
     EngineLike,
     Failed,
@@ -127,6 +128,8 @@ class HttpJobs:
         keep_s: how long a finished job stays resumable.
         max_kept: bound on finished jobs kept (the oldest go first).
         clock: monotonic seconds.
+        on_end: called with each job and its outcome (``done``, ``cached``, ``stopped`` or the
+            error code) when it ends (metrics).
     """
 
     def __init__(
@@ -136,8 +139,10 @@ class HttpJobs:
         keep_s: float = 600.0,
         max_kept: int = 4096,
         clock: Callable[[], float] = time.monotonic,
+        on_end: Callable[[HttpJob, str], None] | None = None,
     ) -> None:
         self.submitter = submitter
+        self.on_end = on_end
         self.keep_s = keep_s
         self.max_kept = max_kept
         self._clock = clock
@@ -191,6 +196,7 @@ class HttpJobs:
         self, job: HttpJob, render: Render, held: int, stop_when: Callable[[], bool] | None
     ) -> None:
         """Stream the engine's events into the log until the terminal one (or an early stop)."""
+        outcome = "internal"
         try:
             async for event in job.handle.events():
                 terminal = event.kind in TERMINAL_KINDS
@@ -198,9 +204,14 @@ class HttpJobs:
                     self.submitter.done_with(held)
                     held = 0
                 job.add(render(event))
+                if isinstance(event, Done):
+                    outcome = "cached" if event.cached else "done"
+                elif isinstance(event, Failed):
+                    outcome = event.code
                 if terminal:
                     break
                 if stop_when is not None and stop_when():
+                    outcome = "stopped"
                     job.handle.cancel()
                     break
         except asyncio.CancelledError:
@@ -214,7 +225,9 @@ class HttpJobs:
             if held:
                 self.submitter.done_with(held)
             job.end(self._clock())
-            log.info("http_job_ended", job_id=job.id, chunks=len(job.chunks))
+            log.info("http_job_ended", job_id=job.id, chunks=len(job.chunks), outcome=outcome)
+            if self.on_end is not None:
+                self.on_end(job, outcome)
 
     def cancel(self, job_id: str, owner: str) -> bool:
         """Cancel a running job of ``owner``; False if there is none (or it already ended)."""

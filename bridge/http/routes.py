@@ -54,6 +54,7 @@ class HttpApi:
         budget: the process-wide inflight budget; a request body is reserved in it while read.
         model_ids: the served model ids now (the first is the default).
         ready: whether jobs can be accepted now (the model is loaded, not draining).
+        on_end: told each job's outcome when it ends (metrics).
     """
 
     def __init__(
@@ -66,6 +67,7 @@ class HttpApi:
         budget: InflightBudget,
         model_ids: Callable[[], list[str]],
         ready: Callable[[], bool],
+        on_end: Callable[[HttpJob, str], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self._gate = gate
@@ -73,7 +75,7 @@ class HttpApi:
         self._budget = budget
         self._model_ids = model_ids
         self._ready = ready
-        self.jobs = HttpJobs(submitter)
+        self.jobs = HttpJobs(submitter, on_end=on_end)
         self._client: aiohttp.ClientSession | None = None
 
     def setup(self, app: web.Application) -> None:

@@ -47,4 +47,7 @@ def build_http_api(app: BridgeApp, max_body_bytes: int) -> HttpApi:
         budget=app.hub.inflight,
         model_ids=model_ids,
         ready=ready,
+        on_end=lambda job, outcome: app.metrics.jobs_by_origin.labels(
+            origin=job.origin, outcome=outcome
+        ).inc(),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import openai
 import pytest
@@ -112,3 +114,15 @@ async def test_analyze_multipart_answers_with_the_bridges_job_events(tiny: Serve
     assert "started" in kinds and kinds[-1] == "done"
     deltas = "".join(e["text"] for e in events if e["kind"] == "delta")
     assert deltas == events[-1]["text"] and events[-1]["usage"]["completion_tokens"] <= 5
+
+
+async def test_http_jobs_count_on_metrics_with_their_origin(tiny: Served) -> None:
+    await tiny.client.chat.completions.create(model="tiny", messages=[user_message()], max_tokens=3)
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):  # the job's end is counted just after its last chunk
+            async with http.get(tiny.base + "/metrics") as resp:
+                text = await resp.text()
+            if 'bridge_jobs_total{origin="http",outcome="done"} 1.0' in text:
+                break
+            await asyncio.sleep(0.02)
+    assert 'bridge_jobs_total{origin="http",outcome="done"} 1.0' in text
