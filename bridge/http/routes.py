@@ -85,6 +85,7 @@ class HttpApi:
         r.add_get("/v1/chat/completions/{id}/stream", self._errors(self.resume))
         r.add_delete("/v1/chat/completions/{id}", self._errors(self.cancel))
         r.add_get("/v1/models", self._errors(self.models))
+        r.add_get("/v1/models/{id}", self._errors(self.model))
         r.add_post("/v1/analyze", self._errors(self.analyze))
         r.add_get("/chat", self.page)
 
@@ -258,11 +259,14 @@ class HttpApi:
     async def models(self, request: web.Request) -> web.Response:
         """``GET /v1/models``."""
         self._auth(request)
-        data = [
-            {"id": mid, "object": "model", "created": 0, "owned_by": "bridge"}
-            for mid in self._model_ids()
-        ]
+        data = [_model_object(mid) for mid in self._model_ids()]
         return web.json_response({"object": "list", "data": data})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{id}``: one served model, or 404 ``model_not_found``."""
+        self._auth(request)
+        mid = self._model(request.match_info["id"])
+        return web.json_response(_model_object(mid))
 
     async def analyze(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/analyze``: multipart ``image`` + ``prompt``, answered with job events."""
@@ -357,6 +361,10 @@ async def _read_part(part: aiohttp.BodyPartReader, limit: int, name: str) -> byt
         if len(body) > limit:
             raise ApiError(413, f"'{name}' exceeds {limit} bytes", param=name, code="too_large")
     return bytes(body)
+
+
+def _model_object(mid: str) -> dict[str, object]:
+    return {"id": mid, "object": "model", "created": 0, "owned_by": "bridge"}
 
 
 def _too_large(limit: int) -> ApiError:

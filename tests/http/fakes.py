@@ -32,7 +32,9 @@ class GatedHandle:
         self.cancelled = asyncio.Event()
 
     async def events(self) -> AsyncIterator[JobEvent]:
-        yield Queued(0)
+        yield Queued(self._engine.waiting)
+        if self._engine.hold is not None:
+            await self._engine.hold.wait()
         yield Started()
         for i, word in enumerate(WORDS):
             gate = asyncio.ensure_future(self._engine.gate.acquire())
@@ -59,6 +61,10 @@ class GatedEngine:
         self.gate = asyncio.Semaphore(0)
         self.handles: list[GatedHandle] = []
         self.busy = False
+        #: While set to an unset event, jobs wait in the queue (after ``queued``).
+        self.hold: asyncio.Event | None = None
+        #: The queue position the next job reports.
+        self.waiting = 0
 
     def release(self, n: int = 1) -> None:
         for _ in range(n):

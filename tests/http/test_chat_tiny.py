@@ -15,6 +15,10 @@ async def test_models_lists_the_served_model_and_tiny(tiny: Served) -> None:
     models = await tiny.client.models.list()
     ids = [m.id for m in models.data]
     assert "tiny" in ids and len(ids) == 2
+    assert (await tiny.client.models.retrieve("tiny")).id == "tiny"
+    with pytest.raises(openai.NotFoundError) as err:
+        await tiny.client.models.retrieve("gpt-4o")
+    assert err.value.code == "model_not_found"
 
 
 async def test_non_streaming_completion_with_a_data_url_image_has_usage(tiny: Served) -> None:

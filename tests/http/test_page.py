@@ -98,7 +98,10 @@ async def test_the_page_shows_the_queue_and_resumes_after_a_network_blip(
     await page.fill("#token", TOKEN)
     await page.click("#login button")
     await page.set_input_files("#file", str(IMAGES / "chelsea.jpg"))
+    engine.hold, engine.waiting = asyncio.Event(), 2
     await page.click("#ask")
+    await expect(page.locator("#status")).to_have_text("Waiting in the queue (position 3)…")
+    engine.hold.set()
     await expect(page.locator("#status")).to_have_text("Answering…")
     engine.release(2)
     await expect(page.locator("#answer")).to_have_text("a tabby")
