@@ -137,7 +137,7 @@ class HttpJobs:
         submitter: JobSubmitter,
         *,
         keep_s: float = 600.0,
-        max_kept: int = 4096,
+        max_kept: int = 1024,
         clock: Callable[[], float] = time.monotonic,
         on_end: Callable[[HttpJob, str], None] | None = None,
     ) -> None:
@@ -179,6 +179,7 @@ class HttpJobs:
         Raises:
             EngineError: the submit was refused (rate, budget, queue, size).
         """
+        self._expire()
         handle = await self.submitter.submit(owner, request)
         job = HttpJob(job_id, owner, origin, handle)
         job.add(list(first or ()))
