@@ -185,3 +185,21 @@ async def test_the_key_never_reaches_logs_or_errors(
     for secret in (TOKEN, "sk-leaky-secret"):
         assert secret not in out.out + out.err
         assert secret not in str(err.value.body)
+
+
+async def test_a_full_inflight_budget_is_429_busy_and_frees_nothing_it_did_not_take(
+    gated: tuple[Served, GatedEngine],
+) -> None:
+    served, engine = gated
+    budget = served.app.hub.inflight
+    budget.force_reserve(budget.limit)  # /ws frames hold the whole budget now
+    try:
+        with pytest.raises(openai.RateLimitError) as err:
+            await served.client.chat.completions.create(model="gated", messages=[user_message()])
+        assert err.value.code == "busy" and err.value.response.headers["Retry-After"] == "1"
+        assert budget.used == budget.limit and engine.handles == []
+    finally:
+        budget.release(budget.limit)
+    engine.release(100)
+    await served.client.chat.completions.create(model="gated", messages=[user_message()])
+    assert budget.used == 0
