@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -108,16 +108,17 @@ class HttpJob:
         self.ended_at = now
         self._changed.set()
 
-    async def follow(self, after: int) -> AsyncIterator[tuple[int, str]]:
-        """``(seq, payload)`` of every chunk after seq ``after``, replayed then live, to the end."""
-        seq = max(0, after)
-        while True:
-            while seq < len(self.chunks):
-                seq += 1
-                yield seq, self.chunks[seq - 1]
-            if self.ended:
-                return
-            await self._changed.wait()
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a new chunk or the end; False when nothing came."""
+        if self.ended:
+            return True
+        changed = self._changed
+        try:
+            async with asyncio.timeout(timeout_s):
+                await changed.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 class HttpJobs:

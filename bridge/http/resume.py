@@ -17,6 +17,8 @@ from bridge.http.jobs import HttpJob
 log = structlog.get_logger(__name__)
 
 MAX_SEQ_CHARS = 12
+#: Seconds of silence before an SSE comment line is sent (proxies close idle responses).
+KEEPALIVE_S = 15.0
 
 
 def last_event_id(request: web.Request) -> int:
@@ -47,8 +49,11 @@ def stream_headers(job_id: str) -> dict[str, str]:
     }
 
 
-async def write_stream(request: web.Request, job: HttpJob, after: int) -> web.StreamResponse:
-    """Send ``job``'s chunks after seq ``after`` and follow it live until its end."""
+async def write_stream(
+    request: web.Request, job: HttpJob, after: int, keepalive_s: float = KEEPALIVE_S
+) -> web.StreamResponse:
+    """Send ``job``'s chunks after seq ``after`` and follow it live until its end; while nothing
+    comes for ``keepalive_s`` (a long queue), an SSE comment keeps proxies from timing out."""
     if after > len(job.chunks) and job.ended:
         raise ApiError(
             400,
@@ -60,9 +65,14 @@ async def write_stream(request: web.Request, job: HttpJob, after: int) -> web.St
     await resp.prepare(request)
     sent = after
     try:
-        async for seq, payload in job.follow(after):
-            await resp.write(sse.encode(payload, seq))
-            sent = seq
+        while True:
+            while sent < len(job.chunks):
+                sent += 1
+                await resp.write(sse.encode(job.chunks[sent - 1], sent))
+            if job.ended:
+                break
+            if not await job.wait(keepalive_s):
+                await resp.write(sse.KEEPALIVE)
         await resp.write_eof()
     except (ConnectionError, RuntimeError) as exc:
         # The client went away (aiohttp raises ConnectionResetError or "closing transport"):

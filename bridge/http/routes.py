@@ -19,7 +19,7 @@ from bridge.http.errors import ApiError, from_engine
 from bridge.http.fetch import fetch_image
 from bridge.http.jobs import HttpJob, HttpJobs, JobSubmitter
 from bridge.http.parse import ChatRequest, Limits, parse_chat
-from bridge.http.resume import last_event_id, stream_headers, write_stream
+from bridge.http.resume import KEEPALIVE_S, last_event_id, stream_headers, write_stream
 from bridge.hub.auth import TokenGate
 from bridge.hub.inflight import InflightBudget
 from engine.types import EngineError, JobRequest
@@ -37,11 +37,13 @@ class HttpApiConfig:
         limits: what a chat request may hold (image size, prompt length, image hosts).
         max_body_bytes: largest request body (413 beyond it).
         fetch_timeout_s: time allowed to fetch an ``image_url`` from an allowed host.
+        keepalive_s: silence on a stream before an SSE comment line is sent.
     """
 
     limits: Limits
     max_body_bytes: int
     fetch_timeout_s: float = 10.0
+    keepalive_s: float = KEEPALIVE_S
 
 
 class HttpApi:
@@ -221,9 +223,9 @@ class HttpApi:
             lambda: renderer.stopped,
         )
         if chat.stream:
-            return await write_stream(request, job, 0)
-        async for _ in job.follow(len(job.chunks)):
-            pass
+            return await write_stream(request, job, 0, self.cfg.keepalive_s)
+        while not job.ended:
+            await job.wait(self.cfg.keepalive_s)
         if renderer.error is not None:
             return renderer.error.response()
         resp = web.json_response(renderer.completion())
@@ -234,7 +236,7 @@ class HttpApi:
         """``GET /v1/chat/completions/{id}/stream`` with ``Last-Event-ID``."""
         label = self._auth(request)
         job = self._owned(request, label)
-        return await write_stream(request, job, last_event_id(request))
+        return await write_stream(request, job, last_event_id(request), self.cfg.keepalive_s)
 
     async def cancel(self, request: web.Request) -> web.Response:
         """``DELETE /v1/chat/completions/{id}``: cancel the job (its stream ends with an error)."""
@@ -283,7 +285,7 @@ class HttpApi:
         job = await self._start(
             job_id, label, "http", job_request, lambda event: [sse.job_event(job_id, event)], []
         )
-        return await write_stream(request, job, 0)
+        return await write_stream(request, job, 0, self.cfg.keepalive_s)
 
     async def _form(self, request: web.Request) -> tuple[bytes, str, int | None]:
         """The ``image``, ``prompt`` and optional ``max_tokens`` of a multipart form."""

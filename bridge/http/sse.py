@@ -10,6 +10,8 @@ from bridge.hub.protocol import event_tail
 from engine.types import JobEvent
 
 DONE = "[DONE]"
+#: An SSE comment: ignored by clients, keeps an idle response alive through proxies.
+KEEPALIVE = b": keep-alive\n\n"
 
 
 def encode(data: str, seq: int | None = None, event: str | None = None) -> bytes:

@@ -4,6 +4,7 @@ a disconnect does not cancel; DELETE does; only the starting token may resume.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import aiohttp
@@ -138,3 +139,28 @@ async def test_delete_cancels_and_the_stream_ends_with_an_error(
                     }
     assert "cancelled" in str(err.value.message)
     assert engine.handles[0].cancelled.is_set()
+
+
+async def test_a_long_wait_in_the_queue_sends_keepalive_comments(
+    gated: tuple[Served, GatedEngine],
+) -> None:
+    served, engine = gated
+    api = served.app.http_api
+    api.cfg = dataclasses.replace(api.cfg, keepalive_s=0.05)
+    engine.hold = asyncio.Event()
+    body = {"messages": [user_message()], "stream": True}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{served.base}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        ) as resp,
+    ):
+        assert (await resp.content.readuntil(b"\n\n")).startswith(b"id: 1\n")
+        assert await resp.content.readuntil(b"\n\n") == b": keep-alive\n\n"
+        engine.hold.set()
+        engine.release(100)
+        text = (await resp.read()).decode()
+    events = [b for b in text.split("\n\n") if b and not b.startswith(":")]
+    assert events[0].startswith("id: 2\n") and events[-1].endswith("data: [DONE]")
