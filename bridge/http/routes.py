@@ -189,6 +189,9 @@ class HttpApi:
         except EngineError as exc:
             log.info("http_job_refused", job_id=job_id, token=label, code=exc.code)
             raise from_engine(exc.code, exc.message, exc.retry_after) from None
+        except Exception:
+            log.exception("http_submit_failed", job_id=job_id, token=label)
+            raise ApiError(500, "the engine failed to accept the job", code="internal") from None
 
     # --- routes -------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:

@@ -203,3 +203,19 @@ async def test_a_full_inflight_budget_is_429_busy_and_frees_nothing_it_did_not_t
     engine.release(100)
     await served.client.chat.completions.create(model="gated", messages=[user_message()])
     assert budget.used == 0
+
+
+async def test_an_engine_that_raises_unexpectedly_is_a_500_in_the_error_shape(
+    gated: tuple[Served, GatedEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served, engine = gated
+
+    def broken(_request: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine, "submit", broken)
+    with pytest.raises(openai.InternalServerError) as err:
+        await served.client.chat.completions.create(model="gated", messages=[user_message()])
+    assert err.value.status_code == 500 and err.value.code == "internal"
+    assert "boom" not in err.value.message
+    assert served.app.hub.inflight.used == 0
