@@ -198,6 +198,10 @@ class BridgeApp:
 
         self.ops = BridgeOpsSource(self)
         setup_dashboard(app, self.ops, self.settings.admin_token)
+        from bridge.http.wiring import build_http_api
+
+        self.http_api = build_http_api(self, MAX_BODY_BYTES)
+        self.http_api.setup(app)
         return app
 
     # --- routes -------------------------------------------------------------------------------
@@ -357,6 +361,7 @@ class BridgeApp:
         # WebSocket jobs and IM jobs share the whole grace period; the hub's last store write
         # comes after both, so events the relay publishes while draining are kept for replay.
         await self.hub.shutdown(reason="shutdown", grace_s=max(0.5, grace), drain=self.relay.stop)
+        await self.http_api.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         with contextlib.suppress(Exception):
             await self.engine.stop(grace_s=max(0.0, deadline - asyncio.get_running_loop().time()))
         if self.fanout is not None:

@@ -348,6 +348,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("wecom-base-url", _base_url, "https://qyapi.weixin.qq.com", "WeCom API base URL"),
     # -- HTTP API options (bridge/http/) --
+    Option(
+        "http-image-hosts",
+        lambda raw: tuple(dict.fromkeys(_host(h).lower() for h in _tokens(raw))),
+        (),
+        "hosts whose http(s) image_url the HTTP API may fetch (comma list; default none)",
+    ),
     Option("grace", _float_range(0, 600), 10.0, "seconds to drain on SIGTERM/SIGINT"),
     Option(
         "cluster-lease",
@@ -424,6 +430,7 @@ class Settings:
     wecom_base_url: str = "https://qyapi.weixin.qq.com"
 
     # -- HTTP API settings --
+    http_image_hosts: tuple[str, ...] = ()
 
     grace: float = 10.0
     cluster_lease: float = 60.0

@@ -138,6 +138,13 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("bridge_ready", "1 when /readyz answers 200.", registry=r)
+        self.jobs_by_origin = Counter(
+            "bridge_jobs_total",
+            "Jobs that ended, by origin (http: the HTTP API) and outcome (done, cached, stopped "
+            "or the error code); every job also counts in bridge_engine_requests_total.",
+            ["origin", "outcome"],
+            registry=r,
+        )
         for outcome in ("accepted", "duplicate", "rejected"):
             self.feishu_events.labels(outcome=outcome)
             for platform in ("feishu", "slack", "telegram", "dingtalk", "wecom"):

@@ -192,9 +192,15 @@ class JobRunner:
     async def stop(self, timeout_s: float) -> None:
         """Let running jobs finish for up to ``timeout_s``, then cancel the rest (they end with an
         ``internal`` error event that stays replayable)."""
-        if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=max(0.0, timeout_s))
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await finish_or_cancel(self.tasks, timeout_s)
+
+
+async def finish_or_cancel(tasks: set[asyncio.Task[None]], timeout_s: float) -> None:
+    """Let ``tasks`` finish for up to ``timeout_s``, then cancel and await the rest (the job
+    tasks of /ws here and of the HTTP API in :mod:`bridge.http.jobs`)."""
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=max(0.0, timeout_s))
+    for task in list(tasks):
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
