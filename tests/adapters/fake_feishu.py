@@ -39,6 +39,7 @@ class Fault:
     status: int = 200
     code: int = 0
     headers: dict[str, str] = field(default_factory=dict)
+    served_at: float | None = None  # loop time when it was answered
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Reply:
     msg_type: str
     content: str
     uuid: str
+    posted_at: float = 0.0  # loop time when the post arrived
 
 
 class FakeFeishu:
@@ -77,11 +79,11 @@ class FakeFeishu:
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
-    def fail_next(self, route: str, *, status: int = 200, code: int = 0, **headers: str) -> None:
+    def fail_next(self, route: str, *, status: int = 200, code: int = 0, **headers: str) -> Fault:
         """Make the next ``route`` request fail this way (queue several for several)."""
-        self.faults.append(
-            Fault(route, status, code, {k.replace("_", "-"): v for k, v in headers.items()})
-        )
+        fault = Fault(route, status, code, {k.replace("_", "-"): v for k, v in headers.items()})
+        self.faults.append(fault)
+        return fault
 
     def expire_tokens(self) -> None:
         """Invalidate every issued token (the next call answers 99991663)."""
@@ -118,6 +120,7 @@ class FakeFeishu:
         for i, fault in enumerate(self.faults):
             if fault.route == route:
                 del self.faults[i]
+                fault.served_at = asyncio.get_running_loop().time()
                 return web.json_response(
                     {"code": fault.code or fault.status, "msg": "injected"},
                     status=fault.status,
@@ -176,6 +179,7 @@ class FakeFeishu:
             msg_type=body["msg_type"],
             content=body["content"],
             uuid=uuid,
+            posted_at=asyncio.get_running_loop().time(),
         )
         self.replies.append(reply)
         if uuid:
