@@ -122,7 +122,10 @@ class _FeishuBase:
         if not text:
             return self.event(chat, message_id, "image", {"image_key": key})
         # A photo with words is a rich-text "post" in Feishu: an img element, then the text.
-        post = {"title": "", "content": [[{"tag": "img", "image_key": key}], [{"tag": "text", "text": text}]]}
+        post = {
+            "title": "",
+            "content": [[{"tag": "img", "image_key": key}], [{"tag": "text", "text": text}]],
+        }
         return self.event(chat, message_id, "post", post)
 
     def replies(self, chat: str) -> list[BotReply]:
@@ -187,10 +190,14 @@ class FeishuWebhookHarness(_FeishuBase):
     async def deliver_image(
         self, chat: str, message_id: str, image: bytes, text: str = ""
     ) -> Delivery:
-        return await self._post_new(chat, message_id, self.image_event(chat, message_id, image, text))
+        return await self._post_new(
+            chat, message_id, self.image_event(chat, message_id, image, text)
+        )
 
     async def deliver_text(self, chat: str, message_id: str, text: str) -> Delivery:
-        return await self._post_new(chat, message_id, self.event(chat, message_id, "text", {"text": text}))
+        return await self._post_new(
+            chat, message_id, self.event(chat, message_id, "text", {"text": text})
+        )
 
     async def redeliver(self, delivery: Delivery) -> None:
         delivery.deliveries += 1
@@ -239,10 +246,14 @@ class FeishuLongConnHarness(_FeishuBase):
     async def deliver_image(
         self, chat: str, message_id: str, image: bytes, text: str = ""
     ) -> Delivery:
-        return await self._push_new(chat, message_id, self.image_event(chat, message_id, image, text))
+        return await self._push_new(
+            chat, message_id, self.image_event(chat, message_id, image, text)
+        )
 
     async def deliver_text(self, chat: str, message_id: str, text: str) -> Delivery:
-        return await self._push_new(chat, message_id, self.event(chat, message_id, "text", {"text": text}))
+        return await self._push_new(
+            chat, message_id, self.event(chat, message_id, "text", {"text": text})
+        )
 
     async def redeliver(self, delivery: Delivery) -> None:
         delivery.deliveries += 1
@@ -269,7 +280,9 @@ def _encrypt(key: str, plain: bytes) -> str:
     padder = padding.PKCS7(128).padder()
     padded = padder.update(plain) + padder.finalize()
     iv = os.urandom(16)
-    encryptor = Cipher(algorithms.AES(hashlib.sha256(key.encode()).digest()), modes.CBC(iv)).encryptor()
+    encryptor = Cipher(
+        algorithms.AES(hashlib.sha256(key.encode()).digest()), modes.CBC(iv)
+    ).encryptor()
     return base64.b64encode(iv + encryptor.update(padded) + encryptor.finalize()).decode()
 
 

@@ -23,9 +23,7 @@ ADMIN_TOKEN = "conformance-admin-token-P4"
 T = TypeVar("T")
 
 
-async def poll(
-    probe: Callable[[], Awaitable[T | None]], what: str, limit_s: float = 60.0
-) -> T:
+async def poll(probe: Callable[[], Awaitable[T | None]], what: str, limit_s: float = 60.0) -> T:
     """Call ``probe`` every 20 ms until it returns something other than None (or fail)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limit_s * UNIT

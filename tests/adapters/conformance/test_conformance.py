@@ -74,11 +74,13 @@ def assert_one_streamed_answer(
     return reply
 
 
-async def ask(live: LiveBridge, chat: str, message_id: str, image: bytes) -> tuple[Any, str]:
+async def ask(
+    live: LiveBridge, chat: str, message_id: str, image: bytes, text: str = ""
+) -> tuple[Any, str]:
     """Deliver ``image`` while subscribed to the chat's topic: the delivery and the job's final
     answer as the ``/ws`` subscriber saw it (which must equal the streamed deltas)."""
     async with Subscriber(live, chat) as sub:
-        delivery = await live.harness.deliver_image(chat, message_id, image)
+        delivery = await live.harness.deliver_image(chat, message_id, image, text)
         streamed, closing = await sub.final(job_of(live, message_id))
     assert closing["kind"] == "done", closing
     assert closing["text"] == streamed
@@ -86,14 +88,15 @@ async def ask(live: LiveBridge, chat: str, message_id: str, image: bytes) -> tup
     return delivery, str(closing["text"])
 
 
+@pytest.mark.parametrize("words", ["", "What is in the cup?"], ids=["photo", "photo-and-question"])
 async def test_an_image_is_answered_once_as_a_reply_streamed_by_paced_edits(
-    live: LiveBridge,
+    live: LiveBridge, words: str
 ) -> None:
     h = live.harness
     chat, mid = h.new_chat(), h.new_message_id()
-    delivery, text = await ask(live, chat, mid, PHOTO)
+    delivery, text = await ask(live, chat, mid, PHOTO, words)
     assert await h.acked(delivery)
-    replies = await final_reply(h, chat, text)
+    await final_reply(h, chat, text)
     await answered(live, mid)
     assert_one_streamed_answer(h.replies(chat), chat, mid, text, h.edit_rate)
 
@@ -122,10 +125,11 @@ async def test_a_restart_between_deliveries_gives_one_answer(live: LiveBridge) -
     await live.restart()  # SIGTERM, then a new process on the same sqlite store
     await h.redeliver(delivery)
     await acked(h, delivery)
-    await poll(
-        lambda: _async(True if duplicates_logged(live, mid) == 1 else None),
-        "the re-delivery to be seen as a duplicate",
-    )
+
+    async def seen_as_duplicate() -> bool | None:
+        return True if duplicates_logged(live, mid) == 1 else None
+
+    await poll(seen_as_duplicate, "the re-delivery to be seen as a duplicate")
     assert h.replies(chat) == before
 
 
@@ -195,6 +199,7 @@ async def test_the_link_status_is_honest_in_readyz_and_the_dashboard(live: LiveB
     status = await live.link_status()
     assert status["healthy"] is True and status["state"] == up, status
     assert status["platform"] == h.platform
+    assert status["events"]["accepted"] >= 1 and status["last_event_at"] is not None, status
     assert await dashboard_status(live) == (True, up)
     code, _body = await live.get_json("/api/status")
     assert code == 401  # the dashboard API needs the admin token
@@ -234,7 +239,3 @@ async def test_secrets_never_reach_the_logs_readyz_or_the_dashboard(live: LiveBr
     for secret in secrets:
         assert secret not in logs, f"a secret ({secret[:4]}…) is in the bridge's log"
         assert secret not in shown, f"a secret ({secret[:4]}…) is in /readyz or /api/status"
-
-
-async def _async(value: Any) -> Any:
-    return value
