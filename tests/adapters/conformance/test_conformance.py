@@ -193,6 +193,21 @@ async def test_a_429_on_the_reply_is_retried_after_the_stated_wait_and_posted_on
     assert waited >= throttle.retry_after_s - 0.01, f"retried after {waited:.3f}s"
 
 
+async def test_a_429_on_an_edit_holds_every_later_edit_for_the_stated_wait(
+    live: LiveBridge,
+) -> None:
+    h = live.harness
+    chat, mid = h.new_chat(), h.new_message_id()
+    throttle = h.inject_429("edit", 1.0)
+    _delivery, text = await ask(live, chat, mid, PHOTO)
+    replies = await final_reply(h, chat, text)
+    served = throttle.served_at
+    assert served is not None, "the bridge never made the throttled call"
+    reply = assert_one_streamed_answer(replies, chat, mid, text, h.edit_rate)
+    early = [v.at - served for v in reply.edits if v.at - served < throttle.retry_after_s - 0.01]
+    assert not early, f"edits {early} s after a 429 that asked for {throttle.retry_after_s} s"
+
+
 async def test_the_link_status_is_honest_in_readyz_and_the_dashboard(live: LiveBridge) -> None:
     h = live.harness
     up = "connected" if h.long_connection else "listening"
