@@ -103,6 +103,23 @@ class LiveBridge:
         ):
             return resp.status, await resp.json()
 
+    async def im_events(self) -> dict[str, float]:
+        """``bridge_im_events_total`` of this platform from ``/metrics``, by outcome."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(self.proc.base + "/metrics") as resp,
+        ):
+            text = await resp.text()
+        counts: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line.startswith("bridge_im_events_total{"):
+                continue
+            labels, _, value = line.partition("} ")
+            if f'platform="{self.harness.platform}"' in labels:
+                outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
+                counts[outcome] = float(value)
+        return counts
+
     async def link_status(self) -> dict[str, Any]:
         """The adapter's status as ``/readyz`` reports it."""
         _status, body = await self.get_json("/readyz")

@@ -28,7 +28,8 @@ from tests.conftest import IMAGES
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 PHOTO = (IMAGES / "coffee.jpg").read_bytes()
-NOT_AN_IMAGE = (IMAGES / "bad_not_an_image.jpg").read_bytes()
+# Text bytes, zero bytes (the download itself fails), a PNG claiming 1.6 gigapixels.
+BAD_IMAGES = ["bad_not_an_image.jpg", "bad_empty.png", "bad_bomb_40000x40000.png"]
 UNHEALTHY_STATES = ("connecting", "reconnecting", "failed")
 
 
@@ -104,6 +105,7 @@ async def test_an_image_is_answered_once_as_a_reply_streamed_by_paced_edits(
 async def test_four_redeliveries_give_one_answer(live: LiveBridge) -> None:
     h = live.harness
     chat, mid = h.new_chat(), h.new_message_id()
+    counted = await live.im_events()
     async with Subscriber(live, chat) as sub:
         delivery = await h.deliver_image(chat, mid, PHOTO)
         for _ in range(4):
@@ -114,6 +116,9 @@ async def test_four_redeliveries_give_one_answer(live: LiveBridge) -> None:
     await answered(live, mid)
     assert_one_streamed_answer(h.replies(chat), chat, mid, closing["text"], h.edit_rate)
     assert duplicates_logged(live, mid) == 4
+    now = await live.im_events()  # bridge_im_events_total{platform,outcome} counts them all
+    assert now.get("accepted", 0) - counted.get("accepted", 0) == 1, (counted, now)
+    assert now.get("duplicate", 0) - counted.get("duplicate", 0) == 4, (counted, now)
 
 
 async def test_a_restart_between_deliveries_gives_one_answer(live: LiveBridge) -> None:
@@ -166,11 +171,12 @@ async def test_a_text_only_message_gets_the_short_help_reply(live: LiveBridge) -
     assert len(TEXT_ONLY_REPLY) < 200
 
 
-async def test_bytes_that_are_not_an_image_get_a_short_apology(live: LiveBridge) -> None:
+@pytest.mark.parametrize("bad", BAD_IMAGES)
+async def test_bytes_that_are_not_an_image_get_a_short_apology(live: LiveBridge, bad: str) -> None:
     h = live.harness
     chat, mid = h.new_chat(), h.new_message_id()
     async with Subscriber(live, chat) as sub:
-        await h.deliver_image(chat, mid, NOT_AN_IMAGE)
+        await h.deliver_image(chat, mid, (IMAGES / bad).read_bytes())
         _streamed, closing = await sub.final(job_of(live, mid))
     assert closing["kind"] == "error" and closing["code"] == "bad_image", closing
     replies = await final_reply(h, chat, BAD_IMAGE_REPLY)
