@@ -217,6 +217,9 @@ async def test_a_429_on_an_edit_holds_every_later_edit_for_the_stated_wait(
 async def test_the_link_status_is_honest_in_readyz_and_the_dashboard(live: LiveBridge) -> None:
     h = live.harness
     up = "connected" if h.long_connection else "listening"
+    chat = h.new_chat()
+    await h.deliver_text(chat, h.new_message_id(), "hi")  # an event for the status to count
+    await final_reply(h, chat, TEXT_ONLY_REPLY)
     status = await live.link_status()
     assert status["healthy"] is True and status["state"] == up, status
     assert status["platform"] == h.platform
@@ -231,12 +234,14 @@ async def test_the_link_status_is_honest_in_readyz_and_the_dashboard(live: LiveB
     assert down["state"] in UNHEALTHY_STATES, down
     healthy, state = await dashboard_status(live)
     assert not healthy and state in UNHEALTHY_STATES
+    chat, mid = h.new_chat(), h.new_message_id()  # sent during the outage: the platform keeps it
+    delivery = await h.deliver_text(chat, mid, "are you back?")
     await h.bring_up()
     back = await live.wait_link(healthy=True)
     assert back["state"] == up
-    chat, mid = h.new_chat(), h.new_message_id()  # and the link really carries messages again
-    await h.deliver_text(chat, mid, "are you back?")
-    await final_reply(h, chat, TEXT_ONLY_REPLY)
+    replies = await final_reply(h, chat, TEXT_ONLY_REPLY)
+    await acked(h, delivery)
+    assert len(replies) == 1 and replies[0].reply_to == mid, replies
 
 
 async def dashboard_status(live: LiveBridge) -> tuple[bool, str]:
@@ -248,8 +253,14 @@ async def dashboard_status(live: LiveBridge) -> tuple[bool, str]:
 
 
 async def test_secrets_never_reach_the_logs_readyz_or_the_dashboard(live: LiveBridge) -> None:
-    """Runs last in the module: the logs hold every earlier test's traffic and faults."""
+    """Runs last in the module: the logs hold every earlier test's traffic and faults too."""
     h = live.harness
+    chat, mid = h.new_chat(), h.new_message_id()  # traffic of its own, should it run alone
+    delivery = await h.deliver_image(chat, mid, PHOTO)
+    await acked(h, delivery)
+    await h.redeliver(delivery)
+    await acked(h, delivery)
+    await answered(live, mid)
     logs = live.logs()
     assert "relay_answered" in logs and "im_duplicate" in logs  # the logs saw real traffic
     _code, ready = await live.get_json("/readyz")
