@@ -68,6 +68,7 @@ class FakeFeishu:
         self.tokens_issued = 0
         self.token_expire_s = 7200
         self.valid_tokens: set[str] = set()
+        self.ws_credentials: list[str] = []  # access_key and ticket of every endpoint issued
         self.client_config: dict[str, Any] = {
             "PingInterval": 120,
             "ReconnectCount": -1,
@@ -206,7 +207,13 @@ class FakeFeishu:
         body = await request.json()
         if body.get("AppID") != APP_ID or body.get("AppSecret") != APP_SECRET:
             return web.json_response({"code": 514, "msg": "auth failed"})
-        url = f"ws://127.0.0.1:{self.gateway.port}/ws?device_id=d1&service_id=33"
+        # The real URL carries per-connection credentials (access_key, ticket) in its query.
+        n = len(self.ws_credentials) + 1
+        self.ws_credentials += [f"ak-fake-{n:04d}", f"tk-fake-{n:04d}"]
+        url = (
+            f"ws://127.0.0.1:{self.gateway.port}/ws/v2?fpid=493&aid=552564&device_id=d1"
+            f"&access_key=ak-fake-{n:04d}&service_id=33&ticket=tk-fake-{n:04d}"
+        )
         return web.json_response(
             {"code": 0, "msg": "ok", "data": {"URL": url, "ClientConfig": self.client_config}}
         )

@@ -73,7 +73,7 @@ class _FeishuBase:
 
     def secrets(self) -> list[str]:
         issued = [f"t-fake-{i}" for i in range(1, self.fake.tokens_issued + 1)]
-        return [APP_SECRET, VERIFICATION_TOKEN, ENCRYPT_KEY, *issued]
+        return [APP_SECRET, VERIFICATION_TOKEN, ENCRYPT_KEY, *issued, *self.fake.ws_credentials]
 
     def new_chat(self) -> str:
         return f"oc_conf{next(self._ids):06d}"
