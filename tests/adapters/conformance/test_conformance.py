@@ -161,6 +161,29 @@ async def test_kill_9_right_after_the_ack_gives_exactly_one_answer_after_restart
     assert h.replies(chat) == replies
 
 
+async def test_kill_9_after_the_reply_is_posted_finishes_that_same_reply(live: LiveBridge) -> None:
+    """The re-run after a crash edits the reply the first run posted (``existing_reply_id``)
+    instead of posting a second one, even on platforms without a reply idempotency key."""
+    h = live.harness
+    chat, mid = h.new_chat(), h.new_message_id()
+    throttle = h.inject_429("edit", 3.0)  # holds the answer between its post and its edits
+    await h.deliver_image(chat, mid, PHOTO)
+
+    async def posted_and_held() -> list[BotReply] | None:
+        replies = h.replies(chat)
+        return replies if replies and throttle.served_at is not None else None
+
+    posted = await poll(posted_and_held, "the reply to be posted and its first edit throttled")
+    live.proc.kill9()
+    assert len(posted) == 1 and not posted[0].edits, posted
+    await live.start()
+    await answered(live, mid)
+    replies = h.replies(chat)
+    assert [r.reply_id for r in replies] == [posted[0].reply_id], replies
+    assert replies[0].final_text.strip() and len(replies[0].edits) >= 1, replies
+    assert_paced(replies[0], h.edit_rate)
+
+
 async def test_a_text_only_message_gets_the_short_help_reply(live: LiveBridge) -> None:
     h = live.harness
     chat, mid = h.new_chat(), h.new_message_id()
