@@ -39,6 +39,7 @@ class Fault:
     status: int = 200
     code: int = 0
     headers: dict[str, str] = field(default_factory=dict)
+    served_at: float | None = None  # loop time when it was answered
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Reply:
     msg_type: str
     content: str
     uuid: str
+    posted_at: float = 0.0  # loop time when the post arrived
 
 
 class FakeFeishu:
@@ -66,6 +68,7 @@ class FakeFeishu:
         self.tokens_issued = 0
         self.token_expire_s = 7200
         self.valid_tokens: set[str] = set()
+        self.ws_credentials: list[str] = []  # access_key and ticket of every endpoint issued
         self.client_config: dict[str, Any] = {
             "PingInterval": 120,
             "ReconnectCount": -1,
@@ -77,11 +80,11 @@ class FakeFeishu:
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
-    def fail_next(self, route: str, *, status: int = 200, code: int = 0, **headers: str) -> None:
+    def fail_next(self, route: str, *, status: int = 200, code: int = 0, **headers: str) -> Fault:
         """Make the next ``route`` request fail this way (queue several for several)."""
-        self.faults.append(
-            Fault(route, status, code, {k.replace("_", "-"): v for k, v in headers.items()})
-        )
+        fault = Fault(route, status, code, {k.replace("_", "-"): v for k, v in headers.items()})
+        self.faults.append(fault)
+        return fault
 
     def expire_tokens(self) -> None:
         """Invalidate every issued token (the next call answers 99991663)."""
@@ -118,6 +121,7 @@ class FakeFeishu:
         for i, fault in enumerate(self.faults):
             if fault.route == route:
                 del self.faults[i]
+                fault.served_at = asyncio.get_running_loop().time()
                 return web.json_response(
                     {"code": fault.code or fault.status, "msg": "injected"},
                     status=fault.status,
@@ -176,6 +180,7 @@ class FakeFeishu:
             msg_type=body["msg_type"],
             content=body["content"],
             uuid=uuid,
+            posted_at=asyncio.get_running_loop().time(),
         )
         self.replies.append(reply)
         if uuid:
@@ -202,7 +207,13 @@ class FakeFeishu:
         body = await request.json()
         if body.get("AppID") != APP_ID or body.get("AppSecret") != APP_SECRET:
             return web.json_response({"code": 514, "msg": "auth failed"})
-        url = f"ws://127.0.0.1:{self.gateway.port}/ws?device_id=d1&service_id=33"
+        # The real URL carries per-connection credentials (access_key, ticket) in its query.
+        n = len(self.ws_credentials) + 1
+        self.ws_credentials += [f"ak-fake-{n:04d}", f"tk-fake-{n:04d}"]
+        url = (
+            f"ws://127.0.0.1:{self.gateway.port}/ws/v2?fpid=493&aid=552564&device_id=d1"
+            f"&access_key=ak-fake-{n:04d}&service_id=33&ticket=tk-fake-{n:04d}"
+        )
         return web.json_response(
             {"code": 0, "msg": "ok", "data": {"URL": url, "ClientConfig": self.client_config}}
         )
