@@ -51,6 +51,12 @@ class Observer:
     def on_cache_lookup(self, tier: str, hit: bool) -> None:
         pass
 
+    def on_vision_cache_lookup(self, hit: bool) -> None:
+        pass
+
+    def on_vision_cache_bytes(self, size: int) -> None:
+        pass
+
 
 @pytest.fixture
 async def observed(make_engine: Factory) -> Callable[..., Coroutine[Any, Any, Any]]:
