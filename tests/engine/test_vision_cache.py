@@ -12,11 +12,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import structlog
+import structlog.testing
 import torch
 from PIL import Image
 
 import engine.engine as engine_module
 import engine.vision as vision_module
+from bridge.dashboard.live import engine_status_dict
 from engine import Engine, JobRequest
 from engine.images import ImageLimits, load_image
 from engine.model import Replica, RowSpec
@@ -241,13 +244,18 @@ async def test_unsupported_model_turns_it_off_once(
     make_engine: Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(vision_module, "unsupported_reason", lambda m, p: "no precomputed features")
-    engine = await make_engine(cache_ttl_s=0)
-    photo = image("chelsea.jpg")
-    for i in range(2):
-        assert isinstance(
-            (await collect(engine.submit(JobRequest(f"u{i}", photo, "hi", 4))))[-1], Done
-        )
+    with structlog.testing.capture_logs() as logs:
+        engine = await make_engine(cache_ttl_s=0)
+        photo = image("chelsea.jpg")
+        for i in range(2):
+            assert isinstance(
+                (await collect(engine.submit(JobRequest(f"u{i}", photo, "hi", 4))))[-1], Done
+            )
+    said = [e for e in logs if e["event"] == "engine.vision_cache_off"]
+    assert [e["reason"] for e in said] == ["no precomputed features"]
     status = engine.status().vision_cache
     assert status is not None
     assert (status["enabled"], status["reason"]) == (False, "no precomputed features")
     assert (status["entries"], status["hits"], status["misses"]) == (0, 0, 0)
+    shown = engine_status_dict(engine.status())["vision_cache"]  # the dashboard's engine section
+    assert (shown["enabled"], shown["reason"]) == (False, "no precomputed features")
