@@ -12,7 +12,8 @@ the images had another question asked before) and the same 50% mix with the cach
 
 The answer cache is off throughout (every question is new anyway).
 
-    python bench/vision_cache.py [--reps 3] [--jobs 64] [--concurrency 16] [--max-tokens 8]
+    python bench/vision_cache.py [--reps 5] [--jobs 64] [--concurrency 16] [--max-tokens 8]
+        [--rounds 6]
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from bench.answer_cache import run, unique_images
 from bench.common import IMAGES, cpu_s, quiet_logs
 from engine import Done, Engine, EngineConfig, JobRequest
 
-FIRST, SECOND, PRIMING = "Describe the image.", "What colour is it?", "What is this?"
+FIRST, SECOND = "Describe the image.", "What colour is it?"
+ORDER = ["none", "50% repeated", "50% repeated, cache off"]
 
 
 def config(vision_cache_bytes: int) -> EngineConfig:
@@ -77,10 +79,11 @@ async def per_image(engine: Engine, reps: int, tokens: int) -> list[tuple[str, l
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
     quiet_logs()
     on, off = Engine(config(256 * 2**20)), Engine(config(0))
@@ -91,15 +94,25 @@ async def main() -> None:
             await run(engine, unique_images(c, salt=0), c, t, "warm")
         images = await per_image(on, args.reps, t)
         half = args.jobs // 2
-        fresh = unique_images(args.jobs, salt=1)
-        seen, new = unique_images(half, salt=2), unique_images(half, salt=3)
-        mixed = [x for pair in zip(seen, new, strict=True) for x in pair]
-        await run(on, seen, c, t, "prime")  # another question about these images first
-        await run(off, seen, c, t, "prime-off")
+        rounds: list[dict[str, dict[str, float]]] = []
+        for r in range(args.rounds):
+            salt = 1 + 3 * r
+            fresh = unique_images(args.jobs, salt=salt)
+            seen, new = unique_images(half, salt=salt + 1), unique_images(half, salt=salt + 2)
+            mixed = [x for pair in zip(seen, new, strict=True) for x in pair]
+            await run(on, seen, c, t, f"prime{r}")  # another question about these images first
+            await run(off, seen, c, t, f"prime-off{r}")
+            plan = [
+                ("none", on, fresh),
+                ("50% repeated", on, mixed),
+                ("50% repeated, cache off", off, mixed),
+            ]
+            plan = plan[r % 3 :] + plan[: r % 3]  # rotate the order: drift hits every scenario
+            done = {name: await run(e, jobs, c, t, f"{name}{r}") for name, e, jobs in plan}
+            rounds.append({name: done[name] for name in ORDER})
         mixes = {
-            "none": await run(on, fresh, c, t, "none"),
-            "50% repeated": await run(on, mixed, c, t, "mixed"),
-            "50% repeated, cache off": await run(off, mixed, c, t, "mixed-off"),
+            name: {k: statistics.median(rd[name][k] for rd in rounds) for k in rounds[0][name]}
+            for name in rounds[0]
         }
         stats = on.vision_cache.snapshot()
     finally:
@@ -113,18 +126,21 @@ async def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, (first, first_cpu, second, second_cpu) in images:
         print(
-            f"| {name} | {first:.0f} | {first_cpu:.0f} | {second:.0f} | {second_cpu:.0f} | "
+            f"| {name} | {first:.0f} | {first_cpu:.1f} | {second:.0f} | {second_cpu:.1f} | "
             f"{first / second:.2f}x |"
         )
-    print(f"\n{args.jobs} jobs, {c} concurrent, max_batch 16")
-    print("| images | jobs/s | p50 ms | p95 ms | CPU ms/job |")
-    print("|---|---|---|---|---|")
+    print(f"\n{args.jobs} jobs, {c} concurrent, max_batch 16, median of {args.rounds} rounds")
+    lines = [
+        "| images | jobs/s | vs none | p50 ms | p95 ms | CPU ms/job |",
+        "|---|---|---|---|---|---|",
+    ]
     base = mixes["none"]["jobs_s"]
-    for name, row in mixes.items():
-        print(
-            f"| {name} | {row['jobs_s']:.1f} ({row['jobs_s'] / base:.2f}x) | {row['p50_ms']:.0f} | "
-            f"{row['p95_ms']:.0f} | {row['cpu_ms_job']:.0f} |"
-        )
+    lines += [
+        f"| {name} | {m['jobs_s']:.1f} | {m['jobs_s'] / base:.2f}x | {m['p50_ms']:.0f} | "
+        f"{m['p95_ms']:.0f} | {m['cpu_ms_job']:.1f} |"
+        for name, m in mixes.items()
+    ]
+    print("\n".join(lines))
     print("vision cache:", stats)
 
 
