@@ -145,25 +145,33 @@ class VisionEncoder:
 
 
 def probe(encoder: VisionEncoder) -> str | None:
-    """Why the split path would not reproduce the processor's inputs, or None when it does.
+    """Why the split path would not reproduce the processor path, or None when it does.
 
-    Compares, on a small grey image, the processor's input ids and mask with the expanded ones.
+    On a small grey image: the expanded input ids and mask must equal the processor's, and the
+    prefill logits from precomputed features must match those from pixels (a model that needs
+    more than the features, e.g. image grid sizes for its positions, fails here).
     """
     replica = encoder.replica
     image = Image.new("RGB", (64, 64), (127, 127, 127))
-    text = replica.prompt_text("Describe the image.")
+    from engine.model import RowSpec  # here: engine.model imports this module
+
     try:
         with torch.inference_mode():
-            reference = replica.processor(
-                text=[text], images=[image], padding=True, return_tensors="pt"
-            )
-            tokens = int(encoder.features([image])[0].shape[0])
+            reference = replica.encode(["Describe the image."], [image])
+            ours = encoder.encode([RowSpec(image, "Describe the image.", 1)], lambda r: image)
+            if not all(
+                name in reference and torch.equal(reference[name], ours[name])
+                for name in ("input_ids", "attention_mask")
+            ):
+                return "the processor's image placeholders are not one token per feature row"
+            want = replica.model(**reference).logits[:, -1].float()
+            got = replica.model(**ours).logits[:, -1].float()
     except Exception as exc:  # an architecture whose encoder cannot run on its own
         return f"the vision tower cannot run on its own: {type(exc).__name__}"
-    ours = replica.tokenizer([encoder.expand(text, tokens)], padding=True, return_tensors="pt")
-    for name in ("input_ids", "attention_mask"):
-        if name not in reference or not torch.equal(reference[name], ours[name]):
-            return "the processor's image placeholders are not one token per feature row"
+    if not torch.equal(want.argmax(-1), got.argmax(-1)) or not torch.allclose(
+        want, got, rtol=1e-3, atol=1e-3
+    ):
+        return "prefill from precomputed features differs from prefill from pixels"
     return None
 
 

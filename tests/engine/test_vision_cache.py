@@ -112,6 +112,21 @@ def test_tiny_llava_qualifies(replica: Replica) -> None:
     assert probe(VisionEncoder(replica, lambda t, k, f: None, "t")) is None
 
 
+def test_probe_refuses_a_split_path_that_changes_ids_or_logits(
+    replica: Replica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe is what keeps the cache off for models it would change the answers of."""
+    wrong_count = VisionEncoder(replica, lambda t, k, f: None, "t")
+    monkeypatch.setattr(
+        wrong_count, "expand", lambda text, n: text.replace("<image>", "<image>" * (n + 1), 1)
+    )
+    assert "placeholders" in (probe(wrong_count) or "")
+    skewed = VisionEncoder(replica, lambda t, k, f: None, "t")
+    real = skewed.features
+    monkeypatch.setattr(skewed, "features", lambda images: [f + 0.5 for f in real(images)])
+    assert "differs" in (probe(skewed) or "")
+
+
 def test_model_without_precomputed_features_is_refused(replica: Replica) -> None:
     class Plain:
         input_modalities = ("image", "text")
