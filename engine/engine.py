@@ -440,6 +440,7 @@ class Engine:
             if vision is not None:
                 job.vision = self._vision.lookup(data, vision)
                 if job.vision.features is not None:  # straight to prefill with these
+                    log.debug("engine.vision_cache_hit", job_id=job.job_id)
                     job.reload = lambda: load_image(data, limits)
                     self._batcher.push(job)
                     return
