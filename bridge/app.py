@@ -67,6 +67,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         queue_size=settings.queue_size,
         max_new_tokens=settings.max_new_tokens,
         job_timeout_s=settings.job_timeout,
+        vision_cache_bytes=settings.vision_cache_bytes,
     )
 
 

@@ -251,6 +251,13 @@ OPTIONS: tuple[Option, ...] = (
         256 * 2**20,
         "bound on the bytes of the answers shared on Redis (least recently used go first)",
     ),
+    Option(
+        "vision-cache-bytes",
+        _byte_size(0, 2**40),
+        256 * 2**20,
+        "bound on cached vision-tower outputs, so another question about the same image skips "
+        "decoding and the vision encoder (0: off)",
+    ),
     Option("store", _store, "sqlite:///var/bridge.db", "sqlite:///PATH, redis://... or memory://"),
     Option("heartbeat", _float_range(0.01, 3600), 45.0, "seconds between server pings"),
     Option("heartbeat-timeout", _float_range(0.01, 3600), 10.0, "seconds to wait for a pong"),
@@ -385,6 +392,7 @@ class Settings:
     job_timeout: float = 120.0
     shared_cache_ttl: float = 3600.0
     shared_cache_max_bytes: int = 256 * 2**20
+    vision_cache_bytes: int = 256 * 2**20
     store: str = "sqlite:///var/bridge.db"
     heartbeat: float = 45.0
     heartbeat_timeout: float = 10.0

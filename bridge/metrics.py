@@ -105,6 +105,18 @@ class Metrics:
             ["tier", "result"],
             registry=r,
         )
+        self.engine_vision_cache_lookups = Counter(
+            "bridge_engine_vision_cache_lookups_total",
+            "Vision-feature cache lookups by result: a hit skips image decoding, preprocessing "
+            "and the vision encoder.",
+            ["result"],
+            registry=r,
+        )
+        self.engine_vision_cache_bytes = Gauge(
+            "bridge_engine_vision_cache_bytes",
+            "Bytes of vision-tower outputs held by the vision-feature cache.",
+            registry=r,
+        )
         self.engine_load_weight = Gauge(
             "bridge_engine_load_weight",
             "How much more work this replica can take, 0 (none) to 100 (idle); /readyz 'weight'.",
@@ -160,6 +172,9 @@ class Metrics:
         for tier in ("local", "shared"):
             for result in ("hit", "miss"):
                 self.engine_cache_lookups.labels(tier=tier, result=result)
+
+        for result in ("hit", "miss"):
+            self.engine_vision_cache_lookups.labels(result=result)
 
     def render(self) -> bytes:
         """The exposition text of every registered metric."""

@@ -34,6 +34,12 @@ class EngineMetrics:
     def on_cache_lookup(self, tier: str, hit: bool) -> None:
         self._m.engine_cache_lookups.labels(tier=tier, result="hit" if hit else "miss").inc()
 
+    def on_vision_cache_lookup(self, hit: bool) -> None:
+        self._m.engine_vision_cache_lookups.labels(result="hit" if hit else "miss").inc()
+
+    def on_vision_cache_bytes(self, size: int) -> None:
+        self._m.engine_vision_cache_bytes.set(size)
+
 
 class FeishuMetrics:
     """Counts Feishu events by outcome: accepted, duplicate, rejected."""

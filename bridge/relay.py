@@ -215,9 +215,10 @@ class Relay:
                 log.error("relay_no_adapter", entry=entry.entry_id, platform=msg.platform)
                 return
             delay = 1.0
+            image = _ImageOnce(adapter, msg)  # downloaded once for all attempts of this run
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 try:
-                    await self._answer(adapter, msg, entry.entry_id)
+                    await self._answer(adapter, msg, entry.entry_id, image)
                     await self._complete(entry.entry_id)
                     return
                 except (AdapterError, StoreUnavailable, OSError) as exc:
@@ -242,18 +243,21 @@ class Relay:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    async def _answer(self, adapter: Adapter, msg: InboundMessage, job_id: str) -> None:
+    async def _answer(
+        self, adapter: Adapter, msg: InboundMessage, job_id: str, image_once: _ImageOnce
+    ) -> None:
         """Answer ``msg`` in its chat and on the hub, posting at most one reply across re-runs.
 
         ``job_id`` is the inbox entry id (``<platform>:<message id>``); it is also the engine job
         id, the hub's event id and the key of what the store remembers about posted replies.
+        ``image_once`` holds the image downloaded by an earlier attempt of this run.
         """
         if not msg.images:
             await self._send_text_once(adapter, msg, job_id, TEXT_ONLY_REPLY)
             log.info("relay_text_only", job=job_id)
             return
         try:
-            image = await adapter.fetch_image(msg, msg.images[0])
+            image = await image_once.get()
         except ImageFetchError as exc:
             log.warning("relay_image_fetch_failed", job=job_id, error=str(exc))
             opened = await self._store.get_value(_reply_key(job_id))
@@ -363,6 +367,23 @@ class Relay:
         if self._queue is not None:
             with contextlib.suppress(Exception):
                 await self._queue.close()
+
+
+class _ImageOnce:
+    """A message's first image, downloaded on first use and kept for the retries of one run
+    (a retry after a store blip or a failed card update need not download it again; the
+    engine's vision cache then spares it the decode too). A failed download is not kept."""
+
+    def __init__(self, adapter: Adapter, msg: InboundMessage) -> None:
+        self._adapter = adapter
+        self._msg = msg
+        self._image: bytes | None = None
+
+    async def get(self) -> bytes:
+        """The image bytes (``ImageFetchError`` and transport errors propagate)."""
+        if self._image is None:
+            self._image = await self._adapter.fetch_image(self._msg, self._msg.images[0])
+        return self._image
 
 
 def _lease_key(entry_id: str) -> str:

@@ -28,6 +28,9 @@ class EngineConfig:
         cache_max_bytes: the answer cache's size bound.
         shared_cache_timeout_s: how long a decode thread waits for the cluster-wide answer cache
             (when the bridge gives the engine one) before treating the lookup as a miss.
+        vision_cache_bytes: bound on the cached vision-tower outputs (0 disables the cache), so
+            another question about the same image skips decoding and the vision encoder.
+        vision_cache_ttl_s: how long cached image features may be reused.
         max_pixels: images with more pixels (read from the header) are refused undecoded.
         warmup: run a short generate on every replica before reporting ready.
         decode_threads: threads decoding images off the event loop.
@@ -51,6 +54,8 @@ class EngineConfig:
     cache_ttl_s: float = 600.0
     cache_max_bytes: int = 64 * 2**20
     shared_cache_timeout_s: float = 0.5
+    vision_cache_bytes: int = 256 * 2**20
+    vision_cache_ttl_s: float = 600.0
     max_pixels: int = 50_000_000
     warmup: bool = True
     decode_threads: int = 2
@@ -73,6 +78,8 @@ class EngineConfig:
             raise ValueError("job_timeout_s must be > 0")
         if self.shared_cache_timeout_s <= 0:
             raise ValueError("shared_cache_timeout_s must be > 0")
+        if self.vision_cache_bytes < 0:
+            raise ValueError("vision_cache_bytes must be >= 0")
         if self.max_pixels < 1:
             raise ValueError("max_pixels must be >= 1")
         if self.decode_threads < 1:

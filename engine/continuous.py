@@ -176,7 +176,7 @@ class RunningBatch:
         replica = self._replica
         if replica.fault_hook is not None:
             replica.fault_hook(len(specs))
-        inputs = replica.encode([s.prompt for s in specs], [s.image for s in specs])
+        inputs = replica.encode_rows(specs)
         mask = inputs["attention_mask"].long()
         # As generate does for a left-padded batch: count real tokens, padding at position 0.
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)

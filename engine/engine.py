@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,6 +35,8 @@ from engine.types import (
     Queued,
     Started,
 )
+from engine.vision import VisionContext, VisionFeatures
+from engine.vision_cache import VisionCache
 from engine.worker import Worker
 
 log = structlog.get_logger(__name__)
@@ -64,6 +67,14 @@ class Engine:
             shared_cache,
             timeout_s=config.shared_cache_timeout_s,
             on_lookup=observer.on_cache_lookup if observer is not None else None,
+        )
+        self._vision = VisionFeatures(
+            VisionCache(
+                config.vision_cache_bytes,
+                config.vision_cache_ttl_s,
+                on_lookup=observer.on_vision_cache_lookup if observer is not None else None,
+                on_bytes=observer.on_vision_cache_bytes if observer is not None else None,
+            )
         )
         self._batcher = Batcher(
             capacity=config.queue_size,
@@ -250,6 +261,7 @@ class Engine:
     def _load_replicas(self, model: str, progress: LoadProgress | None = None) -> list[Replica]:
         """Load one replica per device (worker thread); close what was loaded if any fails."""
         replicas: list[Replica] = []
+        tag = f"{model}#{uuid.uuid4().hex[:12]}"  # this load's features are its own
         try:
             for device in resolve_devices(self.config.device, self.config.device_map):
                 replica = Replica.load(
@@ -261,6 +273,7 @@ class Engine:
                     progress=progress,
                 )
                 replicas.append(replica)
+                self._vision.attach(replica, tag)
                 if self.config.warmup:
                     if progress is not None:
                         progress.set_phase("warming up", device)
@@ -298,6 +311,11 @@ class Engine:
             pixel_budget=first.pixel_budget,
             min_short_edge=first.min_short_edge,
         )
+        off = self._vision.install(replicas, model)
+        if off is not None:
+            log.warning("engine.vision_cache_off", model=model, reason=off)
+        else:
+            log.info("engine.vision_cache", model=model, enabled=self._vision.context is not None)
         self._model_name = model
         self._dtype = str(first.dtype).removeprefix("torch.")
         self._workers = workers
@@ -385,12 +403,17 @@ class Engine:
         job.deliver(Queued(position))
         job.timer = self._loop.call_later(timeout, self._expire, job)
         assert self._decode_pool is not None
-        self._decode_pool.submit(self._prepare, job, self._limits, self._model_name)
+        self._decode_pool.submit(
+            self._prepare, job, self._limits, self._model_name, self._vision.context
+        )
         log.debug("engine.job_queued", job_id=job.job_id, position=position)
         return Handle(job, self._cancel)
 
-    def _prepare(self, job: Job, limits: ImageLimits, model: str) -> None:
-        """Decode thread: answer from the cache, or decode the image and queue the job."""
+    def _prepare(
+        self, job: Job, limits: ImageLimits, model: str, vision: VisionContext | None = None
+    ) -> None:
+        """Decode thread: answer from the cache, or find the image's features in the vision
+        cache, or decode the image, then queue the job."""
         try:
             if job.finished:
                 self._batcher.release()
@@ -413,7 +436,15 @@ class Engine:
                     job.completion_tokens = answer.completion_tokens
                     job.succeed(cached=True)
                     return
-            job.image = load_image(bytes(job.request.image), limits)
+            data = bytes(job.request.image)
+            if vision is not None:
+                job.vision = self._vision.lookup(data, vision)
+                if job.vision.features is not None:  # straight to prefill with these
+                    log.debug("engine.vision_cache_hit", job_id=job.job_id)
+                    job.reload = lambda: load_image(data, limits)
+                    self._batcher.push(job)
+                    return
+            job.image = load_image(data, limits)
         except EngineError as exc:
             self._batcher.release()
             job.fail(exc.code, exc.message)
@@ -536,12 +567,18 @@ class Engine:
             gpu_memory=memory,
             reason=reason,
             loading=progress.snapshot() if progress is not None else None,
+            vision_cache=self._vision.status(),
         )
 
     @property
     def cache(self) -> AnswerCache:
         """The local answer cache (for inspection)."""
         return self._cache
+
+    @property
+    def vision_cache(self) -> VisionCache:
+        """The vision-feature cache (for inspection)."""
+        return self._vision.cache
 
     @property
     def answers(self) -> TieredAnswers:

@@ -12,11 +12,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from engine.types import Delta, Done, Failed, JobEvent, JobRequest, Usage
+
+if TYPE_CHECKING:
+    from engine.vision import VisionRef
 
 log = structlog.get_logger(__name__)
 
@@ -93,6 +96,10 @@ class Job:
         self.deadline = self.submitted_at + timeout_s
         self.image: Any = None  # the decoded PIL image, set by the decode thread
         self.cache_key: str | None = None
+        # Vision cache: the key (and, on a hit, the features) instead of a decoded image, and
+        # how to decode it after all if the replica cannot use them.
+        self.vision: VisionRef | None = None
+        self.reload: Callable[[], Any] | None = None
         self.attempts = 0
         self.started = False
         self.prompt_tokens = 0
@@ -198,7 +205,7 @@ class Job:
                 self.timer.cancel()
                 self.timer = None
             if not self.started:
-                self.image = None  # never reached a worker; nobody else will read it
+                self.image = self.vision = None  # never reached a worker; nobody reads them
             if self.on_closed is not None:
                 self.on_closed(self)
 

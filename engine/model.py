@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
@@ -29,6 +29,10 @@ from engine.images import pixel_budget_of
 from engine.loading import DownloadTracker, LoadProgress, resolve_model, tracking
 from engine.sanitize import PromptGuard
 from engine.streamer import BatchStreamer
+from engine.vision import VisionEncoder, VisionRef
+
+if TYPE_CHECKING:
+    from engine.job import Job
 
 log = structlog.get_logger(__name__)
 
@@ -134,11 +138,31 @@ class StepUsage:
 
 @dataclass(frozen=True, slots=True)
 class RowSpec:
-    """One row's inputs for :meth:`Replica.generate`."""
+    """One row's inputs for :meth:`Replica.generate`.
 
-    image: Image.Image
+    ``image`` may be None when ``vision`` carries cached features; ``reload`` then decodes the
+    image again for a replica that cannot use them (another model after a hot swap).
+    """
+
+    image: Image.Image | None
     prompt: str
     max_tokens: int
+    vision: VisionRef | None = None
+    reload: Callable[[], Image.Image] | None = None
+
+
+def spec_of(job: Job) -> RowSpec:
+    """A job's row: its decoded image, or the cached features of it and a way to decode it."""
+    return RowSpec(job.image, job.request.prompt, job.max_tokens, job.vision, job.reload)
+
+
+def row_image(row: RowSpec) -> Image.Image:
+    """The row's decoded image, decoding it again when only cached features came with it."""
+    if row.image is not None:
+        return row.image
+    if row.reload is None:
+        raise RuntimeError("a row without an image has no way to decode it")
+    return row.reload()
 
 
 class Replica:
@@ -166,6 +190,9 @@ class Replica:
         self.fault_hook: FaultHook | None = None
         # Continuous batching only: called with the live row count before every decode step.
         self.step_fault_hook: FaultHook | None = None
+        # Set by the engine when the vision cache is on and the model can take cached features.
+        self.vision: VisionEncoder | None = None
+        self.vision_reason: str | None = None
         self._lock = threading.Lock()
         tokenizer = getattr(processor, "tokenizer", processor)
         self.tokenizer = tokenizer
@@ -257,6 +284,13 @@ class Replica:
             inputs["pixel_values"] = pixels.to(self.dtype)
         return inputs
 
+    def encode_rows(self, rows: Sequence[RowSpec]) -> Any:
+        """Model inputs for ``rows``: through the vision cache's split path when it is on, else
+        the processor on text and images together."""
+        if self.vision is not None:
+            return self.vision.encode(rows, row_image)
+        return self.encode([r.prompt for r in rows], [row_image(r) for r in rows])
+
     def prompt_text(self, prompt: str) -> str:
         """The chat-templated text for one image plus ``prompt``.
 
@@ -293,7 +327,7 @@ class Replica:
         with self._lock, torch.inference_mode():
             if self.fault_hook is not None:
                 self.fault_hook(len(rows))
-            inputs = self.encode([r.prompt for r in rows], [r.image for r in rows])
+            inputs = self.encode_rows(rows)
             prompt_tokens = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
             streamer = BatchStreamer(
                 max_tokens=[r.max_tokens for r in rows],

@@ -18,7 +18,7 @@ import torch
 from engine.batcher import Batcher
 from engine.continuous import RunningBatch
 from engine.job import Dispatcher, Job
-from engine.model import RowResult, RowSpec, StepUsage, free_memory, is_oom
+from engine.model import RowResult, StepUsage, free_memory, is_oom, spec_of
 from engine.types import Started
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class ContinuousScheduler:
         for key, job in zip(keys, live, strict=True):
             self._jobs[key] = job
             self._texts[key] = ""
-        specs = [RowSpec(job.image, job.request.prompt, job.max_tokens) for job in live]
+        specs = [spec_of(job) for job in live]
         out_of_memory = False
         try:
             self._hooks.on_batch(self._worker, len(live))
@@ -241,7 +241,7 @@ class ContinuousScheduler:
         self._texts[key] = ""
         self._track()
         solo = RunningBatch(self._replica, self._on_text, self._on_end, self._should_stop)
-        spec = RowSpec(job.image, job.request.prompt, job.max_tokens)
+        spec = spec_of(job)
         code = ""
         try:
             self._hooks.on_batch(self._worker, 1)
@@ -290,7 +290,7 @@ class ContinuousScheduler:
         self._worker.jobs_done += 1
         self._hooks.on_row_end(self._worker, job, result)
         if job.finished:
-            job.image = None
+            job.image = job.vision = None
 
     def _should_stop(self, key: int) -> bool:
         job = self._jobs[key]

@@ -133,6 +133,8 @@ class EngineStatus:
     reason: str | None = None
     #: While the model loads: phase, shards, bytes, weights, elapsed (``engine.loading``).
     loading: dict[str, Any] | None = None
+    #: The vision-feature cache: enabled, reason when off, entries, bytes, hits, misses.
+    vision_cache: dict[str, Any] | None = None
 
 
 class JobHandle(Protocol):
@@ -185,4 +187,13 @@ class EngineObserver(Protocol):
 
     def on_cache_lookup(self, tier: str, hit: bool) -> None:
         """The answer cache's ``tier`` (``local`` or ``shared``) was asked; ``hit`` if it knew."""
+        ...
+
+    def on_vision_cache_lookup(self, hit: bool) -> None:
+        """A job's image was looked up in the vision-feature cache; ``hit`` if its features were
+        there (decode, preprocessing and the vision tower are skipped)."""
+        ...
+
+    def on_vision_cache_bytes(self, size: int) -> None:
+        """The vision-feature cache now holds ``size`` bytes."""
         ...

@@ -17,7 +17,7 @@ import structlog
 
 from engine.batcher import Batcher
 from engine.job import Dispatcher, Job
-from engine.model import Replica, RowResult, RowSpec, StepUsage, free_memory, is_oom
+from engine.model import Replica, RowResult, StepUsage, free_memory, is_oom, spec_of
 from engine.scheduler import ContinuousScheduler
 from engine.types import Started, WorkerStatus
 
@@ -140,7 +140,7 @@ class Worker:
                 # Cleared only on a normal return: after a crash the engine retries these jobs.
                 self.in_flight = []
                 for job in batch:
-                    job.image = None  # every job of the batch has ended: free its pixels
+                    job.image = job.vision = None  # every job of the batch has ended: free them
         except BaseException as exc:  # the thread is dying; the engine restarts it
             error = exc
             log.error(
@@ -217,7 +217,7 @@ class Worker:
 
     def _generate(self, jobs: list[Job]) -> None:
         self._hooks.on_batch(self, len(jobs))
-        rows = [RowSpec(job.image, job.request.prompt, job.max_tokens) for job in jobs]
+        rows = [spec_of(job) for job in jobs]
         texts = [""] * len(jobs)
         clock = self._clock
 

@@ -120,3 +120,14 @@ def test_every_option_is_a_settings_field_with_the_same_default() -> None:
     for opt in OPTIONS:
         assert getattr(defaults, opt.attr) == opt.default, opt.name
         assert opt.env == "BRIDGE_" + opt.name.upper().replace("-", "_")
+
+
+def test_vision_cache_bytes_reaches_the_engine() -> None:
+    from bridge.app import engine_config
+
+    assert engine_config(load_settings({}, env={})).vision_cache_bytes == 256 * 2**20
+    s = load_settings({"vision-cache-bytes": "64MiB"}, env={"BRIDGE_VISION_CACHE_BYTES": "1"})
+    assert engine_config(s).vision_cache_bytes == 64 * 2**20
+    assert engine_config(load_settings({"vision-cache-bytes": "0"}, env={})).vision_cache_bytes == 0
+    with pytest.raises(ConfigError, match="vision-cache-bytes"):
+        load_settings({"vision-cache-bytes": "-1"}, env={})

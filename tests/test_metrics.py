@@ -43,3 +43,24 @@ async def test_engine_outcomes_batches_and_tokens_are_counted() -> None:
     assert sample(metrics, "bridge_engine_batch_size_count") >= 1
     assert sample(metrics, "bridge_engine_batch_size_sum") >= 1
     assert sample(metrics, "bridge_engine_queue_depth") == 0
+
+
+async def test_vision_cache_hits_misses_and_bytes_are_exported() -> None:
+    metrics = Metrics()
+    engine = Engine(
+        EngineConfig(model="tiny", device="cpu", max_new_tokens=4, cache_ttl_s=0),
+        observer=EngineMetrics(metrics),
+    )
+    await engine.start()
+    photo = (IMAGES / "rocket.jpg").read_bytes()
+    try:
+        for job_id, prompt in (("a", "What is this?"), ("b", "Which colour?"), ("c", "Why?")):
+            async for _ in engine.submit(JobRequest(job_id, photo, prompt, 4)).events():
+                pass
+        held = engine.vision_cache.size_bytes
+    finally:
+        await engine.stop()
+    name = "bridge_engine_vision_cache_lookups_total"
+    assert sample(metrics, name, result="miss") == 1
+    assert sample(metrics, name, result="hit") == 2
+    assert held > 0 and sample(metrics, "bridge_engine_vision_cache_bytes") == held

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from adapters.base import (
+    AdapterError,
     AdapterStatus,
     ImageFetchError,
     ImageRef,
@@ -359,6 +360,61 @@ async def test_card_id_not_recorded_is_retried_and_the_answer_still_arrives(
     assert adapter.replies["om_1"].final == "a cat on a sofa"
     assert await store.get_value("reply:feishu:om_1") == "r-om_1"
     assert [h.cancelled for h in engine.handles] == [True, False]  # the abandoned job stopped
+    assert adapter.downloads == 1  # the retry reused the image the first attempt downloaded
+
+
+class FlakyCardAdapter(FakeAdapter):
+    """The first ``failures`` card updates fail like a dropped connection to the platform."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def open_reply(
+        self, msg: InboundMessage, existing_reply_id: str | None = None
+    ) -> FakeStream:
+        stream = await super().open_reply(msg, existing_reply_id)
+        adapter = self
+
+        class Flaky(FakeStream):
+            async def update(self, text_so_far: str) -> None:
+                if adapter.failures:
+                    adapter.failures -= 1
+                    raise AdapterError("update: connection reset")
+                await super().update(text_so_far)
+
+        return Flaky(stream.reply)
+
+
+async def test_retries_of_a_job_download_its_image_once(store: Store) -> None:
+    engine, adapter = await ready_engine(), FlakyCardAdapter(failures=2)
+    relay = Relay(store, engine, Recorder(), [adapter])
+    await relay.accept(message())
+    await until(lambda: _no_pending(store))
+    await relay.stop(1.0)
+    assert len(engine.submitted) == 3  # two failed attempts, then the answer
+    assert adapter.downloads == 1
+    assert {r.image for r in engine.submitted} == {adapter.image}
+    assert adapter.replies["om_1"].final == "a cat on a sofa"
+
+
+async def test_a_failed_download_is_not_kept_for_the_retry(store: Store) -> None:
+    engine, adapter = await ready_engine(), FakeAdapter()
+    real = adapter.fetch_image
+    calls: list[int] = []
+
+    async def flaky(msg: InboundMessage, ref: ImageRef) -> bytes:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("connection reset")
+        return await real(msg, ref)
+
+    adapter.fetch_image = flaky  # type: ignore[method-assign]
+    relay = Relay(store, engine, Recorder(), [adapter])
+    await relay.accept(message())
+    await until(lambda: _no_pending(store))
+    await relay.stop(1.0)
+    assert len(calls) == 2 and adapter.replies["om_1"].final == "a cat on a sofa"
 
 
 async def _no_pending(store: Store) -> bool:

@@ -51,6 +51,12 @@ class Observer:
     def on_cache_lookup(self, tier: str, hit: bool) -> None:
         pass
 
+    def on_vision_cache_lookup(self, hit: bool) -> None:
+        pass
+
+    def on_vision_cache_bytes(self, size: int) -> None:
+        pass
+
 
 @pytest.fixture
 async def observed(make_engine: Factory) -> Callable[..., Coroutine[Any, Any, Any]]:
@@ -99,15 +105,16 @@ async def references(engine: Engine, reqs: list[JobRequest]) -> list[str]:
 
 
 def poison_encode(replica: Replica) -> None:
-    """Make the processor call fail for any batch holding a prompt with POISON in it."""
-    original = replica.encode
+    """Make input encoding (processor or vision-cache path) fail for any batch holding a prompt
+    with POISON in it."""
+    original = replica.encode_rows
 
-    def encode(prompts: list[str], images: list[Any]) -> Any:
-        if any(POISON in p for p in prompts):
+    def encode_rows(rows: Any) -> Any:
+        if any(POISON in row.prompt for row in rows):
             raise ValueError("injected: this prompt breaks the processor")
-        return original(prompts, images)
+        return original(rows)
 
-    replica.encode = encode  # type: ignore[method-assign]
+    replica.encode_rows = encode_rows  # type: ignore[method-assign]
 
 
 async def test_poisoned_job_fails_alone_and_its_neighbours_answer(

@@ -62,6 +62,12 @@ class Lookups:
     def on_cache_lookup(self, tier: str, hit: bool) -> None:
         self.counts[(tier, hit)] = self.counts.get((tier, hit), 0) + 1
 
+    def on_vision_cache_lookup(self, hit: bool) -> None:
+        pass
+
+    def on_vision_cache_bytes(self, size: int) -> None:
+        pass
+
 
 Builder = Callable[..., Awaitable[Engine]]
 
