@@ -31,6 +31,7 @@ class Fault:
     status: int = 200
     error: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    served_at: float | None = None  # loop time when a call got this failure
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Link:
     number: int
     ws: web.WebSocketResponse
     silent: asyncio.Event = field(default_factory=asyncio.Event)
+    said_hello: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -105,10 +107,14 @@ class FakeSlack:
         self.calls: list[Call] = []
         self.posted: dict[str, dict[str, Any]] = {}  # ts -> {"channel", "thread_ts", "text"}
         self.updates: list[Call] = []
+        self.posts: list[tuple[str, Call]] = []  # (ts, call) of each accepted chat.postMessage
+        self.pending: list[dict[str, Any]] = []  # socket messages kept until a link says hello
+        self.down = False  # an outage: links are closed and apps.connections.open answers 503
         self.acks: list[tuple[int, str]] = []  # (link number, envelope_id)
         self.links: list[Link] = []
         self.metadata: dict[str, dict[str, Any]] = {}  # ts -> message metadata as posted
         self.opens = 0
+        self.tickets: list[str] = []  # the ticket of every socket URL handed out
         self.file_requests: list[tuple[str, str]] = []  # (path, authorization header)
         self.link_disabled = False
         self.hello = True
@@ -135,9 +141,13 @@ class FakeSlack:
             "url_private_download": f"{self.base}/files-pri/{TEAM}-{file_id}/download/{name}",
         }
 
-    def fail_next(self, method: str, *, status: int = 200, error: str = "", **headers: str) -> None:
+    def fail_next(
+        self, method: str, *, status: int = 200, error: str = "", **headers: str
+    ) -> Fault:
         """Make the next call of ``method`` fail (HTTP ``status`` and/or Slack ``error``)."""
-        self.faults.append(Fault(method, status, error, headers))
+        fault = Fault(method, status, error, headers)
+        self.faults.append(fault)
+        return fault
 
     async def start(self) -> None:
         app = web.Application()
@@ -176,6 +186,26 @@ class FakeSlack:
         """Send one socket message on ``link``."""
         await link.ws.send_str(json.dumps(message))
 
+    async def push(self, message: dict[str, Any]) -> None:
+        """Send ``message`` on the newest open link, or keep it for the next one (as Slack
+        holds events for an app while it has no socket)."""
+        links = [ln for ln in self.open_links() if ln.said_hello]
+        if self.down or not links:
+            self.pending.append(message)
+            return
+        await self.send(links[-1], message)
+
+    async def take_down(self) -> None:
+        """An outage: close every link; until ``bring_up`` no new link can be opened."""
+        self.down = True
+        for link in self.open_links():
+            link.closed.set()
+            await link.ws.close()
+
+    def bring_up(self) -> None:
+        """End the outage; kept messages go out on the next link after its ``hello``."""
+        self.down = False
+
     async def wait_acks(self, count: int, limit_s: float = 10.0) -> None:
         for _ in range(int(limit_s * 100)):
             if len(self.acks) >= count:
@@ -203,13 +233,18 @@ class FakeSlack:
         self.calls.append(Call(method, body, loop.time()))
         fault = self._fault(method)
         if fault is not None:
+            fault.served_at = loop.time()
             payload = {"ok": False, "error": fault.error or "fatal_error"}
             return web.json_response(payload, status=fault.status, headers=fault.headers)
         if method == "apps.connections.open":
+            if self.down:
+                return web.Response(status=503, text="service unavailable")
             if auth != f"Bearer {APP_TOKEN}":
                 return web.json_response({"ok": False, "error": "invalid_auth"})
             self.opens += 1
-            url = f"ws://{self.base.split('://', 1)[1]}/link/?ticket=t{self.opens}&app_id={APP_ID}"
+            ticket = f"faketicket{self.opens:04d}SECRET"  # a credential: one socket URL each
+            self.tickets.append(ticket)
+            url = f"ws://{self.base.split('://', 1)[1]}/link/?ticket={ticket}&app_id={APP_ID}"
             return web.json_response({"ok": True, "url": url})
         if auth != f"Bearer {BOT_TOKEN}":
             return web.json_response({"ok": False, "error": "invalid_auth"})
@@ -227,6 +262,7 @@ class FakeSlack:
             self.posted[ts] = {"channel": channel, "thread_ts": thread, "text": text[:40_000]}
             if isinstance(body.get("metadata"), dict):
                 self.metadata[ts] = body["metadata"]
+            self.posts.append((ts, Call(method, body, loop.time())))
             message = {"type": "message", "text": text, "ts": ts, "bot_id": "B0FAKE"}
             return web.json_response({"ok": True, "channel": channel, "ts": ts, "message": message})
         if method == "chat.update":
@@ -268,6 +304,10 @@ class FakeSlack:
         await ws.prepare(request)
         link = Link(number=len(self.links) + 1, ws=ws)
         self.links.append(link)
+        if self.down:  # a URL handed out before the outage: the socket goes nowhere
+            link.closed.set()
+            await ws.close()
+            return ws
         if self.link_disabled:
             await ws.send_str(json.dumps({"type": "disconnect", "reason": "link_disabled"}))
         elif self.hello:
@@ -281,6 +321,10 @@ class FakeSlack:
                     }
                 )
             )
+            link.said_hello = True
+            kept, self.pending = self.pending, []
+            for message in kept:
+                await ws.send_str(json.dumps(message))
         reader = asyncio.ensure_future(self._read(link))
         silent = asyncio.ensure_future(link.silent.wait())
         closed = asyncio.ensure_future(link.closed.wait())

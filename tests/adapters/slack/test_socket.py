@@ -228,3 +228,21 @@ async def test_bad_frames_and_unknown_envelopes_do_not_break_the_link(
     assert sorted(e for _, e in slack.acks) == ["env-bad", "env-ok", "env-slash"]
     assert [m.text for m in sink.messages] == ["fine"]
     assert adapter.status().events["rejected"] == 1 and adapter.status().state == "connected"
+
+
+async def test_an_outage_is_reconnecting_then_connected_and_loses_nothing_sent_meanwhile(
+    slack: FakeSlack, running: tuple[SlackAdapter, Sink]
+) -> None:
+    adapter, sink = running
+    opens = slack.opens
+    await slack.take_down()  # sockets closed; apps.connections.open answers HTTP 503
+    await until(lambda: sum(1 for c in slack.calls if c.method == "apps.connections.open") > opens)
+    await until(lambda: adapter.status().state == "reconnecting")
+    assert not adapter.status().healthy
+    await slack.push(message_envelope("env-out", event_id="EvOut", text="still there?"))
+    assert slack.pending and not slack.acks  # Slack holds it while the app has no socket
+    slack.bring_up()
+    await until(lambda: adapter.status().state == "connected")
+    await slack.wait_acks(1)
+    assert slack.acks[-1][1] == "env-out" and not slack.pending
+    assert [m.text for m in sink.messages] == ["still there?"]
