@@ -27,6 +27,7 @@ from tests.adapters.conformance.harness import (
     Delivery,
     EditRate,
     Method,
+    Streaming,
     Throttle,
     Version,
 )
@@ -47,6 +48,7 @@ class _FeishuBase:
     long_connection = False
     # Feishu: a message may be updated at most 5 times a second.
     edit_rate = EditRate(max_edits=5, per_s=1.0)
+    streaming: Streaming = "edits"
 
     def __init__(self) -> None:
         self.fake = FakeFeishu()

@@ -16,6 +16,12 @@ from typing import Literal, Protocol
 Method = Literal["reply", "edit"]
 """The platform-neutral names of the two calls the bot makes: post the answer, edit it."""
 
+Streaming = Literal["edits", "placeholder"]
+"""How a platform shows an answer being written: ``edits`` (the reply is edited as it grows), or
+``placeholder`` where a sent message cannot be edited (a placeholder is posted first and the
+final answer follows as a message of its own; the harness reports that follow-up as the reply's
+next version, and an ``edit`` throttle as a throttle on it)."""
+
 
 @dataclass(frozen=True, slots=True)
 class EditRate:
@@ -122,8 +128,11 @@ class PlatformHarness(Protocol):
     #: True when the bridge connects out to the platform (long connection, socket mode, polling):
     #: then ``take_down``/``bring_up`` are used and the link's health is checked.
     long_connection: bool
-    #: The platform's documented rate rule for editing one message.
+    #: The platform's documented rate rule for editing one message (for ``placeholder``
+    #: platforms: for the follow-ups of one reply).
     edit_rate: EditRate
+    #: ``edits``, or ``placeholder`` where the platform cannot edit a sent message.
+    streaming: Streaming
 
     async def start(self) -> None:
         """Start the fake platform on loopback ports."""

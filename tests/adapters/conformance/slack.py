@@ -18,6 +18,7 @@ from tests.adapters.conformance.harness import (
     Delivery,
     EditRate,
     Method,
+    Streaming,
     Throttle,
     Version,
 )
@@ -42,6 +43,7 @@ class SlackSocketHarness:
     # message a second per channel, short bursts allowed. The adapter edits once a second; two
     # in a second is the burst (and the few ms of loopback jitter between two paced edits).
     edit_rate = EditRate(max_edits=2, per_s=1.0)
+    streaming: Streaming = "edits"
 
     def __init__(self) -> None:
         self.fake = FakeSlack()

@@ -3,13 +3,15 @@
 Server side: ``GET /cgi-bin/gettoken`` (access tokens with ``expires_in``), ``GET
 /cgi-bin/media/get`` (the file, or a JSON ``errcode`` such as 40007 invalid media_id) and ``POST
 /cgi-bin/message/send`` (records texts, returns ``msgid``). Faults on demand: errcode 45009 for
-the next sends, and token expiry (42001 for every token issued so far). Callback side:
+the next sends or for chosen sends within a window (:meth:`FakeWeCom.limit_sends`), and token
+expiry (42001 for every token issued so far). Callback side:
 :class:`CallbackSender` encrypts and signs messages the way WeCom does (its own implementation of
 the documented algorithm, not the adapter's) and delivers them to a bridge.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import itertools
@@ -17,6 +19,7 @@ import json
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import escape
@@ -42,6 +45,30 @@ class Sent:
     agentid: int
     content: str
     at: float
+    loop_at: float = 0.0  # the fake's event-loop time, for tests that share its loop
+
+
+@dataclass
+class SendLimit:
+    """A frequency limit on ``message/send``: every send that ``matches`` gets errcode 45009
+    from the first one refused until ``window_s`` later (WeCom states no wait; it refuses until
+    the window's quota frees up). ``served_at`` is the loop time of the first refusal."""
+
+    matches: Callable[[dict[str, Any]], bool]
+    window_s: float
+    served_at: float | None = None
+    refused: int = 0
+
+    def refuses(self, body: dict[str, Any], now: float) -> bool:
+        """Whether this send is refused now (and count it)."""
+        if self.served_at is not None and now >= self.served_at + self.window_s:
+            return False
+        if not self.matches(body):
+            return False
+        if self.served_at is None:
+            self.served_at = now
+        self.refused += 1
+        return True
 
 
 class FakeWeCom:
@@ -52,12 +79,20 @@ class FakeWeCom:
         self.sent: list[Sent] = []
         self.requests: list[str] = []  # route names in order
         self.tokens_issued = 0
+        self.issued_tokens: list[str] = []  # every token ever issued, expired ones too
         self.valid_tokens: set[str] = set()
         self.rate_limit_sends = 0
         self.expires_in = 7200
+        self.send_limits: list[SendLimit] = []
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+
+    def limit_sends(self, matches: Callable[[dict[str, Any]], bool], window_s: float) -> SendLimit:
+        """Refuse matching sends with 45009 for ``window_s`` from the first refusal."""
+        limit = SendLimit(matches, window_s)
+        self.send_limits.append(limit)
+        return limit
 
     def expire_tokens(self) -> None:
         """Every token issued so far is expired: the next call with one answers 42001."""
@@ -97,6 +132,7 @@ class FakeWeCom:
         self.tokens_issued += 1
         token = f"fake-token-{self.tokens_issued}-{os.urandom(6).hex()}"
         self.valid_tokens.add(token)
+        self.issued_tokens.append(token)
         return web.json_response(
             {"errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": self.expires_in}
         )
@@ -123,13 +159,17 @@ class FakeWeCom:
             self.rate_limit_sends -= 1
             return _err(45009, "api freq out of limit")
         body = await request.json()
+        now = asyncio.get_running_loop().time()
+        if any(limit.refuses(body, now) for limit in self.send_limits):
+            return _err(45009, "api freq out of limit")
         content = body.get("text", {}).get("content", "")
         if body.get("msgtype") != "text" or str(body.get("agentid")) != AGENT_ID:
             return _err(40008, "invalid message type or agentid")
         if not content or len(content.encode()) > 2048:
             return _err(44004, "text content is empty or longer than 2048 bytes")
         msgid = f"msgid_{next(self._ids)}"
-        self.sent.append(Sent(msgid, body["touser"], int(body["agentid"]), content, time.time()))
+        sent = Sent(msgid, body["touser"], int(body["agentid"]), content, time.time(), now)
+        self.sent.append(sent)
         return web.json_response({"errcode": 0, "errmsg": "ok", "invaliduser": "", "msgid": msgid})
 
 
