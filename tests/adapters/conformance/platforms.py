@@ -6,9 +6,11 @@ from collections.abc import Callable
 
 from tests.adapters.conformance.feishu import FeishuLongConnHarness, FeishuWebhookHarness
 from tests.adapters.conformance.harness import PlatformHarness
+from tests.adapters.conformance.telegram import TelegramWebhookHarness
 
 #: Test id -> a factory of a fresh harness (one per test module run).
 HARNESSES: dict[str, Callable[[], PlatformHarness]] = {
     "feishu-webhook": FeishuWebhookHarness,
     "feishu-longconn": FeishuLongConnHarness,
+    "telegram-webhook": TelegramWebhookHarness,
 }
