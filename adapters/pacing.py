@@ -44,6 +44,9 @@ class Pacer:
             self._next = {k: v for k, v in self._next.items() if v > now}
         if slot > now:
             await self._sleep(slot - now)
+            # A late wake-up (a busy loop) starts the action late: the next slot counts from
+            # the real start, so two starts are never closer than the interval.
+            self._next[key] = max(self._next[key], self._monotonic() + self._interval)
 
     def hold(self, key: str, seconds: float) -> None:
         """Let no action on ``key`` start in the next ``seconds`` (a 429's ``retry_after``)."""

@@ -250,10 +250,11 @@ class TelegramAdapter:
         return outcome
 
     def _hold_chat(self, params: Mapping[str, object], seconds: float) -> None:
-        """A 429 for one chat holds every other send and edit in that chat as long."""
+        """A 429 for one chat holds every other send and edit in that chat as long, plus one
+        interval: the retried call itself goes out when the wait ends and takes that slot."""
         chat_id = params.get("chat_id")
         if isinstance(chat_id, int):
-            self.pacer.hold(str(chat_id), seconds)
+            self.pacer.hold(str(chat_id), seconds + self.config.edit_interval_s)
 
     # --- outbound ------------------------------------------------------------------------------
     async def fetch_image(self, msg: InboundMessage, ref: ImageRef) -> bytes:

@@ -156,6 +156,22 @@ async def test_pacer_spaces_each_key_and_keys_are_independent() -> None:
     assert clock.now == 107.0
 
 
+async def test_a_late_wake_up_pushes_the_next_slot_past_the_real_start() -> None:
+    clock = FakeClock()
+
+    async def oversleep(seconds: float) -> None:
+        late = 0.05 if not clock.sleeps else 0.0  # the loop was busy once: woken 50 ms late
+        await clock.sleep(seconds + late)
+
+    pacer = Pacer(1.0, monotonic=clock.monotonic, sleep=oversleep)
+    starts = []
+    for _ in range(3):
+        await pacer.wait("a")
+        starts.append(clock.now)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(gap >= 1.0 for gap in gaps), starts
+
+
 async def test_concurrent_waiters_on_one_key_get_distinct_slots() -> None:
     clock = FakeClock()
     pacer = Pacer(1.0, monotonic=clock.monotonic, sleep=clock.sleep)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from tests.adapters.conformance.feishu import FeishuLongConnHarness, FeishuWebhookHarness
 from tests.adapters.conformance.harness import PlatformHarness
 from tests.adapters.conformance.slack import SlackSocketHarness
+from tests.adapters.conformance.telegram import TelegramWebhookHarness
 from tests.adapters.conformance.wecom import WeComHarness
 
 #: Test id -> a factory of a fresh harness (one per test module run).
@@ -15,4 +16,5 @@ HARNESSES: dict[str, Callable[[], PlatformHarness]] = {
     "feishu-longconn": FeishuLongConnHarness,
     "slack-socket": SlackSocketHarness,
     "wecom-webhook": WeComHarness,
+    "telegram-webhook": TelegramWebhookHarness,
 }

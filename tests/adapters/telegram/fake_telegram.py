@@ -40,6 +40,17 @@ class Sent:
     text: str
     reply_to: int | None
     edits: list[tuple[float, str]]
+    posted_at: float = 0.0  # monotonic (= the test's loop time) when sendMessage was accepted
+    posted_text: str = ""  # the text as first sent (``text`` is the latest)
+
+
+@dataclass
+class Fault:
+    """An error answer queued for the next call of one method; ``served_at`` once answered."""
+
+    status: int
+    retry_after: int
+    served_at: float | None = None
 
 
 class FakeTelegram:
@@ -54,7 +65,7 @@ class FakeTelegram:
         self.rejected_calls: list[tuple[str, int]] = []  # (method, error_code) answered !ok
         self.edit_times: list[tuple[float, int]] = []  # (monotonic, chat_id) of each edit
         self.downloads: list[str] = []
-        self._faults: dict[str, list[tuple[int, int]]] = {}  # method -> [(status, retry_after)]
+        self._faults: dict[str, list[Fault]] = {}  # method -> faults, next first
         self._update_ids = itertools.count(1000)
         self._message_ids = itertools.count(5000)
         self._changed = asyncio.Condition()
@@ -89,9 +100,11 @@ class FakeTelegram:
     def add_file(self, file_id: str, data: bytes, file_path: str | None = None) -> None:
         self.files[file_id] = (file_path or f"photos/{file_id}.jpg", data)
 
-    def fail_next(self, method: str, *, status: int = 429, retry_after: int = 1) -> None:
+    def fail_next(self, method: str, *, status: int = 429, retry_after: int = 1) -> Fault:
         """Answer the next call of ``method`` with ``status`` (429 carries ``retry_after``)."""
-        self._faults.setdefault(method, []).append((status, retry_after))
+        fault = Fault(status, retry_after)
+        self._faults.setdefault(method, []).append(fault)
+        return fault
 
     async def push(self, update: dict[str, Any]) -> dict[str, Any]:
         """Queue an update for getUpdates (an ``update_id`` is assigned when missing)."""
@@ -150,7 +163,9 @@ class FakeTelegram:
             return _fail(502, "Bad Gateway")
         faults = self._faults.get(method)
         if faults:
-            status, retry_after = faults.pop(0)
+            fault = faults.pop(0)
+            fault.served_at = time.monotonic()
+            status, retry_after = fault.status, fault.retry_after
             self.rejected_calls.append((method, status))
             if status == 429:
                 return _fail(
@@ -241,7 +256,7 @@ class FakeTelegram:
             return _fail(400, "Bad Request: message is too long")
         reply = params.get("reply_parameters")
         reply_to = reply.get("message_id") if isinstance(reply, dict) else None
-        sent = Sent(next(self._message_ids), chat_id, text, reply_to, [])
+        sent = Sent(next(self._message_ids), chat_id, text, reply_to, [], time.monotonic(), text)
         self.sent.append(sent)
         return _ok(self._message(sent))
 

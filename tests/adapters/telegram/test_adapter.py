@@ -285,6 +285,25 @@ async def test_edits_in_one_chat_are_spaced_by_the_interval(tg: FakeTelegram) ->
         await adapter.stop()
 
 
+async def test_a_retried_post_after_a_429_keeps_the_interval_before_the_first_edit(
+    tg: FakeTelegram,
+) -> None:
+    """The post retried when the 429's wait ends takes that slot: the first edit in the chat
+    comes one interval later, not together with it."""
+    adapter = make(tg, mode="webhook", edit_interval_s=0.3)
+    await adapter.start(Sink())
+    try:
+        tg.fail_next("sendMessage", status=429, retry_after=1)
+        stream = await adapter.open_reply(_inbound(11))
+        await stream.update("hello")
+        await stream.finish("hello there")
+        sent = tg.sent[0]
+        assert [t for t, _ in sent.edits], sent
+        assert sent.edits[0][0] - sent.posted_at >= 0.29, (sent.posted_at, sent.edits)
+    finally:
+        await adapter.stop()
+
+
 async def test_fetch_image_uses_getfile_and_the_size_limit(
     tg: FakeTelegram, webhook: tuple[TelegramAdapter, Sink]
 ) -> None:
