@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tests.adapters.conformance.dingtalk import DingTalkStreamHarness
 from tests.adapters.conformance.feishu import FeishuLongConnHarness, FeishuWebhookHarness
 from tests.adapters.conformance.harness import PlatformHarness
 
@@ -11,4 +12,5 @@ from tests.adapters.conformance.harness import PlatformHarness
 HARNESSES: dict[str, Callable[[], PlatformHarness]] = {
     "feishu-webhook": FeishuWebhookHarness,
     "feishu-longconn": FeishuLongConnHarness,
+    "dingtalk-stream": DingTalkStreamHarness,
 }
