@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tests.adapters.conformance.dingtalk import DingTalkStreamHarness
 from tests.adapters.conformance.feishu import FeishuLongConnHarness, FeishuWebhookHarness
 from tests.adapters.conformance.harness import PlatformHarness
 from tests.adapters.conformance.slack import SlackSocketHarness
@@ -17,4 +18,5 @@ HARNESSES: dict[str, Callable[[], PlatformHarness]] = {
     "slack-socket": SlackSocketHarness,
     "wecom-webhook": WeComHarness,
     "telegram-webhook": TelegramWebhookHarness,
+    "dingtalk-stream": DingTalkStreamHarness,
 }

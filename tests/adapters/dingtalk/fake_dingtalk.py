@@ -29,10 +29,11 @@ BOT_TOPIC = "/v1.0/im/bot/messages/get"
 class Fault:
     """One injected answer for the next request to ``route``."""
 
-    route: str  # "open", "token", "download", "file", "webhook", "single", "group"
+    route: str  # "open", "token", "download", "file", "webhook", "single", "group", "card_*"
     status: int
     body: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    served_at: float | None = None  # loop time when it was answered
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Sent:
 
     via: str
     body: dict[str, Any]
+    at: float = 0.0  # loop time when the fake accepted it
+    url: str = ""  # the sessionWebhook it was posted to ("" for the robot API)
 
 
 @dataclass
@@ -51,6 +54,8 @@ class Card:
     streams: list[dict[str, Any]] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)
     stream_times: list[float] = field(default_factory=list)
+    created_at: float = 0.0
+    update_times: list[float] = field(default_factory=list)
 
     @property
     def flow_status(self) -> str:
@@ -77,6 +82,7 @@ class FakeDingTalk:
         self.bad_client_frames = 0
         self.connections = 0
         self.silent = False  # stop sending anything (pings included) on the stream
+        self.down = False  # an outage: connections/open answers 503 and the stream refuses
         self.ping_every_s: float | None = None  # DingTalk pings the client this often
         self.ping_ids: list[str] = []
         self.cards: dict[str, Card] = {}  # outTrackId -> card
@@ -115,9 +121,26 @@ class FakeDingTalk:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def fail_next(self, route: str, status: int, body: dict[str, Any] | None = None) -> None:
-        """Answer the next ``route`` request with ``status`` and ``body``."""
-        self.faults.append(Fault(route, status, body or {}))
+    def fail_next(
+        self,
+        route: str,
+        status: int,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Fault:
+        """Answer the next ``route`` request with ``status``, ``body`` and ``headers``."""
+        fault = Fault(route, status, body or {}, headers or {})
+        self.faults.append(fault)
+        return fault
+
+    async def take_down(self) -> None:
+        """Start an outage: drop the stream link and refuse new ones until :meth:`bring_up`."""
+        self.down = True
+        await self.abort()
+
+    def bring_up(self) -> None:
+        """End the outage."""
+        self.down = False
 
     def session_webhook(self, expires_in_s: float = 3600.0) -> tuple[str, int]:
         """A fresh sessionWebhook URL and its expiry (epoch ms), as a callback carries them."""
@@ -203,6 +226,7 @@ class FakeDingTalk:
         for i, fault in enumerate(self.faults):
             if fault.route == route:
                 del self.faults[i]
+                fault.served_at = asyncio.get_running_loop().time()
                 return web.json_response(fault.body, status=fault.status, headers=fault.headers)
         return None
 
@@ -218,6 +242,8 @@ class FakeDingTalk:
         self.opens.append(body)
         if (fault := self._fault("open")) is not None:
             return fault
+        if self.down:
+            return web.json_response({"code": "ServiceUnavailable"}, status=503)
         if body.get("clientId") != CLIENT_ID or body.get("clientSecret") != CLIENT_SECRET:
             return web.json_response(
                 {"code": "InvalidAuthentication", "message": "clientId or clientSecret wrong"},
@@ -230,7 +256,7 @@ class FakeDingTalk:
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         ticket = request.query.get("ticket", "")
-        if ticket not in self._tickets:
+        if ticket not in self._tickets or self.down:
             return web.json_response({"code": "InvalidTicket"}, status=401)
         self._tickets.discard(ticket)
         ws = web.WebSocketResponse()
@@ -307,7 +333,8 @@ class FakeDingTalk:
         body = await request.json()
         if body.get("msgtype") not in ("text", "markdown"):
             return web.json_response({"errcode": 40035, "errmsg": "缺少参数 msgtype"})
-        self.sent.append(Sent("webhook", body))
+        now = asyncio.get_running_loop().time()
+        self.sent.append(Sent("webhook", body, now, str(request.url)))
         return web.json_response({"errcode": 0, "errmsg": "ok"})
 
     async def _single(self, request: web.Request) -> web.Response:
@@ -326,7 +353,7 @@ class FakeDingTalk:
         if body.get("robotCode") != ROBOT_CODE or not body.get(need) or "msgKey" not in body:
             return web.json_response({"code": "invalidParameter"}, status=400)
         json.loads(body.get("msgParam", ""))  # must be JSON text
-        self.sent.append(Sent(via, body))
+        self.sent.append(Sent(via, body, asyncio.get_running_loop().time()))
         return web.json_response({"processQueryKey": f"pqk-{next(self._ids)}"})
 
     async def _card_create(self, request: web.Request) -> web.Response:
@@ -349,7 +376,7 @@ class FakeDingTalk:
         if track in self.cards:
             return web.json_response({"code": "param.outTrackIdExist"}, status=400)
         self.card_creates += 1
-        self.cards[track] = Card(create=body)
+        self.cards[track] = Card(create=body, created_at=asyncio.get_running_loop().time())
         return web.json_response({"success": True, "result": {"outTrackId": track}})
 
     async def _card_stream(self, request: web.Request) -> web.Response:
@@ -368,11 +395,14 @@ class FakeDingTalk:
     async def _card_update(self, request: web.Request) -> web.Response:
         if (denied := self._authorized(request)) is not None:
             return denied
+        if (fault := self._fault("card_update")) is not None:
+            return fault
         body = await request.json()
         card = self.cards.get(body.get("outTrackId"))
         if card is None or not isinstance(body.get("cardData", {}).get("cardParamMap"), dict):
             return web.json_response({"code": "cardNotExist"}, status=400)
         card.updates.append(body)
+        card.update_times.append(asyncio.get_running_loop().time())
         return web.json_response({"success": True})
 
 
