@@ -1,4 +1,4 @@
-"""Server CPU per streamed token, TTFT and total latency of 16 concurrent streaming jobs: HTTP vs /ws.
+"""Server CPU per streamed token, TTFT and total latency of 16 concurrent streams: HTTP vs /ws.
 
 The server is a separate ``python -m bridge serve --model tiny`` child (CPU, loopback), so its CPU
 time, read from ``/proc/<pid>/stat`` (utime + stime) before and after each batch, holds none of the
@@ -45,6 +45,9 @@ PROMPT = "Describe the image."
 PHOTO = (IMAGES / "chelsea.jpg").read_bytes()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+#: One job: (TTFT seconds, total seconds, completion tokens, prompt tokens).
+Result = tuple[float, float, int, int]
+
 
 def cpu_s(stat_path: str) -> float:
     """User plus system CPU seconds from a ``/proc/.../stat`` file (a process or one thread)."""
@@ -54,13 +57,36 @@ def cpu_s(stat_path: str) -> float:
 
 
 @dataclass
-class Path_:
+class Measured:
     """What one path (http or ws) measured over all rounds."""
 
     samples: list[tuple[float, float]] = field(default_factory=list)
     tokens: int = 0
+    prompt_tokens: int = 0
     cpu_s: float = 0.0
     loop_cpu_s: float = 0.0
+    batch_jobs: float = 0.0
+    batches: float = 0.0
+
+    def add(self, results: list[Result], before: Reading, after: Reading) -> None:
+        """One batch's results and the server readings around it."""
+        self.samples += [(r[0], r[1]) for r in results]
+        self.tokens += sum(r[2] for r in results)
+        self.prompt_tokens += sum(r[3] for r in results)
+        self.cpu_s += after.cpu_s - before.cpu_s
+        self.loop_cpu_s += after.loop_cpu_s - before.loop_cpu_s
+        self.batch_jobs += after.batch_jobs - before.batch_jobs
+        self.batches += after.batches - before.batches
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The server's CPU seconds (process, event-loop thread) and batch-size histogram now."""
+
+    cpu_s: float
+    loop_cpu_s: float
+    batch_jobs: float
+    batches: float
 
 
 def prompt(tag: str) -> str:
@@ -68,12 +94,12 @@ def prompt(tag: str) -> str:
     return f"{PROMPT} #{tag}"
 
 
-async def http_job(client: openai.AsyncOpenAI, tag: str, max_tokens: int) -> tuple[float, float, int]:
-    """One streaming chat completion: (ttft, total) seconds and completion tokens."""
+async def http_job(client: openai.AsyncOpenAI, tag: str, max_tokens: int) -> Result:
+    """One streaming chat completion."""
     url = "data:image/jpeg;base64," + base64.b64encode(PHOTO).decode()
     t0 = time.perf_counter()
     ttft = float("nan")
-    tokens = 0
+    tokens = prompt_tokens = 0
     stream = await client.chat.completions.create(
         model="tiny",
         stream=True,
@@ -94,13 +120,12 @@ async def http_job(client: openai.AsyncOpenAI, tag: str, max_tokens: int) -> tup
             ttft = time.perf_counter() - t0
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-    return ttft, time.perf_counter() - t0, tokens
+            prompt_tokens = chunk.usage.prompt_tokens
+    return ttft, time.perf_counter() - t0, tokens, prompt_tokens
 
 
-async def ws_job(
-    client: HubClient, tag: str, max_tokens: int, go: asyncio.Event
-) -> tuple[float, float, int]:
-    """One /ws job on an already connected client: (ttft, total) seconds and completion tokens."""
+async def ws_job(client: HubClient, tag: str, max_tokens: int, go: asyncio.Event) -> Result:
+    """One /ws job on an already connected client."""
     await go.wait()
     t0 = time.perf_counter()
     ttft = float("nan")
@@ -111,7 +136,9 @@ async def ws_job(
         if frame.get("kind") == "error":
             raise RuntimeError(f"ws job failed: {frame}")
         if frame.get("kind") == "done":
-            return ttft, time.perf_counter() - t0, int(frame["usage"]["completion_tokens"])
+            usage = frame["usage"]
+            total = time.perf_counter() - t0
+            return ttft, total, int(usage["completion_tokens"]), int(usage["prompt_tokens"])
     raise RuntimeError("ws client closed before done")
 
 
@@ -124,7 +151,7 @@ def p95(xs: list[float]) -> float:
     return s[min(len(s) - 1, int(0.95 * len(s)))]
 
 
-def summary(m: Path_) -> tuple[str, float, float]:
+def summary(m: Measured) -> tuple[str, float, float]:
     """One line per path, and its TTFT and total p50 in seconds."""
     ttft = [s[0] for s in m.samples]
     total = [s[1] for s in m.samples]
@@ -132,7 +159,9 @@ def summary(m: Path_) -> tuple[str, float, float]:
         f"TTFT p50 {p50(ttft) * 1000:7.1f} ms p95 {p95(ttft) * 1000:7.1f} ms | "
         f"total p50 {p50(total) * 1000:7.1f} ms p95 {p95(total) * 1000:7.1f} ms | "
         f"server CPU {m.cpu_s / m.tokens * 1000:6.2f} ms/token "
-        f"(event loop {m.loop_cpu_s / m.tokens * 1000:5.2f}) over {m.tokens} tokens"
+        f"(event loop {m.loop_cpu_s / m.tokens * 1000:5.2f}) over {m.tokens} tokens | "
+        f"{m.batch_jobs / max(m.batches, 1):4.1f} jobs per generate call, "
+        f"{m.prompt_tokens / len(m.samples):.0f} prompt tokens per job"
     )
     return line, p50(ttft), p50(total)
 
@@ -172,9 +201,23 @@ class Server:
                 await asyncio.sleep(0.25)
         raise RuntimeError(f"server not ready in {limit_s}s:\n{self.log_path.read_text()[-3000:]}")
 
-    def cpu(self) -> tuple[float, float]:
-        """(whole process, event-loop thread) CPU seconds now."""
-        return cpu_s(self.stat), cpu_s(self.loop_stat)
+    async def read(self, http: aiohttp.ClientSession) -> Reading:
+        """CPU seconds now (read first, so the /metrics request is not counted) and the
+        ``bridge_engine_batch_size`` histogram's sum and count."""
+        cpu, loop_cpu = cpu_s(self.stat), cpu_s(self.loop_stat)
+        async with http.get(self.base + "/metrics") as resp:
+            text = await resp.text()
+        values = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("bridge_engine_batch_size_sum", "bridge_engine_batch_size_count"):
+                values[name] = float(value)
+        return Reading(
+            cpu,
+            loop_cpu,
+            values.get("bridge_engine_batch_size_sum", 0.0),
+            values.get("bridge_engine_batch_size_count", 0.0),
+        )
 
     async def stop(self) -> None:
         """SIGTERM and wait; SIGKILL if it does not stop."""
@@ -187,20 +230,24 @@ class Server:
 
 
 async def http_batch(
-    server: Server, client: openai.AsyncOpenAI, r: int, n: int, max_tokens: int, into: Path_
+    server: Server,
+    http: aiohttp.ClientSession,
+    client: openai.AsyncOpenAI,
+    r: int,
+    n: int,
+    max_tokens: int,
+    into: Measured,
 ) -> None:
     """Fill the keep-alive pool with ``n`` connections, then send ``n`` jobs at once."""
     await asyncio.gather(*(http_job(client, f"{r}w{i}", 1) for i in range(n)))
-    c0, l0 = server.cpu()
+    before = await server.read(http)
     results = await asyncio.gather(*(http_job(client, f"{r}h{i}", max_tokens) for i in range(n)))
-    c1, l1 = server.cpu()
-    into.samples += [(t, total) for t, total, _ in results]
-    into.tokens += sum(tok for _, _, tok in results)
-    into.cpu_s += c1 - c0
-    into.loop_cpu_s += l1 - l0
+    into.add(results, before, await server.read(http))
 
 
-async def ws_batch(server: Server, r: int, n: int, max_tokens: int, into: Path_) -> None:
+async def ws_batch(
+    server: Server, http: aiohttp.ClientSession, r: int, n: int, max_tokens: int, into: Measured
+) -> None:
     """Open ``n`` /ws clients and wait for every ``welcome``, then submit ``n`` jobs at once."""
     ws_url = server.base.replace("http", "ws", 1) + "/ws"
     async with contextlib.AsyncExitStack() as stack:
@@ -211,15 +258,10 @@ async def ws_batch(server: Server, r: int, n: int, max_tokens: int, into: Path_)
             asyncio.create_task(ws_job(c, f"{r}s{i}", max_tokens, go))
             for i, c in enumerate(clients)
         ]
-        await asyncio.sleep(0)  # every job waits on ``go`` now
-        c0, l0 = server.cpu()
+        before = await server.read(http)  # every job waits on ``go`` by now
         go.set()
         results = await asyncio.gather(*jobs)
-        c1, l1 = server.cpu()
-    into.samples += [(t, total) for t, total, _ in results]
-    into.tokens += sum(tok for _, _, tok in results)
-    into.cpu_s += c1 - c0
-    into.loop_cpu_s += l1 - l0
+        into.add(results, before, await server.read(http))
 
 
 async def main(concurrency: int, max_tokens: int, rounds: int) -> None:
@@ -228,21 +270,23 @@ async def main(concurrency: int, max_tokens: int, rounds: int) -> None:
         server = Server(concurrency, max_tokens, Path(tmp) / "server.log")
         try:
             await server.wait_ready(180.0)
-            client = openai.AsyncOpenAI(
-                base_url=server.base + "/v1", api_key=TOKEN, max_retries=0
-            )
+            http = aiohttp.ClientSession()
+            client = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key=TOKEN, max_retries=0)
             # Warm-up, not measured: one batch each way, so both paths find torch warmed up.
-            await http_batch(server, client, -1, concurrency, max_tokens, Path_())
-            await ws_batch(server, -1, concurrency, max_tokens, Path_())
-            measured = {"http": Path_(), "ws": Path_()}
+            await http_batch(server, http, client, -1, concurrency, max_tokens, Measured())
+            await ws_batch(server, http, -1, concurrency, max_tokens, Measured())
+            measured = {"http": Measured(), "ws": Measured()}
             for r in range(rounds):
                 order = ["http", "ws"] if r % 2 == 0 else ["ws", "http"]
                 for kind in order:
                     if kind == "http":
-                        await http_batch(server, client, r, concurrency, max_tokens, measured[kind])
+                        await http_batch(
+                            server, http, client, r, concurrency, max_tokens, measured[kind]
+                        )
                     else:
-                        await ws_batch(server, r, concurrency, max_tokens, measured[kind])
+                        await ws_batch(server, http, r, concurrency, max_tokens, measured[kind])
             await client.close()
+            await http.close()
         finally:
             await server.stop()
     print(
