@@ -37,7 +37,10 @@ async def board() -> AsyncIterator[tuple[Served, GatedEngine]]:
 async def status(base: str) -> tuple[str, dict[str, Any]]:
     """The raw body and the ``http`` panel of ``GET /api/status``."""
     headers = {"Authorization": f"Bearer {ADMIN}"}
-    async with aiohttp.ClientSession() as http, http.get(base + "/api/status", headers=headers) as r:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(base + "/api/status", headers=headers) as r,
+    ):
         assert r.status == 200
         body = await r.text()
         return body, (await r.json())["http"]
@@ -96,8 +99,9 @@ async def test_running_jobs_come_first_and_each_has_its_own_token_label(
         model="gated", stream=True, messages=[user_message()]
     )
     engine.release(len(WORDS))
-    async for _ in done:
-        pass
+    done_id = ""
+    async for chunk in done:
+        done_id = chunk.id
     await until(served.base, lambda p: p["live"] == 0 and len(p["jobs"]) == 1)
 
     other = served.openai(OTHER)
@@ -106,7 +110,8 @@ async def test_running_jobs_come_first_and_each_has_its_own_token_label(
     )
     first = await anext(aiter(running))
     body, panel = await status(served.base)
-    assert [(r["id"], r["state"]) for r in panel["jobs"]][0] == (first.id, "running")
+    states = [(r["id"], r["state"]) for r in panel["jobs"]]
+    assert states == [(first.id, "running"), (done_id, "done")]
     assert [r["token"] for r in panel["jobs"]] == [token_label(OTHER), token_label(TOKEN)]
     assert panel["live"] == 1
     assert OTHER not in body and TOKEN not in body

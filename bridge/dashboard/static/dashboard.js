@@ -251,9 +251,9 @@
 
   // The HTTP API's running and recently finished jobs, under the token's label (never the token).
   function renderHttpJobs(http) {
-    const body = $("http-jobs");
+    const body = $("api-jobs");
     if (!body || !http) return;
-    setText($("http-live"), `${fmtInt(http.live || 0)} running`);
+    setText($("api-live"), `${fmtInt(http.live || 0)} running`);
     const jobs = http.jobs || [];
     if (!jobs.length) {
       const td = el("td", "muted", "No HTTP API jobs.");
