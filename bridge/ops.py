@@ -53,6 +53,10 @@ class BridgeOpsSource:
         grants = self._app.hub.cfg.grants.by_label()
         return [{"token": label, "patterns": list(grants[label])} for label in sorted(grants)]
 
+    def http_jobs(self) -> dict[str, Any]:
+        """The HTTP API's in-flight and recently finished jobs, by token label."""
+        return self._app.http_api.jobs.board()
+
     def count_connections(self) -> int:
         """Open connections now; also feeds the events/s chart from the frames counter."""
         frames = self._app.metrics.ws_frames.labels(direction="out")._value.get()

@@ -280,6 +280,7 @@ class Dashboard:
             "errors": self.source.recent_errors(_ERRORS_SHOWN),
             "timeline": self.source.timeline(),
             "grants": _grants(self.source),
+            "http": _http_jobs(self.source),
         }
 
 
@@ -287,6 +288,12 @@ def _grants(source: OpsSource) -> list[dict[str, Any]]:
     """The topic grants per token label, when the source knows them (older sources do not)."""
     grants = getattr(source, "topic_grants", None)
     return list(grants()) if grants is not None else []
+
+
+def _http_jobs(source: OpsSource) -> dict[str, Any]:
+    """The HTTP API's jobs, when the source serves that API (fakes and older sources do not)."""
+    board = getattr(source, "http_jobs", None)
+    return dict(board()) if board is not None else {"live": 0, "jobs": []}
 
 
 def _redirect(location: str) -> web.Response:

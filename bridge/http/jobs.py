@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -87,7 +87,9 @@ class HttpJob:
     origin: str
     handle: JobHandle
     chunks: list[str] = field(default_factory=list)
+    started_at: float = 0.0
     ended_at: float | None = None
+    outcome: str | None = None
     task: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -182,7 +184,7 @@ class HttpJobs:
         """
         self._expire()
         handle = await self.submitter.submit(owner, request)
-        job = HttpJob(job_id, owner, origin, handle)
+        job = HttpJob(job_id, owner, origin, handle, started_at=self._clock())
         job.add(list(first or ()))
         task = asyncio.get_running_loop().create_task(
             self._run(job, render, len(request.image), stop_when), name=f"http-job-{job_id}"
@@ -226,10 +228,31 @@ class HttpJobs:
         finally:
             if held:
                 self.submitter.done_with(held)
+            job.outcome = outcome
             job.end(self._clock())
             log.info("http_job_ended", job_id=job.id, chunks=len(job.chunks), outcome=outcome)
             if self.on_end is not None:
                 self.on_end(job, outcome)
+
+    def board(self, limit: int = 50) -> dict[str, Any]:
+        """The dashboard's view: the live count and the newest ``limit`` jobs (running ones
+        first), each under its token's label (never the token) and without prompt or answer."""
+        self._expire()
+        now = self._clock()
+        jobs = sorted(self._jobs.values(), key=lambda j: (j.ended, -j.started_at))[:limit]
+        rows = [
+            {
+                "id": j.id,
+                "token": j.owner,
+                "origin": j.origin,
+                "state": "running" if j.outcome is None else j.outcome,
+                "age_s": round(now - j.started_at, 3),
+                "duration_s": None if j.ended_at is None else round(j.ended_at - j.started_at, 3),
+                "chunks": len(j.chunks),
+            }
+            for j in jobs
+        ]
+        return {"live": self.live_count(), "jobs": rows}
 
     def cancel(self, job_id: str, owner: str) -> bool:
         """Cancel a running job of ``owner``; False if there is none (or it already ended)."""

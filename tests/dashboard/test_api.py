@@ -232,7 +232,16 @@ async def test_events_stream_pushes_new_connections(env: Env) -> None:
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         event, first = await _next_event(resp)
         assert event == "snapshot" and first["page"]["total"] == 0
-        assert set(first) == {"now", "page", "engine", "adapters", "errors", "timeline", "grants"}
+        assert set(first) == {
+            "now",
+            "page",
+            "engine",
+            "adapters",
+            "errors",
+            "timeline",
+            "grants",
+            "http",
+        }
         env.source.add("fresh", rtt_ms=12.0)
         for _ in range(100):
             event, snap = await _next_event(resp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
@@ -13,14 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 import websockets
-from playwright.async_api import Browser, expect
+from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from bridge.app import BridgeApp
 from bridge.config import load_settings
+from bridge.hub.config import token_label
 from bridge.store.memory import MemoryStore
 from tests.app.fakes import FakeEngine
+from tests.conftest import IMAGES
 from tests.dashboard.conftest import ARTIFACTS, TOKEN
 
 CLIENT_TOKEN = "client-token"
@@ -89,17 +93,23 @@ async def bridge() -> AsyncIterator[tuple[BridgeApp, str]]:
         await app.stop(grace_s=1.0)
 
 
-async def test_real_clients_appear_show_rtt_and_get_kicked(
-    browser: Browser, bridge: tuple[BridgeApp, str]
-) -> None:
-    _app, base = bridge
-    ws_url = base.replace("http://", "ws://") + "/ws"
+async def _login(browser: Browser, base: str) -> tuple[BrowserContext, Page]:
+    """A new browser context logged in to the dashboard with the admin token."""
     context = await browser.new_context(viewport={"width": 1440, "height": 900})
     page = await context.new_page()
     await page.goto(f"{base}/dashboard")
     await page.fill("#token", TOKEN)
     await page.click("#login-submit")
     await page.wait_for_url(f"{base}/dashboard")
+    return context, page
+
+
+async def test_real_clients_appear_show_rtt_and_get_kicked(
+    browser: Browser, bridge: tuple[BridgeApp, str]
+) -> None:
+    _app, base = bridge
+    ws_url = base.replace("http://", "ws://") + "/ws"
+    context, page = await _login(browser, base)
     await expect(page.locator("#live")).to_have_text("live", timeout=5000)
 
     clients: list[Client] = []
@@ -146,3 +156,40 @@ async def test_real_clients_appear_show_rtt_and_get_kicked(
                 with contextlib.suppress(asyncio.CancelledError):
                     await client.task
         await context.close()
+
+
+async def test_http_api_jobs_appear_under_their_token_label(
+    browser: Browser, bridge: tuple[BridgeApp, str]
+) -> None:
+    _app, base = bridge
+    context, page = await _login(browser, base)
+    await expect(page.locator("#api-jobs")).to_have_text("No HTTP API jobs.", timeout=5000)
+
+    photo = (
+        "data:image/jpeg;base64," + base64.b64encode((IMAGES / "chelsea.jpg").read_bytes()).decode()
+    )
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key=CLIENT_TOKEN, max_retries=0)
+    try:
+        answer = await client.chat.completions.create(
+            model="fake",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": photo}},
+                    ],
+                }
+            ],
+        )
+    finally:
+        await client.close()
+    row = page.locator("#api-jobs tr", has_text=answer.id)
+    await expect(row).to_be_visible(timeout=3000)
+    cells = row.locator("td")
+    await expect(cells.nth(1)).to_have_text(token_label(CLIENT_TOKEN))
+    await expect(cells.nth(2)).to_have_text("http")
+    await expect(cells.nth(3)).to_have_text("done")
+    await expect(page.locator("#api-live")).to_have_text("0 running")
+    assert CLIENT_TOKEN not in await page.content()
+    await context.close()

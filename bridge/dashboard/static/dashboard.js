@@ -249,6 +249,34 @@
     box.replaceChildren(...grants.flatMap((g) => [el("dt", "mono", g.token || "?"), el("dd", "", (g.patterns || []).join(", "))]));
   }
 
+  // The HTTP API's running and recently finished jobs, under the token's label (never the token).
+  function renderHttpJobs(http) {
+    const body = $("api-jobs");
+    if (!body || !http) return;
+    setText($("api-live"), `${fmtInt(http.live || 0)} running`);
+    const jobs = http.jobs || [];
+    if (!jobs.length) {
+      const td = el("td", "muted", "No HTTP API jobs.");
+      td.colSpan = 7;
+      const tr = el("tr");
+      tr.append(td);
+      body.replaceChildren(tr);
+      return;
+    }
+    body.replaceChildren(...jobs.map((j) => {
+      const tr = el("tr");
+      tr.dataset.job = j.id;
+      const duration = typeof j.duration_s === "number" ? fmtMs(j.duration_s * 1000) : "–";
+      tr.append(
+        el("td", "mono", j.id), el("td", "mono", j.token || "?"), el("td", "", j.origin || ""),
+        el("td", j.state === "running" ? "" : "code", j.state || ""),
+        el("td", "muted", `${fmtAge(j.age_s || 0)} ago`), el("td", "", duration),
+        el("td", "", fmtInt(j.chunks || 0)),
+      );
+      return tr;
+    }));
+  }
+
   function renderErrors(errors, now) {
     const list = $("errors");
     if (!errors || !errors.length) {
@@ -320,6 +348,7 @@
     renderEngine(data.engine);
     renderAdapters(data.adapters, now);
     renderGrants(data.grants);
+    renderHttpJobs(data.http);
     renderErrors(data.errors, now);
     renderTimeline(data.timeline, ((data.page || {}).counts || {}).all);
   }
