@@ -1,0 +1,92 @@
+"""Continuous batching on Qwen2.5-VL: per-row mrope positions match one-at-a-time ``generate``.
+
+The model is a random-weight, shrunken Qwen2.5-VL (bench/engine_gpu.py's ``SHRUNK``). Images of
+different sizes give each row a different rope delta, so a row decoding with another row's delta
+(the model's batch-wide ``rope_deltas``) would drift from its reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from engine.continuous import (
+    RunningBatch,
+    backbone_of,
+    choose_batching,
+    continuous_support,
+    mrope_positions,
+)
+from engine.model import Replica, RowResult, RowSpec
+from tests.engine.conftest import alone
+from tests.engine.qwen_fixtures import build_qwen_replica
+
+# (width, height) of each job's image and its prompt, in the tokenizer's word vocabulary.
+SIZES = [(224, 224), (448, 224), (224, 336), (280, 280), (336, 224), (224, 448)]
+PROMPTS = ["w5 w6", "w7", "w8 w9 w10 w11 w12 w13", "w14 w15 w16", "w17", "w18 w19 w20 w21"]
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory: pytest.TempPathFactory) -> Replica:
+    """The shrunken Qwen2.5-VL replica, built once for this module."""
+    return build_qwen_replica(tmp_path_factory.mktemp("qwen") / "model")
+
+
+def row(i: int, max_tokens: int) -> RowSpec:
+    """Job ``i``: a flat-colour image of its own size and a prompt of its own length."""
+    image = Image.new("RGB", SIZES[i % len(SIZES)], (40 * i % 256, 90, 200 - 20 * i))
+    return RowSpec(image, PROMPTS[i % len(PROMPTS)], max_tokens)
+
+
+def test_qwen_is_accepted_for_continuous_batching(qwen: Replica) -> None:
+    assert continuous_support(qwen.model, qwen.generation_config) is None
+    assert backbone_of(qwen.model) == "qwen2_5_vl_text"
+    assert choose_batching("auto", qwen) == ("continuous", None)
+
+
+def test_rows_have_their_own_rope_deltas(qwen: Replica) -> None:
+    specs = [row(i, 4) for i in range(3)]
+    inputs = qwen.encode([s.prompt for s in specs], [s.image for s in specs])
+    mask = inputs["attention_mask"].long()
+    positions, deltas = mrope_positions(qwen.model, inputs, mask)
+    assert positions.shape == (3, 3, mask.shape[1])
+    assert len(set(deltas.tolist())) == 3  # different image grids, different deltas
+    # A row's last prompt token sits at its real length - 1 + its delta on every axis.
+    for r in range(3):
+        last = int(mask[r].sum()) - 1 + int(deltas[r])
+        assert positions[:, r, -1].tolist() == [last] * 3
+
+
+def test_rows_joining_at_different_steps_match_generate_alone(qwen: Replica) -> None:
+    specs = [row(i, max_tokens=3 + 2 * i) for i in range(6)]
+    reference = [alone(qwen, s) for s in specs]
+    texts: dict[int, str] = {}
+    ends: dict[int, RowResult] = {}
+
+    def on_text(key: int, piece: str) -> None:
+        texts[key] = texts.get(key, "") + piece
+
+    def on_end(key: int, result: RowResult) -> None:
+        assert key not in ends, "a row ended twice"
+        ends[key] = result
+
+    batch = RunningBatch(qwen, on_text, on_end, lambda key: False)
+    with torch.inference_mode():
+        batch.admit([0, 1], specs[0:2])  # two prompts of different lengths together
+        batch.step()
+        batch.admit([2], specs[2:3])  # joins after the model cached another prefill's deltas
+        batch.step()
+        batch.step()
+        batch.admit([3, 4], specs[3:5])
+        waiting = [5]
+        while len(batch) or waiting:
+            if waiting and len(batch) <= 2:
+                key = waiting.pop(0)
+                batch.admit([key], specs[key : key + 1])
+            batch.step()
+    assert len({text for text, _ in reference}) == len(reference)  # real, distinct answers
+    for key, (text, result) in enumerate(reference):
+        assert len(text.split()) == result.completion_tokens  # one word per token: no blanks
+        assert (texts.get(key, ""), ends[key]) == (text, result), key
+    assert batch.cache_length == 0
