@@ -7,10 +7,15 @@ different sizes give each row a different rope delta, so a row decoding with ano
 
 from __future__ import annotations
 
+import asyncio
+import io
+from typing import Any
+
 import pytest
 import torch
 from PIL import Image
 
+from engine import Done, Engine, JobRequest
 from engine.continuous import (
     RunningBatch,
     backbone_of,
@@ -19,7 +24,7 @@ from engine.continuous import (
     mrope_positions,
 )
 from engine.model import Replica, RowResult, RowSpec
-from tests.engine.conftest import alone
+from tests.engine.conftest import alone, collect, make_config
 from tests.engine.qwen_fixtures import build_qwen_replica
 
 # (width, height) of each job's image and its prompt, in the tokenizer's word vocabulary.
@@ -90,3 +95,48 @@ def test_rows_joining_at_different_steps_match_generate_alone(qwen: Replica) -> 
         assert len(text.split()) == result.completion_tokens  # one word per token: no blanks
         assert (texts.get(key, ""), ends[key]) == (text, result), key
     assert batch.cache_length == 0
+
+
+async def test_engine_runs_qwen_continuously_with_the_same_answers(
+    qwen: Replica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the real engine (queue, scheduler, worker): continuous, and equal to alone."""
+    specs = [row(i, max_tokens=4 + 2 * i) for i in range(5)]
+    reference = [alone(qwen, s)[0] for s in specs]
+    pngs = []
+    for s in specs:
+        buf = io.BytesIO()
+        s.image.save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+
+    def load(cls: Any, *args: Any, **kwargs: Any) -> Replica:
+        return qwen  # the Qwen processor itself cannot load here (no torchvision)
+
+    monkeypatch.setattr(Replica, "load", classmethod(load))
+    model = qwen.model
+    engine = Engine(
+        make_config(
+            "qwen-shrunk",
+            batching="auto",
+            max_batch=3,
+            batch_wait_ms=0,
+            max_new_tokens=16,
+            cache_ttl_s=0,
+        )
+    )
+    await engine.start()
+    try:
+        assert engine.batching == "continuous"
+        handles = [
+            engine.submit(JobRequest(f"q{i}", pngs[i], s.prompt, max_tokens=s.max_tokens))
+            for i, s in enumerate(specs)
+        ]
+        results = await asyncio.gather(*(collect(h) for h in handles))
+    finally:
+        await engine.stop()
+        qwen.model = model  # stop() drops the replica's model; the module fixture keeps it
+    for i, events in enumerate(results):
+        last = events[-1]
+        assert isinstance(last, Done), (i, last)
+        assert last.text == reference[i], i
+    assert engine.live_rows_per_step > 1.0  # rows really decoded side by side
