@@ -32,7 +32,7 @@ from engine.streamer import RowDecoder
 
 # Text backbones on which continuous batching is verified token for token against ``generate``
 # (tests/engine/test_continuous.py); ``batching="auto"`` turns it on only for these.
-KNOWN_GOOD_BACKBONES = frozenset({"llama", "qwen2_5_vl_text"})
+KNOWN_GOOD_BACKBONES = frozenset({"llama", "qwen2_5_vl_text", "qwen3_vl_text"})
 
 # Generation settings that make ``generate`` change logits in ways this loop does not reproduce.
 _LOGIT_SETTINGS = {

@@ -81,3 +81,58 @@ def build_qwen_replica(folder: Path) -> Replica:
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = QwenInputs(tokenizer, image_processor, int(model.config.image_token_id))
     return Replica("qwen-shrunk", str(model_dir), "cpu", torch.float32, model, processor)
+
+
+def build_qwen3_replica() -> Replica:
+    """A shrunken random-weight Qwen3-VL (interleaved mrope, deepstack) as a CPU replica.
+
+    Same tokenizer, chat template and special ids as the Qwen2.5-VL one; Qwen3-VL's vision
+    tower takes 16-pixel patches.
+    """
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    bench = load_bench()
+    text = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": bench.QWEN25_VL_3B["vocab_size"],
+        "rope_scaling": {
+            "rope_type": "default",
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+        "initializer_range": INITIALIZER_RANGE,
+        "tie_word_embeddings": True,
+    }
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "deepstack_visual_indexes": [1],
+        "num_position_embeddings": 144,
+        "initializer_range": INITIALIZER_RANGE,
+    }
+    ids = {k: bench.QWEN25_VL_3B[k] for k in ("image_token_id", "video_token_id")}
+    ids |= {k: bench.QWEN25_VL_3B[k] for k in ("vision_start_token_id", "vision_end_token_id")}
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = bench.QWEN25_VL_3B["eos_token_id"]
+    model.generation_config.pad_token_id = bench.PAD_TOKEN_ID
+    model.generation_config.do_sample = False
+    tokenizer = bench._tokenizer(text["vocab_size"])
+    tokenizer.chat_template = bench.CHAT_TEMPLATE
+    image_processor = Qwen2VLImageProcessorPil(  # type: ignore[no-untyped-call]
+        min_pixels=448 * 448 // 4, max_pixels=1024 * 1024, patch_size=16, merge_size=2
+    )
+    processor = QwenInputs(tokenizer, image_processor, ids["image_token_id"])
+    return Replica("qwen3-shrunk", "", "cpu", torch.float32, model, processor)

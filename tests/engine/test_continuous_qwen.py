@@ -25,7 +25,7 @@ from engine.continuous import (
 )
 from engine.model import Replica, RowResult, RowSpec
 from tests.engine.conftest import alone, collect, make_config
-from tests.engine.qwen_fixtures import build_qwen_replica
+from tests.engine.qwen_fixtures import build_qwen3_replica, build_qwen_replica
 
 # (width, height) of each job's image and its prompt, in the tokenizer's word vocabulary.
 SIZES = [(224, 224), (448, 224), (224, 336), (280, 280), (336, 224), (224, 448)]
@@ -36,6 +36,12 @@ PROMPTS = ["w5 w6", "w7", "w8 w9 w10 w11 w12 w13", "w14 w15 w16", "w17", "w18 w1
 def qwen(tmp_path_factory: pytest.TempPathFactory) -> Replica:
     """The shrunken Qwen2.5-VL replica, built once for this module."""
     return build_qwen_replica(tmp_path_factory.mktemp("qwen") / "model")
+
+
+@pytest.fixture(scope="module")
+def qwen3() -> Replica:
+    """The shrunken Qwen3-VL replica (interleaved mrope, deepstack), built once."""
+    return build_qwen3_replica()
 
 
 def row(i: int, max_tokens: int) -> RowSpec:
@@ -64,6 +70,17 @@ def test_rows_have_their_own_rope_deltas(qwen: Replica) -> None:
 
 
 def test_rows_joining_at_different_steps_match_generate_alone(qwen: Replica) -> None:
+    joining_matches_alone(qwen)
+
+
+def test_qwen3_rows_joining_at_different_steps_match_generate_alone(qwen3: Replica) -> None:
+    assert backbone_of(qwen3.model) == "qwen3_vl_text"
+    assert choose_batching("auto", qwen3) == ("continuous", None)
+    joining_matches_alone(qwen3)
+
+
+def joining_matches_alone(qwen: Replica) -> None:
+    """Six jobs joining a running batch at different steps answer as ``generate`` alone."""
     specs = [row(i, max_tokens=3 + 2 * i) for i in range(6)]
     reference = [alone(qwen, s) for s in specs]
     texts: dict[int, str] = {}
