@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from engine.model import Replica, RowResult, RowSpec
+from engine.mrope import mrope_positions, rope_index_of
 from engine.streamer import RowDecoder
 
 # Text backbones on which continuous batching is verified token for token against ``generate``
@@ -85,47 +86,6 @@ def continuous_support(model: Any, generation_config: Any) -> str | None:
         if getattr(generation_config, name, None) not in neutral:
             return f"generation setting {name} is not applied by the continuous loop"
     return None
-
-
-def rope_index_of(model: Any) -> Callable[..., Any] | None:
-    """The model's ``get_rope_index`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), or ``None``."""
-    for holder in (getattr(model, "model", None), model):
-        index = getattr(holder, "get_rope_index", None) if holder is not None else None
-        if callable(index):
-            return index  # type: ignore[no-any-return]
-    return None
-
-
-def mrope_positions(
-    model: Any, inputs: Any, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill positions ``(3, rows, length)`` and each row's rope delta ``(rows,)`` for mrope.
-
-    The delta is what a row's decode positions add to its real length (for an image, fewer
-    position ids than tokens). ``mm_token_type_ids`` is rebuilt from the placeholder ids when
-    the processor did not return it (older processors), as the model itself would need it.
-    """
-    index = rope_index_of(model)
-    assert index is not None
-    input_ids = inputs["input_ids"]
-    types = inputs.get("mm_token_type_ids")
-    if types is None:
-        types = torch.zeros_like(input_ids, dtype=torch.int)
-        for kind, attr in ((1, "image_token_id"), (2, "video_token_id")):
-            token = getattr(model.config, attr, None)
-            if token is not None:
-                types = types.masked_fill(input_ids == token, kind)
-    offered = {
-        "mm_token_type_ids": types,
-        "image_grid_thw": inputs.get("image_grid_thw"),
-        "video_grid_thw": inputs.get("video_grid_thw"),
-        "second_per_grid_ts": inputs.get("second_per_grid_ts"),
-        "attention_mask": mask,
-    }
-    params = inspect.signature(index).parameters
-    kwargs = {k: v for k, v in offered.items() if k in params and v is not None}
-    positions, deltas = index(input_ids, **kwargs)
-    return positions, deltas.reshape(-1).to(device=mask.device, dtype=torch.long)
 
 
 def cache_kwarg(model: Any) -> str:

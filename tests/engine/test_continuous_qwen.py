@@ -21,9 +21,9 @@ from engine.continuous import (
     backbone_of,
     choose_batching,
     continuous_support,
-    mrope_positions,
 )
 from engine.model import Replica, RowResult, RowSpec
+from engine.mrope import mrope_positions
 from tests.engine.conftest import alone, collect, make_config
 from tests.engine.qwen_fixtures import build_qwen3_replica, build_qwen_replica
 
