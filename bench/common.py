@@ -7,7 +7,9 @@ import logging
 import os
 import resource
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -72,3 +74,27 @@ async def delete_keys(redis_url: str, prefix: str) -> int:
     finally:
         await client.aclose()
     return removed
+
+
+async def best_of_alternating(
+    engines: dict[str, Any],
+    levels: list[int],
+    repeat: int,
+    run: Callable[[str, Any, int, int], Awaitable[dict[str, float]]],
+) -> tuple[dict[tuple[str, int], dict[str, float]], dict[tuple[str, int], float]]:
+    """The best (highest ``jobs_s``) of ``repeat`` runs per engine and level, and its live rows.
+
+    Engines alternate within each level, so load from other processes on a shared machine
+    penalises every mode alike. ``run(name, engine, concurrency, repetition)`` runs one level.
+    """
+    best: dict[tuple[str, int], dict[str, float]] = {}
+    live_rows: dict[tuple[str, int], float] = {}
+    for c in levels:
+        for rep in range(repeat):
+            for name, engine in engines.items():
+                engine.reset_stats()
+                result = await run(name, engine, c, rep)
+                if (name, c) not in best or result["jobs_s"] > best[(name, c)]["jobs_s"]:
+                    best[(name, c)] = result
+                    live_rows[(name, c)] = engine.live_rows_per_step
+    return best, live_rows

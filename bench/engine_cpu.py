@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import IMAGES
+from bench.common import IMAGES, best_of_alternating
 from engine import Done, Engine, EngineConfig, JobRequest
 
 PHOTOS = ["chelsea.jpg", "coffee.jpg", "rocket.jpg", "hubble.jpg", "astronaut.png"]
@@ -103,8 +103,6 @@ async def main() -> None:
             batching=batching,  # type: ignore[arg-type]
         )
 
-    results: dict[tuple[str, int], dict[str, float]] = {}
-    live_rows: dict[tuple[str, int], float] = {}
     engines = {"sequential": Engine(config(1, "static"))}
     for mode in modes:
         engines[mode] = Engine(config(args.max_batch, mode))
@@ -114,19 +112,13 @@ async def main() -> None:
         if engines[mode].batching != mode:
             raise SystemExit(f"the tiny model does not run {mode!r} batching")
     try:
-        # Modes alternate within each level and the best of ``--repeat`` runs is kept, so load
-        # from other processes on a shared machine penalises every mode alike.
-        for c in levels:
-            for rep in range(args.repeat):
-                for mode, engine in engines.items():
-                    engine.reset_stats()
-                    run = await run_level(
-                        engine, images, args.jobs, c, args.max_tokens, f"{mode}{c}.{rep}"
-                    )
-                    best = results.get((mode, c))
-                    if best is None or run["jobs_s"] > best["jobs_s"]:
-                        results[(mode, c)] = run
-                        live_rows[(mode, c)] = engine.live_rows_per_step
+
+        async def level(mode: str, engine: Engine, c: int, rep: int) -> dict[str, float]:
+            return await run_level(
+                engine, images, args.jobs, c, args.max_tokens, f"{mode}{c}.{rep}"
+            )
+
+        results, live_rows = await best_of_alternating(engines, levels, args.repeat, level)
     finally:
         for engine in engines.values():
             await engine.stop()

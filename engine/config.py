@@ -38,7 +38,7 @@ class EngineConfig:
         ignore_eos: generate exactly ``max_tokens`` tokens (benchmarks with a fixed output length).
         batching: ``static`` (gather a batch, one ``generate`` until its last row ends),
             ``continuous`` (admit waiting jobs between decode steps, up to ``max_batch`` rows;
-            models that cannot support it, e.g. Qwen-VL, fall back to static) or ``auto``
+            models that cannot support it fall back to static) or ``auto``
             (continuous on text backbones verified with it, static elsewhere).
     """
 

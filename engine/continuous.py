@@ -7,9 +7,12 @@ steps. Rows of different lengths share the cache by left padding: the 2-D attent
 the padding and every row carries its own position ids, exactly as ``generate`` does for a
 left-padded batch, so greedy answers do not depend on when a row joined.
 
-It is architecture-neutral only for models whose forward takes plain 1-D position ids and whose
-cache is a stack of ordinary ``DynamicLayer`` s; :func:`continuous_support` says whether a model
-qualifies (Qwen-VL's multimodal rope keeps per-call state on the model and does not).
+It is architecture-neutral for models whose forward takes plain 1-D position ids and whose cache
+is a stack of ordinary ``DynamicLayer`` s. Qwen-VL's multimodal rope (mrope) is carried per row:
+each row's 3-D positions and its rope delta come from the model's ``get_rope_index`` at the row's
+own prefill, and every decode step passes explicit ``(3, rows, 1)`` positions (the row's real
+length plus its delta), so the model's batch-wide ``rope_deltas`` attribute is never relied on.
+:func:`continuous_support` says whether a model qualifies.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from engine.model import Replica, RowResult, RowSpec
+from engine.mrope import mrope_positions, rope_index_of
 from engine.streamer import RowDecoder
 
 # Text backbones on which continuous batching is verified token for token against ``generate``
 # (tests/engine/test_continuous.py); ``batching="auto"`` turns it on only for these.
-KNOWN_GOOD_BACKBONES = frozenset({"llama"})
+KNOWN_GOOD_BACKBONES = frozenset({"llama", "qwen2_5_vl_text", "qwen3_vl_text"})
 
 # Generation settings that make ``generate`` change logits in ways this loop does not reproduce.
 _LOGIT_SETTINGS = {
@@ -51,24 +55,27 @@ _LOGIT_SETTINGS = {
 def continuous_support(model: Any, generation_config: Any) -> str | None:
     """Why ``model`` cannot run continuous batching, or ``None`` when it can.
 
-    Refused: models keeping position state on the model between calls (Qwen-VL's
-    ``rope_deltas`` / ``get_rope_index``), multi-axis rope, encoder-decoders, caches that are
-    not plain dynamic layers (sliding window, linear attention), and generation settings that
-    alter logits (repetition penalty, n-gram bans, ...), which this greedy loop does not apply.
+    Refused: models keeping position state between calls that this loop cannot compute per
+    row (``rope_deltas`` or mrope without a ``get_rope_index``), encoder-decoders, caches that
+    are not plain dynamic layers (sliding window, linear attention), and generation settings
+    that alter logits (repetition penalty, n-gram bans, ...), which this greedy loop does not
+    apply.
     """
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder models are not supported"
+    has_index = rope_index_of(model) is not None
     for holder in (model, getattr(model, "model", None)):
-        if holder is None:
-            continue
-        if hasattr(holder, "rope_deltas") or hasattr(holder, "get_rope_index"):
+        if holder is not None and hasattr(holder, "rope_deltas") and not has_index:
             return "the model keeps multimodal rope state between calls (rope_deltas)"
     text = config.get_text_config(decoder=True)
     for attr in ("rope_scaling", "rope_parameters"):
         rope = getattr(text, attr, None)
-        if isinstance(rope, dict) and ("mrope_section" in rope or rope.get("type") == "mrope"):
-            return "the model uses multi-axis (mrope) positions"
+        is_mrope = isinstance(rope, dict) and (
+            "mrope_section" in rope or rope.get("type") == "mrope"
+        )
+        if is_mrope and not has_index:
+            return "the model uses multi-axis (mrope) positions without a get_rope_index"
     try:
         layers = DynamicCache(config=config).layers
     except Exception as exc:  # an exotic config the cache cannot even describe
@@ -134,10 +141,12 @@ class RunningBatch:
         self._on_end = on_end
         self._should_stop = should_stop
         self._cache_kwarg = cache_kwarg(replica.model)
+        self._mrope = rope_index_of(replica.model) is not None
         self._rows: list[_Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cache length], 1 = real token
         self._positions: torch.Tensor | None = None  # [rows], position of the next input
+        self._deltas: torch.Tensor | None = None  # [rows], mrope delta added to positions
         self._next: torch.Tensor | None = None  # [rows], the token to feed at the next step
         self.steps = 0
 
@@ -165,7 +174,7 @@ class RunningBatch:
         """Drop every row and the cache without ending rows (after an out-of-memory error)."""
         self._rows = []
         self._cache = None
-        self._mask = self._positions = self._next = None
+        self._mask = self._positions = self._next = self._deltas = None
 
     def admit(self, keys: Sequence[int], specs: Sequence[RowSpec]) -> None:
         """Prefill ``specs`` (images through the processor and the model) and merge them in.
@@ -180,17 +189,21 @@ class RunningBatch:
         mask = inputs["attention_mask"].long()
         # As generate does for a left-padded batch: count real tokens, padding at position 0.
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        deltas = torch.zeros_like(positions[:, 0])
+        prefill_positions = positions
+        if self._mrope:
+            prefill_positions, deltas = mrope_positions(replica.model, inputs, mask)
         cache = DynamicCache()
         out = replica.model(
             **inputs,
             **{self._cache_kwarg: cache},
-            position_ids=positions,
+            position_ids=prefill_positions,
             use_cache=True,
             logits_to_keep=1,
         )
         first = out.logits[:, -1, :].argmax(dim=-1)
         del out
-        self._merge(cache, mask, positions[:, -1] + 1, first)
+        self._merge(cache, mask, positions[:, -1] + 1, deltas, first)
         prompt_tokens = [int(n) for n in mask.sum(dim=1).tolist()]
         new_rows = [
             _Row(key, spec.max_tokens, count, RowDecoder(replica.decode))
@@ -205,15 +218,21 @@ class RunningBatch:
             return
         assert self._cache is not None and self._mask is not None
         assert self._positions is not None and self._next is not None
+        assert self._deltas is not None
         replica = self._replica
         if replica.step_fault_hook is not None:
             replica.step_fault_hook(len(self._rows))
         ones = torch.ones_like(self._mask[:, :1])
         mask = torch.cat([self._mask, ones], dim=1)
+        step_positions = self._positions[:, None]
+        if self._mrope:
+            # Explicit per-row positions: the model's cached rope_deltas belong to the last
+            # prefill only, not to the rows decoding now.
+            step_positions = (step_positions + self._deltas[:, None])[None].expand(3, -1, -1)
         out = replica.model(
             input_ids=self._next[:, None],
             attention_mask=mask,
-            position_ids=self._positions[:, None],
+            position_ids=step_positions,
             use_cache=True,
             **{self._cache_kwarg: self._cache},
             logits_to_keep=1,
@@ -272,6 +291,7 @@ class RunningBatch:
         cache: DynamicCache,
         mask: torch.Tensor,
         positions: torch.Tensor,
+        deltas: torch.Tensor,
         first: torch.Tensor,
     ) -> None:
         """Append prefilled rows to the running batch, left-padding whichever side is shorter.
@@ -282,9 +302,10 @@ class RunningBatch:
         new_layers = _states(cache)
         if self._cache is None or self._mask is None:
             layers, merged_mask = new_layers, mask
-            merged_pos, merged_next = positions, first
+            merged_pos, merged_next, merged_deltas = positions, first, deltas
         else:
             assert self._positions is not None and self._next is not None
+            assert self._deltas is not None
             width = max(self._mask.shape[1], mask.shape[1])
             old_layers = _states(self._cache)
             layers = [
@@ -299,10 +320,12 @@ class RunningBatch:
             )
             merged_pos = torch.cat([self._positions, positions])
             merged_next = torch.cat([self._next, first])
+            merged_deltas = torch.cat([self._deltas, deltas])
         self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask = merged_mask
         self._positions = merged_pos
         self._next = merged_next
+        self._deltas = merged_deltas
 
     def _drop(self, indices: list[int]) -> None:
         """Remove rows ``indices`` and the cache columns no remaining row needs."""
@@ -316,6 +339,7 @@ class RunningBatch:
             return
         assert self._cache is not None and self._mask is not None
         assert self._positions is not None and self._next is not None
+        assert self._deltas is not None
         index = torch.tensor(keep, device=self._mask.device)
         mask = self._mask.index_select(0, index)
         # Leading columns that are padding for every remaining row are dead weight: trim them.
@@ -329,6 +353,7 @@ class RunningBatch:
         self._mask = mask[:, start:]
         self._positions = self._positions.index_select(0, index)
         self._next = self._next.index_select(0, index)
+        self._deltas = self._deltas.index_select(0, index)
 
 
 def _states(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

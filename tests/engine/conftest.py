@@ -10,6 +10,7 @@ import pytest
 
 from engine import Engine, EngineConfig
 from engine.job import Handle
+from engine.model import Replica, RowResult, RowSpec
 from engine.tiny import ensure_tiny_model
 from engine.types import JobEvent
 from tests.conftest import IMAGES
@@ -32,6 +33,19 @@ GOOD = [
 ]
 BAD = sorted(p.name for p in IMAGES.glob("bad_*"))
 WAIT = 60.0  # generous bound for anything real to happen on a loaded 2-core machine
+
+
+def alone(replica: Replica, row: RowSpec) -> tuple[str, RowResult]:
+    """The continuous-batching reference: ``row`` through ``generate`` on its own."""
+    pieces: list[str] = []
+    ends: list[RowResult] = []
+    replica.generate(
+        [row],
+        on_text=lambda i, t: pieces.append(t),
+        on_end=lambda i, r: ends.append(r),
+        should_stop=lambda i: False,
+    )
+    return "".join(pieces), ends[0]
 
 
 def image(name: str) -> bytes:

@@ -25,7 +25,7 @@ from engine.continuous import RunningBatch, cache_kwarg, choose_batching, contin
 from engine.images import ImageLimits, load_image
 from engine.model import Replica, RowResult, RowSpec
 from engine.types import Delta, Done, Failed
-from tests.engine.conftest import WAIT, collect, image
+from tests.engine.conftest import WAIT, alone, collect, image
 
 Factory = Callable[..., Coroutine[Any, Any, Engine]]
 # Photos of very different sizes and aspect ratios, prompts of different lengths.
@@ -58,19 +58,6 @@ def spec(replica: Replica, request: JobRequest) -> RowSpec:
         min_short_edge=replica.min_short_edge,
     )
     return RowSpec(load_image(request.image, limits), request.prompt, request.max_tokens or 24)
-
-
-def alone(replica: Replica, row: RowSpec) -> tuple[str, RowResult]:
-    """The reference: this row through ``generate`` on its own."""
-    pieces: list[str] = []
-    ends: list[RowResult] = []
-    replica.generate(
-        [row],
-        on_text=lambda i, t: pieces.append(t),
-        on_end=lambda i, r: ends.append(r),
-        should_stop=lambda i: False,
-    )
-    return "".join(pieces), ends[0]
 
 
 class Recorder:
@@ -172,11 +159,18 @@ def test_support_is_refused_for_per_call_rope_state(replica: Replica) -> None:
         },
     )
     qwen = Qwen2_5_VLForConditionalGeneration(config)
-    reason = continuous_support(qwen, qwen.generation_config)
-    assert reason is not None and "rope" in reason
-    stub: Any = SimpleNamespace(model=qwen, generation_config=qwen.generation_config)
-    mode, why = choose_batching("continuous", stub)
-    assert mode == "static" and why == reason
+    # Qwen-VL's rope state is carried per row (tests/engine/test_continuous_qwen.py) ...
+    assert continuous_support(qwen, qwen.generation_config) is None
+    # ... but a model keeping rope_deltas, or using mrope, without a get_rope_index is refused.
+    for holder in (
+        SimpleNamespace(config=qwen.config, rope_deltas=None),
+        SimpleNamespace(config=qwen.config),
+    ):
+        reason = continuous_support(holder, qwen.generation_config)
+        assert reason is not None and "rope" in reason
+        stub: Any = SimpleNamespace(model=holder, generation_config=qwen.generation_config)
+        mode, why = choose_batching("continuous", stub)
+        assert mode == "static" and why == reason
     penalised = SimpleNamespace(repetition_penalty=1.05)
     assert "repetition_penalty" in str(continuous_support(replica.model, penalised))
 

@@ -5,26 +5,14 @@ It checks the written folder (config, tokenizer ids, chat template) and generate
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "engine_gpu.py"
-
-
-def _load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("engine_gpu_bench", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.engine.qwen_fixtures import load_bench
 
 
 def test_real_config_shape() -> None:
-    bench = _load_bench()
+    bench = load_bench()
     config = bench.merged_config()
     assert config["hidden_size"] == 2048 and config["num_hidden_layers"] == 36
     assert config["vocab_size"] == 151936 and config["vision_config"]["depth"] == 32
@@ -34,7 +22,7 @@ def test_shrunken_model_builds_loads_and_generates(tmp_path: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
-    bench = _load_bench()
+    bench = load_bench()
     model_dir = bench.build_model(tmp_path / "qwen", overrides=bench.SHRUNK, dtype="float32")
     config = AutoConfig.from_pretrained(model_dir)
     assert config.model_type == "qwen2_5_vl" and config.image_token_id == 151655
@@ -62,7 +50,7 @@ def test_benchmark_path_runs_on_cpu_with_the_tiny_model() -> None:
     import argparse
     import asyncio
 
-    bench = _load_bench()
+    bench = load_bench()
     images = bench.photos()
     seq = asyncio.run(bench.throughput("tiny", images, 6, 3, 4, 1, "cpu", "float32"))
     bat = asyncio.run(bench.throughput("tiny", images, 6, 3, 4, 3, "cpu", "float32"))
