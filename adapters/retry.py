@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class Retryable(Exception):
@@ -58,3 +61,26 @@ def retrying(
         reraise=True,
         before_sleep=before_sleep,
     )
+
+
+async def call_with_retries(
+    call: Callable[[], Awaitable[T]],
+    *,
+    attempts: int,
+    base_s: float,
+    cap_s: float,
+    rng: random.Random,
+    sleep: Callable[[float], Awaitable[None]],
+    event: str,
+) -> T:
+    """Await ``call()`` under :func:`retrying`; the last :class:`Retryable` propagates.
+
+    Every platform client's call loop is this one, so retries behave the same on each.
+    """
+    policy = retrying(
+        attempts=attempts, base_s=base_s, cap_s=cap_s, rng=rng, sleep=sleep, event=event
+    )
+    async for attempt in policy:
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -22,7 +22,7 @@ import structlog
 from adapters.base import AdapterError
 from adapters.dingtalk.config import BOT_MESSAGE_TOPIC, DingTalkConfig
 from adapters.http import BodyTooLarge, HttpClient, HttpError, HttpRequest, HttpResponse
-from adapters.retry import Retryable, retrying
+from adapters.retry import Retryable, call_with_retries
 
 log = structlog.get_logger(__name__)
 
@@ -200,21 +200,18 @@ class DingTalkApi:
         name: str | None = None,
     ) -> HttpResponse:
         label = _name(url, name)
-        policy = retrying(
-            attempts=self._cfg.api_max_attempts,
-            base_s=self._cfg.api_backoff_base_s,
-            cap_s=self._cfg.api_backoff_max_s,
-            rng=self._rng,
-            sleep=self._sleep,
-            event="dingtalk.api_retry",
-        )
         try:
-            async for attempt in policy:
-                with attempt:
-                    return await self._once(method, url, body, auth, limit, label)
+            return await call_with_retries(
+                lambda: self._once(method, url, body, auth, limit, label),
+                attempts=self._cfg.api_max_attempts,
+                base_s=self._cfg.api_backoff_base_s,
+                cap_s=self._cfg.api_backoff_max_s,
+                rng=self._rng,
+                sleep=self._sleep,
+                event="dingtalk.api_retry",
+            )
         except Retryable as exc:
             raise self._permanent(f"{label}: gave up: {exc}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _once(
         self,

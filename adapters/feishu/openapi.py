@@ -22,7 +22,7 @@ import structlog
 from adapters.base import AdapterError
 from adapters.feishu.config import FeishuConfig
 from adapters.http import BodyTooLarge, HttpClient, HttpError, HttpRequest, HttpResponse
-from adapters.retry import Retryable, retrying
+from adapters.retry import Retryable, call_with_retries
 
 log = structlog.get_logger(__name__)
 
@@ -197,21 +197,18 @@ class OpenApiClient:
         auth: bool = True,
         headers: Mapping[str, str] | None = None,
     ) -> HttpResponse:
-        policy = retrying(
-            attempts=self._cfg.api_max_attempts,
-            base_s=self._cfg.api_backoff_base_s,
-            cap_s=self._cfg.api_backoff_max_s,
-            rng=self._rng,
-            sleep=self._sleep,
-            event="feishu.api_retry",
-        )
         try:
-            async for attempt in policy:
-                with attempt:
-                    return await self._once(method, path, json_body, params, auth, headers)
+            return await call_with_retries(
+                lambda: self._once(method, path, json_body, params, auth, headers),
+                attempts=self._cfg.api_max_attempts,
+                base_s=self._cfg.api_backoff_base_s,
+                cap_s=self._cfg.api_backoff_max_s,
+                rng=self._rng,
+                sleep=self._sleep,
+                event="feishu.api_retry",
+            )
         except Retryable as exc:
             raise self._permanent(f"{method} {_trim(path)}: gave up: {exc}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _once(
         self,

@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from adapters.base import AdapterError
 from adapters.http import BodyTooLarge, HttpClient, HttpError, HttpRequest, HttpResponse
+from adapters.retry import Retryable, call_with_retries
 from adapters.wecom.config import WeComConfig
 
 log = structlog.get_logger(__name__)
@@ -37,10 +37,6 @@ class WeComApiError(AdapterError):
         super().__init__(message)
         self.errcode = errcode
         self.http_status = http_status
-
-
-class _Retryable(Exception):
-    """A failure worth another try after the backoff."""
 
 
 class _TokenRejected(Exception):
@@ -161,21 +157,18 @@ class WeComApi:
         *,
         auth: bool,
     ) -> HttpResponse:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._cfg.api_max_attempts),
-            wait=self._wait,
-            retry=retry_if_exception_type(_Retryable),
-            sleep=self._sleep,
-            reraise=True,
-            before_sleep=_log_retry,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._once(method, path, params, body, auth)
-        except _Retryable as exc:
+            return await call_with_retries(
+                lambda: self._once(method, path, params, body, auth),
+                attempts=self._cfg.api_max_attempts,
+                base_s=self._cfg.api_backoff_base_s,
+                cap_s=self._cfg.api_backoff_max_s,
+                rng=self._rng,
+                sleep=self._sleep,
+                event="wecom.api_retry",
+            )
+        except Retryable as exc:
             raise self._permanent(f"{method} {path}: gave up: {exc}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _once(
         self,
@@ -203,13 +196,13 @@ class WeComApi:
         except BodyTooLarge:
             raise self._permanent(f"{method} {path}: answer larger than {limit} bytes") from None
         except HttpError as exc:
-            raise _Retryable(f"transport: {_no_query(str(exc))}") from None
+            raise Retryable(f"transport: {_no_query(str(exc))}") from None
         data = _json(resp)
         errcode = data.get("errcode", 0) if data is not None else 0
         if resp.status == 429 or errcode == ERR_RATE_LIMITED:
-            raise _Retryable("rate limited")
+            raise Retryable("rate limited")
         if resp.status >= 500:
-            raise _Retryable(f"http {resp.status}")
+            raise Retryable(f"http {resp.status}")
         if auth and errcode in TOKEN_ERRORS:
             raise _TokenRejected(token)
         if isinstance(errcode, int) and errcode != 0:
@@ -223,20 +216,10 @@ class WeComApi:
             raise self._permanent(f"{method} {path}: http {resp.status}", http_status=resp.status)
         return resp
 
-    def _wait(self, state: RetryCallState) -> float:
-        exponent: int = state.attempt_number - 1
-        ceiling = min(self._cfg.api_backoff_max_s, self._cfg.api_backoff_base_s * 2.0**exponent)
-        return float(ceiling * self._rng.uniform(0.5, 1.0))
-
     def _permanent(self, message: str, *, errcode: int = -1, http_status: int = 0) -> WeComApiError:
         self.permanent_errors += 1
         log.warning("wecom.api_error", error=message, errcode=errcode, http_status=http_status)
         return WeComApiError(message, errcode=errcode, http_status=http_status)
-
-
-def _log_retry(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome is not None else None
-    log.info("wecom.api_retry", attempt=state.attempt_number, reason=str(exc))
 
 
 def _json(resp: HttpResponse) -> dict[str, Any] | None:
