@@ -33,6 +33,7 @@ from bridge.fanout import ClusterFanout
 from bridge.health import Readiness, add_health_routes
 from bridge.heap import freeze_heap
 from bridge.hub import Hub, HubConfig
+from bridge.jobs.runner import JobRunner, JobSpec
 from bridge.logs import add_tap, remove_tap
 from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.observers import EngineMetrics
@@ -135,6 +136,8 @@ class BridgeApp:
             from bridge.cluster.redis_bus import RedisBus
 
             bus = RedisBus(self.store.url)
+        #: The one job runner: /ws sessions, IM messages and the HTTP API all run jobs on it.
+        self.jobs = JobRunner(self.engine, on_end=self._job_ended)
         self.hub = Hub(
             hub_config(settings),
             engine=self.engine,
@@ -142,6 +145,7 @@ class BridgeApp:
             metrics=self.metrics,
             bus=bus,
             node_id=node_id,
+            runner=self.jobs,
         )
         self._bus = bus
         self.fanout: ClusterFanout | None = None
@@ -168,6 +172,7 @@ class BridgeApp:
             sweep_s=max(0.5, settings.cluster_lease / 4),
             queue=queue,
             max_concurrency=max(4, 2 * settings.max_batch),
+            runner=self.jobs,
         )
         self.draining = False
         self.started_at = clock()
@@ -186,6 +191,10 @@ class BridgeApp:
         from bridge.platforms import build_adapters
 
         return build_adapters(self.settings, self.metrics, self.store)
+
+    def _job_ended(self, spec: JobSpec, outcome: str) -> None:
+        """Count a job's end by entry point and outcome (``bridge_jobs_total``)."""
+        self.metrics.jobs_by_origin.labels(origin=spec.origin, outcome=outcome).inc()
 
     def _build_web(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])

@@ -30,9 +30,10 @@ import structlog
 
 from bridge.cluster.eventlog import EventLog
 from bridge.cluster.eventlog_outbox import DEFAULT_MAX_ITEMS, Outbox
+from bridge.jobs.events import event_fields, event_from_fields
 from bridge.store.backoff import Backoff
 from bridge.store.checks import check_key
-from engine.types import Delta, Done, Failed, JobEvent, Queued, Started, Usage
+from engine.types import JobEvent, Started
 
 log = structlog.get_logger(__name__)
 
@@ -66,23 +67,12 @@ class FanoutMessage:
 
 
 def encode_event(topic: str, job_id: str, event: JobEvent, origin: Origin | None = None) -> bytes:
-    """One log entry: the topic, the job id, the event's fields and (optionally) the origin."""
+    """One log entry: the origin (optionally), the topic, the job id and the event's fields."""
     data: dict[str, Any] = {}
     if origin is not None:
         data.update(origin=origin.node, run=origin.run, seq=origin.seq)
-    data.update(topic=topic, id=job_id, kind=event.kind)
-    if isinstance(event, Queued):
-        data["position"] = event.position
-    elif isinstance(event, Delta):
-        data["text"] = event.text
-    elif isinstance(event, Done):
-        data.update(
-            text=event.text,
-            cached=event.cached,
-            usage=[event.usage.prompt_tokens, event.usage.completion_tokens],
-        )
-    elif isinstance(event, Failed):
-        data.update(code=event.code, message=event.message, retry_after=event.retry_after)
+    data.update(topic=topic, id=job_id)
+    data.update(event_fields(event))
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -99,23 +89,9 @@ def decode_message(payload: bytes) -> FanoutMessage:
     """
     try:
         data = json.loads(payload)
-        kind = data["kind"]
-        event: JobEvent
-        if kind == "queued":
-            event = Queued(int(data["position"]))
-        elif kind == "started":
-            event = Started()
-        elif kind == "delta":
-            event = Delta(str(data["text"]))
-        elif kind == "done":
-            prompt, completion = data["usage"]
-            event = Done(
-                str(data["text"]), Usage(int(prompt), int(completion)), bool(data["cached"])
-            )
-        elif kind == "error":
-            event = Failed(str(data["code"]), str(data["message"]), data.get("retry_after"))
-        else:
-            raise ValueError(f"unknown event kind {kind!r}")
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+        event = event_from_fields(data)
         origin = None
         if "origin" in data:
             seq = data["seq"]

@@ -152,8 +152,9 @@ class Metrics:
         self.ready = Gauge("bridge_ready", "1 when /readyz answers 200.", registry=r)
         self.jobs_by_origin = Counter(
             "bridge_jobs_total",
-            "Jobs that ended, by origin (http: the HTTP API) and outcome (done, cached, stopped "
-            "or the error code); every job also counts in bridge_engine_requests_total.",
+            "Jobs that ended, by origin (ws, http, analyze or the IM platform) and outcome "
+            "(done, cached, stopped or the error code); every job also counts in "
+            "bridge_engine_requests_total.",
             ["origin", "outcome"],
             registry=r,
         )

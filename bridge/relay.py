@@ -1,11 +1,11 @@
-"""The relay: IM messages in, engine jobs through, answers out to the chat and to hub subscribers.
+"""The relay: which IM messages need an answer, recorded durably before the platform's ack.
 
 Intake (:meth:`Relay.accept`) records a message durably and dedupes it before the platform gets
-its acknowledgement; processing runs afterwards and marks the inbox entry complete only when the
-chat has its answer. After a crash, :meth:`Relay.start` re-runs every entry still pending. A re-run
-never posts a second answer: the id of a posted reply card is kept in the store (``reply:<entry>``)
-and the re-run edits that card, and a sent text reply leaves a marker (``texted:<entry>``); the
-platform's reply idempotency key (derived from the message id) covers the moment in between.
+its acknowledgement; each accepted entry is then answered by :class:`bridge.jobs.im.ImAnswers` (a
+job on the shared job runner) and marked complete only when the chat has its answer. After a
+crash, :meth:`Relay.start` re-runs every entry still pending; with a cluster queue, the node with
+free capacity takes each entry and a dead node's entries are claimed by the others. A re-run
+never posts a second answer (see :mod:`bridge.jobs.im`).
 """
 
 from __future__ import annotations
@@ -15,49 +15,47 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
 
 import structlog
 
-from adapters.base import (
-    Adapter,
-    AdapterError,
-    ImageFetchError,
-    InboundMessage,
-    MessageFormatError,
-    ReplyStream,
-)
+from adapters.base import Adapter, InboundMessage, MessageFormatError
 from bridge.cluster import JobQueue, QueueEntry
+from bridge.jobs.im import (
+    BAD_IMAGE_REPLY,
+    DEFAULT_PROMPT,
+    FAILED_REPLY,
+    REPLY_KEY_TTL_S,
+    TEXT_ONLY_REPLY,
+    ImAnswers,
+    Publisher,
+)
+from bridge.jobs.runner import JobRunner
 from bridge.store import InboxEntry, Store, StoreUnavailable
-from engine.types import Delta, Done, EngineError, EngineLike, Failed, JobEvent, JobRequest
+from bridge.store.backoff import Backoff
+from engine.types import EngineLike
 
 log = structlog.get_logger(__name__)
 
 DEDUPE_TTL_S = 24 * 3600.0  # Feishu re-pushes up to 6 h later; keep keys well past that.
-DEFAULT_PROMPT = "Describe this image."
-TEXT_ONLY_REPLY = (
-    "Send me a photo (optionally with a question in the same post) and I will describe it."
-)
-BAD_IMAGE_REPLY = "Sorry, I could not read that image. Please send a JPEG, PNG, WebP or GIF photo."
-FAILED_REPLY = "Sorry, something went wrong while looking at your image. Please try again."
-BUSY_RETRY_S = 2.0
-# How long the store keeps a posted card's id (``reply:<entry>``) and the text-sent marker
-# (``texted:<entry>``): 8 days, past INBOX_DONE_RETENTION_S (7 days), the longest the bridge
-# remembers any message (redeliveries stop at 6 h, dedupe keys at 24 h). A pending entry recovered
-# up to 8 days after its reply was posted still edits that reply; nothing deletes these keys, so
-# they must expire on their own.
-REPLY_KEY_TTL_S = DEDUPE_TTL_S * 8
-MAX_ATTEMPTS = 8
 
-
-class Publisher(Protocol):
-    """Where the relay streams job events for WebSocket subscribers (the hub)."""
-
-    async def publish(self, topic: str, job_id: str, event: JobEvent) -> None: ...
+__all__ = [
+    "BAD_IMAGE_REPLY",
+    "DEDUPE_TTL_S",
+    "DEFAULT_PROMPT",
+    "FAILED_REPLY",
+    "REPLY_KEY_TTL_S",
+    "TEXT_ONLY_REPLY",
+    "Publisher",
+    "Relay",
+]
 
 
 class Relay:
-    """Turns accepted IM messages into engine jobs and streams the answers back."""
+    """Records IM messages, schedules their answers, and re-runs the ones a crash left pending.
+
+    Args:
+        runner: the bridge's job runner (a new one on ``engine`` when not given).
+    """
 
     def __init__(
         self,
@@ -71,10 +69,11 @@ class Relay:
         lease_s: float = 60.0,
         sweep_s: float = 15.0,
         queue: JobQueue | None = None,
+        runner: JobRunner | None = None,
     ) -> None:
         self._store = store
-        self._engine = engine
-        self._hub = hub
+        self.runner = runner or JobRunner(engine)
+        self._answers = ImAnswers(store, self.runner, hub)
         self._adapters = {a.platform: a for a in adapters}
         self._clock = clock
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -161,16 +160,16 @@ class Relay:
 
     async def _recover(self) -> None:
         """Run pending entries now, then (with a shared store) sweep for expired leases."""
-        delay = 0.5
+        backoff = _store_backoff()
         while not self._stopping:
             try:
                 await self._sweep()
             except StoreUnavailable as exc:
+                delay = backoff.next_delay()
                 log.warning("relay_recover_store_unavailable", error=str(exc), retry_s=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
                 continue
-            delay = 0.5
+            backoff.reset()
             if self._queue is None:
                 return  # one node: its own pending entries, once, at start
             await asyncio.sleep(self._sweep_s)
@@ -214,135 +213,19 @@ class Relay:
             if adapter is None:
                 log.error("relay_no_adapter", entry=entry.entry_id, platform=msg.platform)
                 return
-            delay = 1.0
-            image = _ImageOnce(adapter, msg)  # downloaded once for all attempts of this run
-            for attempt in range(1, MAX_ATTEMPTS + 1):
-                try:
-                    await self._answer(adapter, msg, entry.entry_id, image)
-                    await self._complete(entry.entry_id)
-                    return
-                except (AdapterError, StoreUnavailable, OSError) as exc:
-                    log.warning(
-                        "relay_attempt_failed",
-                        entry=entry.entry_id,
-                        attempt=attempt,
-                        error=str(exc),
-                        retry_s=delay,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 60.0)
-            log.error("relay_gave_up", entry=entry.entry_id, attempts=MAX_ATTEMPTS)
+            if await self._answers.answer(adapter, msg, entry.entry_id):
+                await self._complete(entry.entry_id)
 
     async def _complete(self, entry_id: str) -> None:
-        delay = 0.5
+        backoff = _store_backoff()
         while True:
             try:
                 await self._store.inbox_complete(entry_id)
                 return
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
+                delay = backoff.next_delay()
+                log.warning("relay_complete_store_unavailable", entry=entry_id, error=str(exc))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-
-    async def _answer(
-        self, adapter: Adapter, msg: InboundMessage, job_id: str, image_once: _ImageOnce
-    ) -> None:
-        """Answer ``msg`` in its chat and on the hub, posting at most one reply across re-runs.
-
-        ``job_id`` is the inbox entry id (``<platform>:<message id>``); it is also the engine job
-        id, the hub's event id and the key of what the store remembers about posted replies.
-        ``image_once`` holds the image downloaded by an earlier attempt of this run.
-        """
-        if not msg.images:
-            await self._send_text_once(adapter, msg, job_id, TEXT_ONLY_REPLY)
-            log.info("relay_text_only", job=job_id)
-            return
-        try:
-            image = await image_once.get()
-        except ImageFetchError as exc:
-            log.warning("relay_image_fetch_failed", job=job_id, error=str(exc))
-            opened = await self._store.get_value(_reply_key(job_id))
-            if opened is not None:  # an earlier run posted the card: the apology goes there
-                resumed = await adapter.open_reply(msg, existing_reply_id=opened)
-                await resumed.fail(BAD_IMAGE_REPLY)
-            else:
-                await self._send_text_once(adapter, msg, job_id, BAD_IMAGE_REPLY)
-            await self._hub.publish(msg.topic, job_id, Failed("bad_image", str(exc)))
-            return
-        prompt = msg.text.strip() or DEFAULT_PROMPT
-        handle = await self._submit(JobRequest(job_id=job_id, image=image, prompt=prompt))
-        try:
-            reply = await self._open_reply_once(adapter, msg, job_id)
-            so_far = ""
-            async for event in handle.events():
-                await self._publish(msg.topic, job_id, event)
-                if isinstance(event, Delta):
-                    so_far += event.text
-                    await reply.update(so_far)
-                elif isinstance(event, Done):
-                    await reply.finish(event.text)
-                    log.info("relay_answered", job=job_id, tokens=event.usage.completion_tokens)
-                elif isinstance(event, Failed):
-                    await reply.fail(BAD_IMAGE_REPLY if event.code == "bad_image" else FAILED_REPLY)
-                    log.info("relay_failed", job=job_id, code=event.code)
-        except BaseException:
-            handle.cancel()  # an abandoned attempt must not keep generating; a retry resubmits
-            raise
-
-    async def _open_reply_once(
-        self, adapter: Adapter, msg: InboundMessage, job_id: str
-    ) -> ReplyStream:
-        """Post the answer card and record its id, or resume the card an earlier run posted.
-
-        The platform's reply idempotency key alone is not enough: Feishu forgets a ``uuid`` after
-        an hour, so a job recovered after a longer outage would post a second card.
-
-        Raises:
-            StoreUnavailable: the id could not be read or recorded; ``_run`` retries the attempt.
-        """
-        key = _reply_key(job_id)
-        existing = await self._store.get_value(key)
-        if existing is not None:
-            log.info("relay_reply_resumed", job=job_id, reply_id=existing)
-            return await adapter.open_reply(msg, existing_reply_id=existing)
-        reply = await adapter.open_reply(msg)
-        # If this write fails, StoreUnavailable goes to _run's attempt loop and the retry posts
-        # again with the same uuid, which Feishu answers with this same card (within its hour), so
-        # the answer is not lost. What remains: a crash after Feishu's 200 and before this write,
-        # recovered more than an hour later, posts a second card.
-        await self._store.set_value(key, reply.reply_message_id, ttl_s=REPLY_KEY_TTL_S)
-        log.info("relay_reply_recorded", job=job_id, reply_id=reply.reply_message_id)
-        return reply
-
-    async def _send_text_once(
-        self, adapter: Adapter, msg: InboundMessage, job_id: str, text: str
-    ) -> None:
-        """Send a short text reply unless an earlier run of this entry already sent one.
-
-        Raises:
-            StoreUnavailable: the marker could not be read or written; ``_run`` retries (a resend
-                within Feishu's hour reuses the uuid; the same narrow window as for cards remains).
-        """
-        key = _texted_key(job_id)
-        if await self._store.get_value(key) is not None:
-            log.info("relay_text_already_sent", job=job_id)
-            return
-        await adapter.send_text_reply(msg, text)
-        await self._store.set_value(key, "1", ttl_s=REPLY_KEY_TTL_S)
-
-    async def _submit(self, request: JobRequest) -> Any:
-        while True:
-            try:
-                return self._engine.submit(request)
-            except EngineError as exc:
-                if exc.code != "busy" or self._stopping:
-                    raise AdapterError(f"engine refused the job: {exc.code}") from None
-                await asyncio.sleep(exc.retry_after or BUSY_RETRY_S)
-
-    async def _publish(self, topic: str, job_id: str, event: JobEvent) -> None:
-        try:
-            await self._hub.publish(topic, job_id, event)
-        except Exception as exc:  # a hub problem must never lose the chat's answer
-            log.error("relay_publish_failed", job=job_id, error=repr(exc))
 
     async def stop(self, grace_s: float) -> None:
         """Let running answers finish within ``grace_s``; the rest stay pending for next time."""
@@ -369,32 +252,10 @@ class Relay:
                 await self._queue.close()
 
 
-class _ImageOnce:
-    """A message's first image, downloaded on first use and kept for the retries of one run
-    (a retry after a store blip or a failed card update need not download it again; the
-    engine's vision cache then spares it the decode too). A failed download is not kept."""
-
-    def __init__(self, adapter: Adapter, msg: InboundMessage) -> None:
-        self._adapter = adapter
-        self._msg = msg
-        self._image: bytes | None = None
-
-    async def get(self) -> bytes:
-        """The image bytes (``ImageFetchError`` and transport errors propagate)."""
-        if self._image is None:
-            self._image = await self._adapter.fetch_image(self._msg, self._msg.images[0])
-        return self._image
-
-
 def _lease_key(entry_id: str) -> str:
     return f"run:{entry_id}"
 
 
-def _reply_key(entry_id: str) -> str:
-    """Store key of the reply card posted for an inbox entry (its platform message id)."""
-    return f"reply:{entry_id}"
-
-
-def _texted_key(entry_id: str) -> str:
-    """Store key marking that an inbox entry's one-off text reply was sent."""
-    return f"texted:{entry_id}"
+def _store_backoff() -> Backoff:
+    """Delays between tries of a store call the relay cannot do without (jittered, capped)."""
+    return Backoff(initial=0.5, cap=30.0)

@@ -1,4 +1,4 @@
-"""HTTP jobs: submitted through a :class:`JobSubmitter`, their SSE chunks kept for resume.
+"""HTTP jobs: admitted by a :class:`JobSubmitter`, run by the job runner, their SSE chunks kept.
 
 A job belongs to the token that started it, not to its HTTP connection: it runs on when the client
 drops, and every chunk it produced stays in its numbered log (seq 1, 2, 3, … with no gaps) so
@@ -9,6 +9,7 @@ follow the rest live. A finished job is kept for ``keep_s`` so a late resume sti
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,18 +19,9 @@ from typing import Any, Protocol
 import structlog
 
 from bridge.hub.inflight import InflightBudget
-from bridge.hub.jobs import finish_or_cancel
 from bridge.hub.submitlimit import SharedSubmitLimit
-from engine.types import (
-    TERMINAL_KINDS,
-    Done,
-    EngineError,
-    EngineLike,
-    Failed,
-    JobEvent,
-    JobHandle,
-    JobRequest,
-)
+from bridge.jobs.runner import Busy, EndJob, Job, JobRunner, JobSpec, finish_or_cancel
+from engine.types import TERMINAL_KINDS, EngineError, JobEvent, JobRequest
 
 log = structlog.get_logger(__name__)
 
@@ -38,41 +30,33 @@ Render = Callable[[JobEvent], list[str]]
 
 
 class JobSubmitter(Protocol):
-    """How the HTTP API hands a job to the engine; a later unified job pipeline replaces it.
+    """How the HTTP API admits a job before the job runner submits it to the engine.
 
-    ``submit`` applies the token's submit rate and the inflight memory budget, then submits;
-    it raises :class:`EngineError` (``rate_limited``, ``busy``, ``too_large``...) at once.
-    ``done_with`` releases what ``submit`` reserved for the job (called once, when it starts
-    or ends).
+    ``admit`` applies the token's submit rate and reserves the image in the inflight memory
+    budget; it raises :class:`EngineError` (``rate_limited``, ``busy``) at once. ``done_with``
+    gives back what ``admit`` reserved (called once, when the engine starts or ends the job, or
+    when the engine refuses it).
     """
 
-    async def submit(self, label: str, request: JobRequest) -> JobHandle: ...
+    async def admit(self, label: str, request: JobRequest) -> None: ...
 
     def done_with(self, request_bytes: int) -> None: ...
 
 
 class HubSubmitter:
-    """Submits like the hub does for a /ws session: the same cluster-wide per-token submit limit
-    (shared with /ws, so a token cannot double its rate over two APIs), the same inflight budget
-    for image bytes until the engine starts the job, the same engine."""
+    """Admits like the hub does for a /ws session: the same cluster-wide per-token submit limit
+    (shared with /ws, so a token cannot double its rate over two APIs) and the same inflight
+    budget for image bytes until the engine starts the job."""
 
-    def __init__(
-        self, engine: EngineLike, budget: InflightBudget, limit: SharedSubmitLimit
-    ) -> None:
-        self.engine = engine
+    def __init__(self, budget: InflightBudget, limit: SharedSubmitLimit) -> None:
         self.budget = budget
         self.limit = limit
 
-    async def submit(self, label: str, request: JobRequest) -> JobHandle:
+    async def admit(self, label: str, request: JobRequest) -> None:
         if not await self.limit.allow(label):
             raise EngineError("rate_limited", "too many submits for this token; retry in 1s", 1.0)
         if not self.budget.try_reserve(len(request.image)):
             raise EngineError("busy", "the server holds too many images now; retry soon", 1.0)
-        try:
-            return self.engine.submit(request)
-        except BaseException:
-            self.budget.release(len(request.image))
-            raise
 
     def done_with(self, request_bytes: int) -> None:
         self.budget.release(request_bytes)
@@ -85,12 +69,11 @@ class HttpJob:
     id: str
     owner: str
     origin: str
-    handle: JobHandle
     chunks: list[str] = field(default_factory=list)
     started_at: float = 0.0
     ended_at: float | None = None
     outcome: str | None = None
-    task: asyncio.Task[None] | None = None
+    run: Job | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -124,33 +107,32 @@ class HttpJob:
 
 
 class HttpJobs:
-    """The HTTP jobs of this node by id; runs each job's event task and forgets old ones.
+    """The HTTP entry point of the job pipeline: this node's HTTP jobs by id, each run by the
+    shared :class:`JobRunner` into its chunk log; old ones are forgotten.
 
     Args:
-        submitter: hands jobs to the engine.
+        submitter: admits jobs (rate limit, inflight budget).
+        runner: the bridge's job runner.
         keep_s: how long a finished job stays resumable.
         max_kept: bound on finished jobs kept (the oldest go first).
         clock: monotonic seconds.
-        on_end: called with each job and its outcome (``done``, ``cached``, ``stopped`` or the
-            error code) when it ends (metrics).
     """
 
     def __init__(
         self,
         submitter: JobSubmitter,
+        runner: JobRunner,
         *,
         keep_s: float = 600.0,
         max_kept: int = 1024,
         clock: Callable[[], float] = time.monotonic,
-        on_end: Callable[[HttpJob, str], None] | None = None,
     ) -> None:
         self.submitter = submitter
-        self.on_end = on_end
+        self.runner = runner
         self.keep_s = keep_s
         self.max_kept = max_kept
         self._clock = clock
         self._jobs: OrderedDict[str, HttpJob] = OrderedDict()
-        self.tasks: set[asyncio.Task[None]] = set()
 
     def get(self, job_id: str, owner: str) -> HttpJob | None:
         """The job ``job_id`` if the token labelled ``owner`` started it (else None)."""
@@ -172,7 +154,7 @@ class HttpJobs:
         first: list[str] | None = None,
         stop_when: Callable[[], bool] | None = None,
     ) -> HttpJob:
-        """Submit ``request`` and stream its rendered events into a new job's log.
+        """Admit and submit ``request`` and stream its rendered events into a new job's log.
 
         Args:
             first: payloads logged before any event (the opening chunk).
@@ -180,59 +162,35 @@ class HttpJobs:
                 cancels it in the engine.
 
         Raises:
-            EngineError: the submit was refused (rate, budget, queue, size).
+            EngineError: the job was refused (rate, budget, queue, size).
         """
         self._expire()
-        handle = await self.submitter.submit(owner, request)
-        job = HttpJob(job_id, owner, origin, handle, started_at=self._clock())
+        await self.submitter.admit(owner, request)
+        job = HttpJob(job_id, owner, origin, started_at=self._clock())
         job.add(list(first or ()))
-        task = asyncio.get_running_loop().create_task(
-            self._run(job, render, len(request.image), stop_when), name=f"http-job-{job_id}"
+        spec = JobSpec(
+            request=request,
+            origin=origin,
+            owner=owner,
+            sinks=(_LogSink(job, render, stop_when),),
+            busy=Busy.REFUSE,
+            held=len(request.image),
+            release=self.submitter.done_with,
+            on_end=functools.partial(self._ended, job),
         )
-        job.task = task
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        try:
+            job.run = self.runner.start(spec)
+        except BaseException:
+            self.submitter.done_with(spec.held)
+            raise
         self._jobs[job_id] = job
         log.info("http_job_submitted", job_id=job_id, token=owner, origin=origin)
         return job
 
-    async def _run(
-        self, job: HttpJob, render: Render, held: int, stop_when: Callable[[], bool] | None
-    ) -> None:
-        """Stream the engine's events into the log until the terminal one (or an early stop)."""
-        outcome = "internal"
-        try:
-            async for event in job.handle.events():
-                terminal = event.kind in TERMINAL_KINDS
-                if held and (terminal or event.kind == "started"):
-                    self.submitter.done_with(held)
-                    held = 0
-                job.add(render(event))
-                if isinstance(event, Done):
-                    outcome = "cached" if event.cached else "done"
-                elif isinstance(event, Failed):
-                    outcome = event.code
-                if terminal:
-                    break
-                if stop_when is not None and stop_when():
-                    outcome = "stopped"
-                    job.handle.cancel()
-                    break
-        except asyncio.CancelledError:
-            job.handle.cancel()
-            job.add(render(Failed("internal", "the server stopped before the job finished")))
-            raise
-        except Exception:
-            log.exception("http_job_failed", job_id=job.id)
-            job.add(render(Failed("internal", "the job ended without a result")))
-        finally:
-            if held:
-                self.submitter.done_with(held)
-            job.outcome = outcome
-            job.end(self._clock())
-            log.info("http_job_ended", job_id=job.id, chunks=len(job.chunks), outcome=outcome)
-            if self.on_end is not None:
-                self.on_end(job, outcome)
+    def _ended(self, job: HttpJob, run: Job) -> None:
+        job.outcome = run.outcome or "internal"
+        job.end(self._clock())
+        log.info("http_job_ended", job_id=job.id, chunks=len(job.chunks), outcome=job.outcome)
 
     def board(self, limit: int = 50) -> dict[str, Any]:
         """The dashboard's view: the live count and the newest ``limit`` jobs (running ones
@@ -257,9 +215,9 @@ class HttpJobs:
     def cancel(self, job_id: str, owner: str) -> bool:
         """Cancel a running job of ``owner``; False if there is none (or it already ended)."""
         job = self.get(job_id, owner)
-        if job is None or job.ended:
+        if job is None or job.ended or job.run is None:
             return False
-        job.handle.cancel()
+        job.run.cancel()
         log.info("http_job_cancel", job_id=job_id, token=owner)
         return True
 
@@ -274,4 +232,23 @@ class HttpJobs:
 
     async def stop(self, timeout_s: float) -> None:
         """Let running jobs finish for up to ``timeout_s``, then cancel the rest."""
-        await finish_or_cancel(self.tasks, timeout_s)
+        tasks = {j.run.task for j in self._jobs.values() if j.run is not None and j.run.task}
+        await finish_or_cancel(tasks, timeout_s)
+
+
+@dataclass(slots=True)
+class _LogSink:
+    """Renders a job's events into its chunk log; a stop sequence ends the job early."""
+
+    job: HttpJob
+    render: Render
+    stop_when: Callable[[], bool] | None
+    required: bool = False
+
+    async def open(self) -> None:
+        return None
+
+    async def send(self, event: JobEvent) -> None:
+        self.job.add(self.render(event))
+        if self.stop_when is not None and event.kind not in TERMINAL_KINDS and self.stop_when():
+            raise EndJob("stopped")

@@ -22,6 +22,7 @@ from bridge.http.parse import ChatRequest, Limits, parse_chat
 from bridge.http.resume import KEEPALIVE_S, last_event_id, stream_headers, write_stream
 from bridge.hub.auth import TokenGate
 from bridge.hub.inflight import InflightBudget
+from bridge.jobs.runner import JobRunner
 from engine.types import EngineError, JobRequest
 
 log = structlog.get_logger(__name__)
@@ -52,11 +53,11 @@ class HttpApi:
     Args:
         cfg: the API's limits.
         gate: checks API keys (the hub's client tokens); ``label_of`` names a token safely.
-        submitter: hands jobs to the engine (rate limit and inflight budget included).
+        submitter: admits jobs (the token's submit rate and the inflight budget).
         budget: the process-wide inflight budget; a request body is reserved in it while read.
         model_ids: the served model ids now (the first is the default).
         ready: whether jobs can be accepted now (the model is loaded, not draining).
-        on_end: told each job's outcome when it ends (metrics).
+        runner: the bridge's job runner (which also counts every job's end in the metrics).
     """
 
     def __init__(
@@ -69,7 +70,7 @@ class HttpApi:
         budget: InflightBudget,
         model_ids: Callable[[], list[str]],
         ready: Callable[[], bool],
-        on_end: Callable[[HttpJob, str], None] | None = None,
+        runner: JobRunner,
     ) -> None:
         self.cfg = cfg
         self._gate = gate
@@ -77,7 +78,7 @@ class HttpApi:
         self._budget = budget
         self._model_ids = model_ids
         self._ready = ready
-        self.jobs = HttpJobs(submitter, on_end=on_end)
+        self.jobs = HttpJobs(submitter, runner)
         self._client: aiohttp.ClientSession | None = None
 
     def setup(self, app: web.Application) -> None:

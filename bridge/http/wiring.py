@@ -43,11 +43,9 @@ def build_http_api(app: BridgeApp, max_body_bytes: int) -> HttpApi:
         HttpApiConfig(limits, max_body_bytes, FETCH_TIMEOUT_S),
         gate=TokenGate(cfg),
         label_of=cfg.label_of,
-        submitter=HubSubmitter(app.engine, app.hub.inflight, limit),
+        submitter=HubSubmitter(app.hub.inflight, limit),
         budget=app.hub.inflight,
         model_ids=model_ids,
         ready=ready,
-        on_end=lambda job, outcome: app.metrics.jobs_by_origin.labels(
-            origin=job.origin, outcome=outcome
-        ).inc(),
+        runner=app.jobs,
     )

@@ -17,7 +17,7 @@ from bridge.hub import protocol as p
 from bridge.hub.config import HubConfig
 from bridge.hub.connection import Phase
 from bridge.hub.inflight import RETRY_AFTER_S, Refused
-from bridge.hub.jobs import JobRunner
+from bridge.hub.jobs import SessionJobs
 from bridge.hub.liveness import Liveness
 from bridge.hub.persist import WriteBehind
 from bridge.hub.registry import SessionRegistry
@@ -80,7 +80,7 @@ class FrameHandler:
         *,
         liveness: Liveness,
         resumer: Resumer,
-        jobs: JobRunner,
+        jobs: SessionJobs,
         registry: SessionRegistry,
         writes: WriteBehind,
         shared_limit: SharedSubmitLimit,

@@ -29,7 +29,7 @@ from bridge.hub.frames import FrameHandler, FrameMeter
 from bridge.hub.heartbeat import WheelTimer
 from bridge.hub.inflight import InflightBudget
 from bridge.hub.info import ConnectionInfo, connection_info
-from bridge.hub.jobs import JobRunner
+from bridge.hub.jobs import SessionJobs
 from bridge.hub.liveness import Liveness
 from bridge.hub.maintenance import maintain
 from bridge.hub.moves import SessionMoves
@@ -40,6 +40,7 @@ from bridge.hub.resume import MAX_SEQ_AHEAD, Resumer
 from bridge.hub.session import Session
 from bridge.hub.submitlimit import SharedSubmitLimit
 from bridge.hub.ws import Connection, HubWebSocket
+from bridge.jobs.runner import JobRunner
 from bridge.metrics import Metrics
 from bridge.store.base import Store
 from engine.types import EngineLike, JobEvent
@@ -64,6 +65,8 @@ class Hub:
             job events, see :mod:`bridge.hub.moves`). None keeps the single-node behaviour.
         node_id: this node's id in the cluster, unique and stable across restarts where possible
             (a random one when not given).
+        runner: the bridge's job runner, shared with its other entry points (a new one on
+            ``engine`` when not given).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class Hub:
         wall: Callable[[], float] = time.time,
         bus: Bus | None = None,
         node_id: str | None = None,
+        runner: JobRunner | None = None,
     ) -> None:
         self.cfg = cfg
         self.engine = engine
@@ -88,7 +92,8 @@ class Hub:
         self._conns: dict[str, Connection] = {}
         #: Bytes of inbound frames held now, over every connection (``--max-inflight-bytes``).
         self.inflight = InflightBudget(cfg.max_inflight_bytes)
-        self._jobs = JobRunner(engine, cfg.max_image_bytes, self._emit, budget=self.inflight)
+        self.runner = runner or JobRunner(engine)
+        self._jobs = SessionJobs(self.runner, cfg.max_image_bytes, self._emit, budget=self.inflight)
         self.node_id = node_id or "n-" + secrets.token_hex(6)
         cluster_id = self.node_id if bus is not None else None
         self._writes = WriteBehind(store, cfg.session_ttl_s, wall, cluster_id)
@@ -195,9 +200,9 @@ class Hub:
             await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - self._clock()))
         left = deadline - self._clock()
         if drain is None:
-            await self._jobs.stop(left)
+            await self.runner.stop(left)
         else:
-            await asyncio.gather(self._jobs.stop(left), drain(max(0.0, left)))
+            await asyncio.gather(self.runner.stop(left), drain(max(0.0, left)))
         if self._moves is not None:
             # After the jobs, so their last events forwarded to moved sessions go out too.
             await self._moves.stop(min(2.0, deadline - self._clock()))

@@ -22,11 +22,11 @@ import structlog
 from bridge.cluster.bus import Bus
 from bridge.hub.config import HubConfig
 from bridge.hub.handoff import Answer, CancelRequest, Claim, Handoff
-from bridge.hub.jobs import Job
 from bridge.hub.orphans import IsLive, unsettled
 from bridge.hub.persist import STORE_TIMEOUT_S, WriteBehind
 from bridge.hub.registry import SessionRegistry
 from bridge.hub.session import Session
+from bridge.jobs.runner import Job
 
 log = structlog.get_logger(__name__)
 
@@ -212,11 +212,11 @@ class SessionMoves:
         if not jobs:
             return  # it runs elsewhere, or it has ended and its terminal event is on its way
         owner = req.owner.encode()  # bytes: a non-ASCII label from the bus must not raise
-        if not all(hmac.compare_digest(job.owner.encode(), owner) for job in jobs):
+        if not all(hmac.compare_digest(job.spec.owner.encode(), owner) for job in jobs):
             log.warning("hub_cancel_refused", session=req.session, job_id=req.job, node=req.node)
             return
         for job in jobs:
-            job.handle.cancel()
+            job.cancel()
         log.info("hub_job_cancel_remote", session=req.session, job_id=req.job, node=req.node)
 
     # --- forwarding ------------------------------------------------------------------------

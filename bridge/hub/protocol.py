@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+from bridge.jobs.events import event_fields
 from engine.sanitize import is_valid_text
-from engine.types import Delta, Done, Failed, JobEvent, Queued, Started
+from engine.types import JobEvent
 
 # Close codes (docs/protocol.md, with 4005, our documented extension for a session taken over).
 CLOSE_OPERATOR: Final = 4000
@@ -297,27 +298,11 @@ def ops(payload: dict[str, Any]) -> str:
 def event_tail(job_id: str, event: JobEvent, topic: str | None = None) -> str:
     """The part of an event frame after ``seq``, shared by every session the event goes to.
 
-    Building the tail once and prefixing each session's seq keeps fan-out to one JSON encode.
+    Building the tail once and prefixing each session's seq keeps fan-out to one JSON encode;
+    the event's fields come from the one job-event encoding (:mod:`bridge.jobs.events`).
     """
-    body: dict[str, Any] = {"id": job_id, "kind": event.kind}
-    if isinstance(event, Queued):
-        body["position"] = event.position
-    elif isinstance(event, Delta):
-        body["text"] = event.text
-    elif isinstance(event, Done):
-        body["text"] = event.text
-        body["usage"] = {
-            "prompt_tokens": event.usage.prompt_tokens,
-            "completion_tokens": event.usage.completion_tokens,
-        }
-        body["cached"] = event.cached
-    elif isinstance(event, Failed):
-        body["code"] = event.code
-        body["message"] = event.message
-        if event.retry_after is not None:
-            body["retry_after"] = event.retry_after
-    elif not isinstance(event, Started):  # pragma: no cover - exhaustive over JobEvent
-        raise TypeError(f"not a job event: {event!r}")
+    body: dict[str, Any] = {"id": job_id}
+    body.update(event_fields(event))
     if topic is not None:
         body["topic"] = topic
     return dumps(body)[1:]

@@ -234,9 +234,10 @@ class SessionRegistry:
     def drop(self, session: Session) -> None:
         """Forget an expired session: cancel its jobs and take it out of every index."""
         log.info("hub_session_expired", session=session.id)
-        for job in session.jobs.values():
-            job.handle.cancel()
-            job.task.cancel()
+        for job in list(session.jobs.values()):
+            job.cancel()
+            if job.task is not None:
+                job.task.cancel()
         for topic in session.topics:
             self._unindex(topic, session)
         self.sessions.pop(session.id, None)
