@@ -27,6 +27,7 @@ from aiohttp import web
 
 from adapters.base import Adapter
 from bridge.cluster import Bus, JobQueue
+from bridge.cluster.eventlog import EventLog
 from bridge.config import Settings
 from bridge.errors import error_response, json_errors
 from bridge.fanout import ClusterFanout
@@ -132,10 +133,19 @@ class BridgeApp:
         self.clustered = self.store.url.startswith(("redis://", "rediss://", "unix://"))
         node_id = f"{socket.gethostname()}:{settings.port}"
         bus: Bus | None = None
+        events: EventLog | None = None
+        queue: JobQueue | None = None
         if self.clustered:
             from bridge.cluster.redis_bus import RedisBus
+            from bridge.cluster.redis_eventlog import RedisEventLog
+            from bridge.cluster.redis_jobs import RedisJobQueue
 
             bus = RedisBus(self.store.url)
+            # Job events cross nodes on a Redis stream (ordered, resumable), not on the bus.
+            events = RedisEventLog(self.store.url, client_name=f"bridge-events:{node_id}")
+            queue = RedisJobQueue(
+                self.store.url, consumer=node_id, claim_idle_s=settings.cluster_lease
+            )
         #: The one job runner: /ws sessions, IM messages and the HTTP API all run jobs on it.
         self.jobs = JobRunner(self.engine, on_end=self._job_ended)
         self.hub = Hub(
@@ -144,24 +154,14 @@ class BridgeApp:
             store=self.store,
             metrics=self.metrics,
             bus=bus,
+            events=events,
             node_id=node_id,
             runner=self.jobs,
         )
         self._bus = bus
-        self.fanout: ClusterFanout | None = None
-        publisher: Publisher = self.hub
-        queue: JobQueue | None = None
-        if bus is not None:
-            from bridge.cluster.redis_eventlog import RedisEventLog
-            from bridge.cluster.redis_jobs import RedisJobQueue
-
-            # IM job events cross nodes on a Redis stream (ordered, resumable), not on the bus.
-            events = RedisEventLog(self.store.url, client_name=f"bridge-events:{node_id}")
-            self.fanout = ClusterFanout(events, self.hub, node_id)
-            publisher = self.fanout
-            queue = RedisJobQueue(
-                self.store.url, consumer=node_id, claim_idle_s=settings.cluster_lease
-            )
+        #: The cluster's event fan-out (the hub starts and stops it); None on a single node.
+        self.fanout: ClusterFanout | None = self.hub.fanout
+        publisher: Publisher = self.fanout or self.hub
         self.relay = Relay(
             self.store,
             self.engine,
@@ -307,8 +307,6 @@ class BridgeApp:
                 sock.close()
             raise
         await self.hub.start()
-        if self.fanout is not None:
-            await self.fanout.start()
         add_tap(self.ops.errors.processor)
         self.ops.chart.start(self.ops.count_connections)
         self._runner = web.AppRunner(self.web, handle_signals=False, access_log=None)
@@ -374,8 +372,6 @@ class BridgeApp:
         await self.http_api.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         with contextlib.suppress(Exception):
             await self.engine.stop(grace_s=max(0.0, deadline - asyncio.get_running_loop().time()))
-        if self.fanout is not None:
-            await self.fanout.stop()
         if self._bus is not None:
             with contextlib.suppress(Exception):
                 await self._bus.close()

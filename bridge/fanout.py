@@ -47,6 +47,62 @@ class LocalHub(Protocol):
     async def publish(self, topic: str, job_id: str, event: JobEvent) -> None: ...
 
 
+class SessionEntries(Protocol):
+    """Where the fan-out hands the entries addressed to sessions (the hub's session moves)."""
+
+    def logged_event(self, entry_id: str, session_id: str, tail: str) -> None:
+        """An event of a job whose session moved (any node's, this node's too)."""
+        ...
+
+    def logged_cancel(self, session_id: str, job_id: str, owner: str, node: str) -> None:
+        """Another node's client cancelled a job of its session that may run here."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEntry:
+    """A decoded session entry: an event ``tail`` for a session, or a cancel of ``job``."""
+
+    session: str
+    origin: Origin
+    tail: str | None = None
+    job: str | None = None
+    owner: str | None = None
+
+
+def encode_session_entry(origin: Origin, session: str, **fields: str) -> bytes:
+    """A session entry: ``sid`` first (never mistaken for one of this node's own topic events),
+    then ``tail`` (an event) or ``cancel`` and ``owner`` (a cancel), then the origin."""
+    data: dict[str, Any] = {"sid": session, **fields}
+    data.update(origin=origin.node, run=origin.run, sseq=origin.seq)
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def decode_session_entry(data: dict[str, Any]) -> SessionEntry:
+    """The inverse of :func:`encode_session_entry` on the decoded JSON object.
+
+    Raises:
+        ValueError: not a session entry.
+    """
+    seq = data.get("sseq")
+    if isinstance(seq, bool) or not isinstance(seq, int):
+        raise ValueError("sseq must be an integer")
+    values = [data.get(k) for k in ("sid", "origin", "run")]
+    if not all(isinstance(v, str) and v for v in values):
+        raise ValueError("sid, origin and run must be strings")
+    session, node, run = (str(v) for v in values)
+    origin = Origin(node, run, seq)
+    if "tail" in data:
+        tail = data["tail"]
+        if not isinstance(tail, str) or not tail.endswith("}"):
+            raise ValueError("bad tail")
+        return SessionEntry(session, origin, tail=tail)
+    job, owner = data.get("cancel"), data.get("owner")
+    if not isinstance(job, str) or not isinstance(owner, str):
+        raise ValueError("a session entry needs a tail or a cancel with its owner")
+    return SessionEntry(session, origin, job=job, owner=owner)
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where a payload comes from: the node, the process's run token and its sequence number."""
@@ -137,8 +193,14 @@ class ClusterFanout:
         max_outbox: int = DEFAULT_MAX_ITEMS,
         flush_timeout_s: float = 2.0,
         backoff: Backoff | None = None,
+        sessions: SessionEntries | None = None,
     ) -> None:
         self.node_id = check_key(node_id, "node_id")
+        self._sessions = sessions
+        #: The id of the last entry read (whatever it was): where this node's reading stands.
+        self.cursor: str | None = None
+        self._sseq = 0
+        self._last_sseq: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._logger = log.bind(node=self.node_id)
         self._events = events
         self._hub = hub
@@ -192,7 +254,31 @@ class ClusterFanout:
         except Exception as exc:
             self._logger.error("fanout_local_failed", job=job_id, error=repr(exc))
 
+    def publish_session(self, session_id: str, tail: str) -> bool:
+        """Queue an event of a job whose session moved away, for whichever node holds it
+        (this one too, if it comes back); False when it could not be queued (logged)."""
+        return self._put_session(session_id, tail=tail)
+
+    def publish_cancel(self, session_id: str, job_id: str, owner: str) -> bool:
+        """Queue a cancel of job ``job_id`` of a session for the node running it; False when it
+        could not be queued."""
+        return self._put_session(session_id, cancel=job_id, owner=owner)
+
+    def _put_session(self, session_id: str, **fields: str) -> bool:
+        try:
+            self._sseq += 1
+            origin = Origin(self.node_id, self._run, self._sseq)
+            self._outbox.put(encode_session_entry(origin, session_id, **fields))
+            return True
+        except Exception as exc:
+            self._logger.error("fanout_session_entry_failed", session=session_id, error=repr(exc))
+            return False
+
     def _received(self, entry_id: str, payload: bytes) -> None:
+        self.cursor = entry_id
+        if payload.startswith(b'{"sid":'):
+            self._session_entry(entry_id, payload)
+            return
         if payload.startswith(self._own_prefix):
             return
         try:
@@ -217,6 +303,31 @@ class ClusterFanout:
                 self._logger.error(
                     "fanout_forward_failed", entry_id=entry_id, job=msg.job_id, error=repr(exc)
                 )
+
+    def _session_entry(self, entry_id: str, payload: bytes) -> None:
+        """Hand a session entry over now, in log order (the hub's moves compare positions)."""
+        try:
+            data = json.loads(payload)
+            entry = decode_session_entry(data if isinstance(data, dict) else {})
+        except ValueError as exc:
+            self._logger.error("fanout_payload_malformed", entry_id=entry_id, error=str(exc))
+            return
+        origin = entry.origin
+        key = (origin.node, origin.run)
+        last = self._last_sseq.get(key)
+        if (last is not None and origin.seq <= last) or self._sessions is None:
+            return  # a repeat (an append retried after a partial failure)
+        self._last_sseq[key] = origin.seq
+        self._last_sseq.move_to_end(key)
+        if len(self._last_sseq) > MAX_ORIGINS:
+            self._last_sseq.popitem(last=False)
+        try:
+            if entry.tail is not None:
+                self._sessions.logged_event(entry_id, entry.session, entry.tail)
+            elif origin.node != self.node_id and entry.job is not None and entry.owner:
+                self._sessions.logged_cancel(entry.session, entry.job, entry.owner, origin.node)
+        except Exception as exc:  # one bad entry must not stop the reader
+            self._logger.error("fanout_session_entry_failed", entry_id=entry_id, error=repr(exc))
 
     def _is_new(self, entry_id: str, origin: Origin | None) -> bool:
         """False for this process's own events and for repeats; logs a jump in an origin's seq."""

@@ -1,13 +1,11 @@
-"""Moving a live session between nodes over the cluster bus: claims, releases, event forwarding.
+"""Moving a live session between nodes over the cluster bus: claims and their answers.
 
 A node that is asked to resume a session it does not hold broadcasts a *claim* on
 :data:`CLAIMS_CHANNEL`; the node holding the session closes its connection (4005), writes it to the
-store and answers *released* on the claimer's own channel. Events of jobs still running on the old
-node follow the session as *event* messages on the new holder's channel. The bus delivers at most
-once and in order per publisher, so every message of one node goes through one ordered outbox, and
-events that arrive while a claim is still loading the session are held for it. A client's
-``cancel`` for a job that runs on another node than the one holding its session travels as a
-*cancel* request on :data:`CLAIMS_CHANNEL` (the holder does not know which node runs the job).
+store and answers *released* on the claimer's own channel, with its last seq and its position in
+the cluster's event log. The events of jobs still running on the old node, and cancels of them, do
+not use the bus (at most once): they go through the event log (:mod:`bridge.hub.moves`). A lost
+claim or answer costs only the wait: the claimer then loads the session from the store.
 
 This module moves messages only; what a claim means for a session is the hub's business.
 """
@@ -19,27 +17,26 @@ import contextlib
 import json
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from bridge.cluster.bus import MAX_MESSAGE_BYTES, Bus, Subscription
+from bridge.cluster.bus import Bus, Subscription
+from bridge.cluster.eventlog import parse_entry_id
 from bridge.store.base import MAX_OPEN_JOBS
 
 log = structlog.get_logger(__name__)
 
 CLAIMS_CHANNEL = "hub:claims"
 NODE_CHANNEL = "hub:node:"
-#: Events held for one session while its claim is loading it (beyond: dropped and logged).
-MAX_HELD_EVENTS = 10_000
-#: Messages waiting to be published; beyond, the oldest forwarded events are lost (logged).
-MAX_OUTBOX = 100_000
+#: Messages waiting to be published; beyond, new ones are refused (logged).
+MAX_OUTBOX = 10_000
 MAX_ID_CHARS = 200
 
 
 def node_channel(node_id: str) -> str:
-    """The bus channel only ``node_id`` listens on (answers and forwarded events)."""
+    """The bus channel only ``node_id`` listens on (answers to its claims)."""
     return NODE_CHANNEL + node_id
 
 
@@ -63,7 +60,9 @@ class Answer:
 
     ``orphans`` (released only): open jobs of the session that are not running on the old holder
     either (it loaded them from the store after a crash and never ended them), so the claimer
-    ends them (:mod:`bridge.hub.orphans`). Every other open job still runs there.
+    ends them (:mod:`bridge.hub.orphans`). Every other open job still runs there. ``cursor``
+    (released only): the last event-log entry the holder had read when it let go; it applied
+    every logged event of the session up to there, the claimer applies the later ones.
     """
 
     kind: str
@@ -72,19 +71,7 @@ class Answer:
     req: str
     last_seq: int = 0
     orphans: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class CancelRequest:
-    """Node ``node`` asks whichever node runs job ``job`` of session ``session`` to cancel it.
-
-    ``owner`` is the label of the session's token: only the owner's client may stop its jobs.
-    """
-
-    session: str
-    job: str
-    owner: str
-    node: str
+    cursor: str | None = None
 
 
 @dataclass(slots=True)
@@ -92,8 +79,6 @@ class _Pending:
     req: str
     expect: str | None
     answer: asyncio.Future[Answer]
-    held: list[str] = field(default_factory=list)
-    dropped: int = 0
 
 
 def _id(value: Any) -> str:
@@ -102,12 +87,12 @@ def _id(value: Any) -> str:
     return value
 
 
-def decode(payload: bytes) -> Claim | Answer | CancelRequest | tuple[str, str]:
-    """One bus message: a :class:`Claim`, an :class:`Answer`, a :class:`CancelRequest`, or
-    ``(session, tail)`` of an event.
+def decode(payload: bytes) -> Claim | Answer:
+    """One bus message: a :class:`Claim` or an :class:`Answer`.
 
     Raises:
-        ValueError: the payload is not a handoff message.
+        ValueError: the payload is not a handoff message (events and cancels of older nodes
+            included: they now travel on the event log).
     """
     try:
         obj = json.loads(payload)
@@ -115,14 +100,6 @@ def decode(payload: bytes) -> Claim | Answer | CancelRequest | tuple[str, str]:
             raise ValueError("not an object")
         kind = obj.get("t")
         session = _id(obj.get("sid"))
-        if kind == "event":
-            tail = obj.get("tail")
-            if not isinstance(tail, str) or not tail.endswith("}"):
-                raise ValueError("bad tail")
-            return session, tail
-        if kind == "cancel":
-            job, owner = _id(obj.get("job")), _id(obj.get("owner"))
-            return CancelRequest(session, job, owner, _id(obj.get("node")))
         node, req = _id(obj.get("node")), _id(obj.get("req"))
         if kind == "claim":
             expect = obj.get("expect")
@@ -135,7 +112,11 @@ def decode(payload: bytes) -> Claim | Answer | CancelRequest | tuple[str, str]:
             orphans = obj.get("orphans", [])  # absent from nodes that predate it
             if not isinstance(orphans, list) or len(orphans) > MAX_OPEN_JOBS:
                 raise ValueError("bad orphans")
-            return Answer(kind, session, node, req, seq, tuple(_id(j) for j in orphans))
+            cursor = obj.get("cursor")
+            if cursor is not None:
+                parse_entry_id(_id(cursor))
+            jobs = tuple(_id(j) for j in orphans)
+            return Answer(kind, session, node, req, seq, jobs, cursor)
         raise ValueError(f"unknown kind {kind!r}")
     except (TypeError, ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"not a handoff message: {exc}") from None
@@ -143,6 +124,29 @@ def decode(payload: bytes) -> Claim | Answer | CancelRequest | tuple[str, str]:
 
 def _encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def answer_message(
+    node_id: str,
+    claim: Claim,
+    kind: str,
+    last_seq: int = 0,
+    orphans: Sequence[str] = (),
+    cursor: str | None = None,
+) -> bytes:
+    """The answer of node ``node_id`` to ``claim`` (see :class:`Answer`), as sent on the bus."""
+    msg: dict[str, Any] = {
+        "t": kind,
+        "sid": claim.session,
+        "node": node_id,
+        "req": claim.req,
+        "last_seq": last_seq,
+    }
+    if orphans:
+        msg["orphans"] = list(orphans)
+    if cursor is not None:
+        msg["cursor"] = cursor
+    return _encode(msg)
 
 
 class Handoff:
@@ -153,8 +157,6 @@ class Handoff:
         node_id: this node's id, unique in the cluster.
         timeout_s: how long a claim waits for the holder's answer before loading from the store.
         on_claim: called (synchronously) with every other node's claim.
-        on_event: called (synchronously) with a forwarded event no claim is waiting for.
-        on_cancel: called (synchronously) with every other node's cancel request.
     """
 
     def __init__(
@@ -164,21 +166,16 @@ class Handoff:
         timeout_s: float,
         *,
         on_claim: Callable[[Claim], None],
-        on_event: Callable[[str, str], None],
-        on_cancel: Callable[[CancelRequest], None],
     ) -> None:
         _id(node_id)
         self.bus = bus
         self.node_id = node_id
         self.timeout_s = timeout_s
         self._on_claim = on_claim
-        self._on_event = on_event
-        self._on_cancel = on_cancel
         self._pending: dict[str, _Pending] = {}
         self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(MAX_OUTBOX)
         self._subs: list[Subscription] = []
         self._sender: asyncio.Task[None] | None = None
-        self.forwarded = 0
         self.lost = 0
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -215,7 +212,7 @@ class Handoff:
 
         The claim is broadcast; it waits (at most ``timeout_s``: a dead holder never answers)
         only when ``wait`` is set and the expected holder is not this node. Until
-        :meth:`take_held` ends the claim, events of the session are held in order.
+        :meth:`end_claim` ends the claim, a second hello for the session shares it.
         """
         current = self._pending.get(session)
         if current is not None:  # a second hello for the same session: share the first claim
@@ -246,64 +243,32 @@ class Handoff:
                 return None
             raise
 
-    def hold(self, session: str, tail: str) -> bool:
-        """Keep an event of ``session`` for its claim in progress; False when none is.
+    def end_claim(self, session: str) -> None:
+        """Forget the claim on ``session`` (its answer came, or the wait is over)."""
+        self._pending.pop(session, None)
 
-        A job still running on this node while the session comes back to it must not go round
-        the other node: those events would overtake the ones already forwarded there.
-        """
-        pending = self._pending.get(session)
-        if pending is None:
-            return False
-        if len(pending.held) < MAX_HELD_EVENTS:
-            pending.held.append(tail)
-        else:
-            pending.dropped += 1
-        return True
-
-    def take_held(self, session: str) -> list[str]:
-        """End the claim on ``session``: the event tails held for it, in arrival order."""
-        pending = self._pending.pop(session, None)
-        if pending is None:
-            return []
-        if pending.dropped:
-            log.error("hub_handoff_events_dropped", session=session, dropped=pending.dropped)
-        return pending.held
-
-    # --- answering and forwarding ----------------------------------------------------------
+    # --- answering ---------------------------------------------------------------------------
     def answer(
-        self, claim: Claim, kind: str, last_seq: int = 0, orphans: Sequence[str] = ()
+        self,
+        claim: Claim,
+        kind: str,
+        last_seq: int = 0,
+        orphans: Sequence[str] = (),
+        cursor: str | None = None,
     ) -> None:
-        """Answer ``claim`` on the claimer's channel (after any event forwarded before it)."""
-        msg: dict[str, Any] = {
-            "t": kind,
-            "sid": claim.session,
-            "node": self.node_id,
-            "req": claim.req,
-            "last_seq": last_seq,
-        }
-        if orphans:
-            msg["orphans"] = list(orphans)
-        self._queue(node_channel(claim.node), _encode(msg))
+        """Answer ``claim`` on the claimer's channel."""
+        self.send_answer(
+            claim, answer_message(self.node_id, claim, kind, last_seq, orphans, cursor)
+        )
 
-    def cancel(self, session: str, job: str, owner: str) -> bool:
-        """Ask every other node to cancel job ``job`` of ``session`` if it runs there.
+    def send_answer(self, claim: Claim, payload: bytes) -> None:
+        """Send an answer made by :func:`answer_message` on the claimer's channel."""
+        self._queue(node_channel(claim.node), payload)
 
-        Broadcast, because only the node running a job knows it (the session's holder knows the
-        job is open, not where). False when the request could not even be queued.
-        """
-        msg = {"t": "cancel", "sid": session, "job": job, "owner": owner, "node": self.node_id}
-        return self._queue(CLAIMS_CHANNEL, _encode(msg))
-
-    def forward(self, node: str, session: str, tail: str) -> None:
-        """Send an event of ``session`` to ``node``, which now holds it and numbers it."""
-        payload = _encode({"t": "event", "sid": session, "tail": tail})
-        if len(payload) > MAX_MESSAGE_BYTES:
-            self.lost += 1
-            log.error("hub_handoff_event_too_large", session=session, bytes=len(payload))
-            return
-        self.forwarded += 1
-        self._queue(node_channel(node), payload)
+    def claim_req(self, session: str) -> str | None:
+        """The request id of this node's claim on ``session`` in progress (None: no claim)."""
+        pending = self._pending.get(session)
+        return None if pending is None else pending.req
 
     def _queue(self, channel: str, payload: bytes) -> bool:
         try:
@@ -337,23 +302,9 @@ class Handoff:
             if msg.node != self.node_id:
                 self._on_claim(msg)
             return
-        if isinstance(msg, CancelRequest):
-            if msg.node != self.node_id:
-                self._on_cancel(msg)
+        pending = self._pending.get(msg.session)
+        if pending is None or pending.req != msg.req or pending.answer.done():
             return
-        if isinstance(msg, Answer):
-            pending = self._pending.get(msg.session)
-            if pending is None or pending.req != msg.req or pending.answer.done():
-                return
-            if msg.kind == "absent" and msg.node != pending.expect:
-                return
-            pending.answer.set_result(msg)
+        if msg.kind == "absent" and msg.node != pending.expect:
             return
-        session, tail = msg
-        pending = self._pending.get(session)
-        if pending is None:
-            self._on_event(session, tail)
-        elif len(pending.held) < MAX_HELD_EVENTS:
-            pending.held.append(tail)
-        else:
-            pending.dropped += 1
+        pending.answer.set_result(msg)

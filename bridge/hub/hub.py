@@ -21,6 +21,8 @@ import structlog
 from aiohttp import web
 
 from bridge.cluster.bus import Bus
+from bridge.cluster.eventlog import EventLog
+from bridge.fanout import ClusterFanout
 from bridge.hub import protocol as p
 from bridge.hub.auth import TokenGate
 from bridge.hub.config import HubConfig
@@ -29,11 +31,10 @@ from bridge.hub.frames import FrameHandler, FrameMeter
 from bridge.hub.heartbeat import WheelTimer
 from bridge.hub.inflight import InflightBudget
 from bridge.hub.info import ConnectionInfo, connection_info
-from bridge.hub.jobs import SessionJobs
+from bridge.hub.jobs import LiveSessionJobs, SessionJobs
 from bridge.hub.liveness import Liveness
 from bridge.hub.maintenance import maintain
 from bridge.hub.moves import SessionMoves
-from bridge.hub.orphans import closed_job
 from bridge.hub.persist import WriteBehind
 from bridge.hub.registry import SessionRegistry
 from bridge.hub.resume import MAX_SEQ_AHEAD, Resumer
@@ -61,8 +62,10 @@ class Hub:
         metrics: Prometheus metrics to update.
         clock: monotonic seconds (injectable for tests).
         wall: wall-clock seconds since the epoch (replay ages, dashboard times).
-        bus: the cluster bus; with one, sessions move between nodes (claim, release, forwarded
-            job events, see :mod:`bridge.hub.moves`). None keeps the single-node behaviour.
+        bus: the cluster bus; with one, sessions move between nodes (claims and releases, see
+            :mod:`bridge.hub.moves`). None keeps the single-node behaviour.
+        events: the cluster's event log (required with ``bus``): IM topic events of every node,
+            and the events and cancels of jobs whose session moved, travel on it.
         node_id: this node's id in the cluster, unique and stable across restarts where possible
             (a random one when not given).
         runner: the bridge's job runner, shared with its other entry points (a new one on
@@ -79,6 +82,7 @@ class Hub:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         bus: Bus | None = None,
+        events: EventLog | None = None,
         node_id: str | None = None,
         runner: JobRunner | None = None,
     ) -> None:
@@ -93,26 +97,37 @@ class Hub:
         #: Bytes of inbound frames held now, over every connection (``--max-inflight-bytes``).
         self.inflight = InflightBudget(cfg.max_inflight_bytes)
         self.runner = runner or JobRunner(engine)
-        self._jobs = SessionJobs(self.runner, cfg.max_image_bytes, self._emit, budget=self.inflight)
         self.node_id = node_id or "n-" + secrets.token_hex(6)
         cluster_id = self.node_id if bus is not None else None
         self._writes = WriteBehind(store, cfg.session_ttl_s, wall, cluster_id)
         self._registry = SessionRegistry(cfg, store, self._writes, clock, wall)
+        self._live = live = LiveSessionJobs(self.runner)
+        #: With a cluster: the event log's fan-out (IM topic events, moved sessions' events and
+        #: cancels); the relay publishes through it.
+        self.fanout: ClusterFanout | None = None
         self._moves: SessionMoves | None = None
         if bus is not None:
+            if events is None:
+                raise ValueError("a hub on a cluster bus needs the cluster's event log")
+            self.fanout = ClusterFanout(events, self, self.node_id, sessions=self)
             self._moves = SessionMoves(
                 bus,
                 self.node_id,
                 cfg,
-                self._registry,
-                self._writes,
-                clock,
-                self._emit_forwarded,
-                self._taken_elsewhere,
-                self._jobs.is_live,
-                self._jobs.live,
+                registry=self._registry,
+                writes=self._writes,
+                clock=clock,
+                host=self,
+                jobs=live,
+                events=self.fanout,
             )
-            self._jobs.forward_cancel = self._moves.cancel_elsewhere
+        self._jobs = SessionJobs(
+            self.runner,
+            cfg.max_image_bytes,
+            host=self,
+            budget=self.inflight,
+            remote=self._moves,
+        )
         self._liveness = Liveness(cfg, metrics, clock)
         self._meter = FrameMeter(metrics)
         self._frames = FrameHandler(
@@ -120,14 +135,14 @@ class Hub:
             liveness=self._liveness,
             resumer=Resumer(
                 cfg,
-                self._gate,
-                self._registry,
-                self._writes,
-                self._moves,
-                self._jobs.is_live,
-                self._liveness,
-                clock,
-                wall,
+                gate=self._gate,
+                registry=self._registry,
+                writes=self._writes,
+                moves=self._moves,
+                jobs=live,
+                liveness=self._liveness,
+                clock=clock,
+                wall=wall,
             ),
             jobs=self._jobs,
             registry=self._registry,
@@ -166,6 +181,8 @@ class Hub:
         self._idle.set()
         if self._moves is not None:
             await self._moves.start()
+        if self.fanout is not None:
+            await self.fanout.start()
         await self._registry.preload()
         if not self._gate.configured:
             log.warning("hub_no_tokens", detail="no client tokens: every hello gets 4001")
@@ -206,6 +223,8 @@ class Hub:
         if self._moves is not None:
             # After the jobs, so their last events forwarded to moved sessions go out too.
             await self._moves.stop(min(2.0, deadline - self._clock()))
+        if self.fanout is not None:  # last: it carries the final events of jobs and the relay
+            await self.fanout.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -298,7 +317,7 @@ class Hub:
             session.conn = None
             session.detached_at = self._clock()
 
-    def _taken_elsewhere(self, session: Session) -> None:
+    def taken_elsewhere(self, session: Session) -> None:
         """Another node resumed ``session``: close its connection here (4005)."""
         conn = session.conn
         if conn is not None:
@@ -308,15 +327,14 @@ class Hub:
             )
 
     # --- events into sessions --------------------------------------------------------------
-    def _emit(self, session: Session, tail: str, closes: str | None = None) -> None:
-        """Number an event in the session holding it now and send it (``closes``: the own job
-        the event ends, see :meth:`Session.emit`)."""
+    def emit_into(self, session: Session, tail: str, closes: str | None = None) -> None:
+        """Number an event in the session and send it (``closes``: the own job the event ends,
+        see :meth:`Session.emit`); a job that outlived its session's move sends it through the
+        cluster's event log to the node holding the session now."""
         if session.moved_to is not None:
-            # A job that outlived its session's move: the node holding it now numbers the event.
-            current = self._moves.route(session, tail) if self._moves is not None else None
-            if current is None:
-                return
-            session = current
+            if self._moves is not None:
+                self._moves.route(session, tail)
+            return
         frame = session.emit(tail, self._wall(), closes)
         if closes is None:
             self._writes.dirty.add(session)
@@ -326,9 +344,15 @@ class Hub:
         if conn is not None:
             conn.send(frame)
 
-    def _emit_forwarded(self, session: Session, tail: str) -> None:
-        """An event of a job on another node (or held during a claim): it may end an open job."""
-        self._emit(session, tail, closed_job(tail))
+    def logged_event(self, entry_id: str, session_id: str, tail: str) -> None:
+        """A moved session's job event read from the event log (see :mod:`bridge.hub.moves`)."""
+        if self._moves is not None:
+            self._moves.logged_event(entry_id, session_id, tail)
+
+    def logged_cancel(self, session_id: str, job_id: str, owner: str, node: str) -> None:
+        """Another node's cancel read from the event log, for a job that may run here."""
+        if self._moves is not None:
+            self._moves.logged_cancel(session_id, job_id, owner, node)
 
     # --- the lead's API --------------------------------------------------------------------
     async def publish(self, topic: str, job_id: str, event: JobEvent) -> None:
@@ -338,7 +362,7 @@ class Hub:
             return
         tail = p.event_tail(job_id, event, topic)
         for session in list(members):
-            self._emit(session, tail)
+            self.emit_into(session, tail)
 
     async def publish_ops(self, payload: dict[str, Any]) -> None:
         """Send a live ops notice to connected sessions subscribed to ``ops`` (not replayed)."""

@@ -4,7 +4,7 @@ A job belongs to its session, not its connection: it runs on while the client is
 events wait in the replay buffer. Every job ends with exactly one ``done`` or ``error`` event.
 A cancel reaches the job wherever it runs: on this node through any object of its session (a
 session that moved away and came back is a new object), on another node through the cluster
-(:meth:`bridge.hub.moves.SessionMoves.cancel_elsewhere`).
+(:meth:`bridge.hub.moves.SessionMoves.cancel_elsewhere`, on the cluster's event log).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import asyncio
 import base64
 import binascii
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
@@ -28,14 +28,42 @@ from engine.types import TERMINAL_KINDS, EngineError, JobEvent, JobRequest
 log = structlog.get_logger(__name__)
 
 
-#: ``forward(session, job_id)``: ask the cluster to cancel an open job of ``session`` that does not
-#: run on this node; False when the request could not be sent.
-ForwardCancel = Callable[[Session, str], bool]
+class EventHost(Protocol):
+    """Where a session's job events go: the hub numbers them in the session holding it now."""
+
+    def emit_into(self, session: Session, tail: str, closes: str | None) -> None: ...
+
+
+class RemoteCancels(Protocol):
+    """In a cluster: cancels for open jobs of a session that run on another node."""
+
+    def cancel_elsewhere(self, session: Session, job_id: str) -> bool:
+        """Send the cancel to the node running the job; False when it could not be sent."""
+        ...
 
 
 def engine_job_id(session_id: str, job_id: str) -> str:
     """The id a session's job runs under in the engine and the job runner."""
     return f"ws:{session_id}:{job_id}"
+
+
+class LiveSessionJobs:
+    """The /ws jobs running on this node, by session and client job id (a view of the runner).
+
+    A session that moved away and came back is a new object; its old jobs still run and are
+    found here by id, whichever object holds them.
+    """
+
+    def __init__(self, runner: JobRunner) -> None:
+        self.runner = runner
+
+    def is_live(self, session_id: str, job_id: str) -> bool:
+        """Whether this node runs job ``job_id`` of session ``session_id`` now."""
+        return self.runner.is_live(engine_job_id(session_id, job_id))
+
+    def live(self, session_id: str, job_id: str) -> list[Job]:
+        """The jobs with that id of that session running on this node now (usually one)."""
+        return self.runner.live(engine_job_id(session_id, job_id))
 
 
 class SessionJobs:
@@ -47,42 +75,32 @@ class SessionJobs:
     Args:
         runner: the bridge's job runner.
         max_image_bytes: largest decoded image accepted.
-        emit: gives an event tail the session's next seq and delivers it (the hub's fan-in point);
-            its third argument is the client job id the event ends (its terminal event), or None.
+        host: numbers each event in the session holding it now and delivers it.
         budget: the inflight budget; a job's image bytes stay reserved in it until the engine
             starts (or ends) the job, since until then they wait in the engine's queue.
-
-    Attributes:
-        forward_cancel: in a cluster, sends a cancel for an open job of the session that does not
-            run here to the node running it (None: a single node, where such a job cannot exist).
+        remote: in a cluster, sends a cancel for an open job of the session that does not run
+            here to the node running it (None: a single node, where such a job cannot exist).
     """
 
     def __init__(
         self,
         runner: JobRunner,
         max_image_bytes: int,
-        emit: Callable[[Session, str, str | None], None],
         *,
+        host: EventHost,
         budget: InflightBudget | None = None,
+        remote: RemoteCancels | None = None,
     ) -> None:
         self.runner = runner
         self.budget = budget
         self.max_image_bytes = max_image_bytes
-        self._emit = emit
-        self.forward_cancel: ForwardCancel | None = None
+        self._emit = host.emit_into
+        self._remote = remote
 
     @property
     def tasks(self) -> set[asyncio.Task[str]]:
         """The runner's job tasks (tests abandon them to simulate a crash)."""
         return self.runner.tasks
-
-    def is_live(self, session_id: str, job_id: str) -> bool:
-        """Whether this node runs job ``job_id`` of session ``session_id`` now."""
-        return self.runner.is_live(engine_job_id(session_id, job_id))
-
-    def live(self, session_id: str, job_id: str) -> list[Job]:
-        """The jobs with that id of that session running on this node now (usually one)."""
-        return self.runner.live(engine_job_id(session_id, job_id))
 
     def submit(self, conn: Connection, session: Session, frame: p.Submit) -> None:
         """Decode, size-check and submit a job; refusals are answered with an error frame."""
@@ -136,9 +154,9 @@ class SessionJobs:
         if self.runner.cancel(engine_job_id(session.id, frame.id)):
             log.info("ws_job_cancel", conn_id=conn.id, session=session.id, job_id=frame.id)
             return
-        forward = self.forward_cancel
-        if forward is not None and frame.id in session.open_jobs:
-            if forward(session, frame.id):
+        remote = self._remote
+        if remote is not None and frame.id in session.open_jobs:
+            if remote.cancel_elsewhere(session, frame.id):
                 log.info(
                     "ws_job_cancel_forwarded", conn_id=conn.id, session=session.id, job_id=frame.id
                 )

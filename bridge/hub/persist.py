@@ -23,6 +23,9 @@ log = structlog.get_logger(__name__)
 OWNER_KEY = "hub:session-owner:"
 #: The node that holds a session in memory (only written when the hub runs in a cluster).
 NODE_KEY = "hub:session-node:"
+#: The last release of a session (the answer the holder sent), for a claimer whose answer the bus
+#: lost.
+RELEASE_KEY = "hub:session-release:"
 STORE_TIMEOUT_S = 5.0
 #: The deadline of the last flush at shutdown: thousands of unsaved sessions on a busy store take
 #: longer than one periodic flush may, and nothing after it would write them.
@@ -185,6 +188,27 @@ class WriteBehind:
     async def node_of(self, session_id: str) -> str | None:
         """The node the store names as the session's holder (None when not recorded)."""
         return await self.store.get_value(NODE_KEY + session_id)
+
+    async def note_release(self, session_id: str, answer: bytes) -> bool:
+        """Keep the answer of a release in the store too (the bus may lose it); False when the
+        store could not take it (logged: the claimer then treats open jobs as orphans)."""
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                await self.store.set_value(RELEASE_KEY + session_id, answer.decode(), self.ttl_s)
+            return True
+        except Exception as exc:
+            log.warning("hub_store_write_failed", session=session_id, error=repr(exc))
+            return False
+
+    async def release_of(self, session_id: str) -> bytes | None:
+        """The answer of the session's last release, if the store has it."""
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                note = await self.store.get_value(RELEASE_KEY + session_id)
+        except Exception as exc:
+            log.warning("hub_store_load_failed", session=session_id, error=repr(exc))
+            return None
+        return None if note is None else note.encode()
 
     async def claim_node(self, session: Session) -> None:
         """Record this node as the holder of ``session`` now (an adoption in a cluster)."""

@@ -16,8 +16,8 @@ from bridge.hub.auth import TokenGate
 from bridge.hub.config import HubConfig
 from bridge.hub.connection import Close
 from bridge.hub.liveness import Liveness
-from bridge.hub.moves import SessionMoves
-from bridge.hub.orphans import IsLive, settle
+from bridge.hub.moves import LiveJobs, SessionMoves
+from bridge.hub.orphans import settle
 from bridge.hub.persist import WriteBehind
 from bridge.hub.registry import SessionRegistry
 from bridge.hub.session import Session
@@ -40,7 +40,7 @@ class Resumer:
         registry: the sessions this node holds.
         writes: the write-behind queue (a changed session is scheduled there).
         moves: in a cluster, claims sessions held by other nodes (None: a single node).
-        is_live: whether this node runs a job of a session now (orphans are the others).
+        jobs: the /ws jobs running on this node (a session's orphans are the others).
         liveness: applies closes and schedules the heartbeat of a welcomed connection.
         clock: monotonic seconds.
         wall: wall-clock seconds (the time of orphan error events).
@@ -49,11 +49,12 @@ class Resumer:
     def __init__(
         self,
         cfg: HubConfig,
+        *,
         gate: TokenGate,
         registry: SessionRegistry,
         writes: WriteBehind,
         moves: SessionMoves | None,
-        is_live: IsLive,
+        jobs: LiveJobs,
         liveness: Liveness,
         clock: Callable[[], float],
         wall: Callable[[], float],
@@ -63,7 +64,7 @@ class Resumer:
         self._registry = registry
         self._writes = writes
         self._moves = moves
-        self._is_live = is_live
+        self._jobs = jobs
         self._liveness = liveness
         self._clock = clock
         self._wall = wall
@@ -107,7 +108,7 @@ class Resumer:
                 log.warning("ws_seq_advanced", conn_id=conn.id, session=session.id, seq=last_seq)
             # Jobs that died with the node that ran them end now: above the client's last_seq
             # (the seq rule just applied) and in the replay below (see bridge.hub.orphans).
-            if session.pending_orphans and settle(session, self._is_live, self._wall()):
+            if session.pending_orphans and settle(session, self._jobs.is_live, self._wall()):
                 self._writes.mark(session)
             replay, missed = session.resume_from(last_seq)
             old = session.conn

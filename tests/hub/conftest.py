@@ -15,6 +15,7 @@ import websockets
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from bridge.cluster.eventlog import LocalEventLog
 from bridge.hub import Hub, HubConfig
 from bridge.metrics import Metrics
 from bridge.store.memory import MemoryStore
@@ -138,6 +139,8 @@ async def crash(run: Running) -> None:
 @pytest.fixture
 async def start_hub() -> AsyncIterator[StartHub]:
     running: list[Running] = []
+    # Nodes on one bus share one cluster event log (each node gets its own handle on it).
+    logs: dict[int, LocalEventLog] = {}
 
     async def start(
         *,
@@ -148,6 +151,7 @@ async def start_hub() -> AsyncIterator[StartHub]:
         wall: Callable[[], float] = time.time,
         engine: Any = None,
         bus: Any = None,
+        events: Any = None,
         node_id: str | None = None,
         **overrides: Any,
     ) -> Running:
@@ -155,6 +159,8 @@ async def start_hub() -> AsyncIterator[StartHub]:
         engine = engine or FakeEngine(pieces=pieces)
         store = store or MemoryStore()
         metrics = Metrics()
+        if bus is not None and events is None:
+            events = logs.setdefault(id(bus), LocalEventLog()).follower()
         hub = Hub(
             cfg,
             engine=engine,
@@ -163,6 +169,7 @@ async def start_hub() -> AsyncIterator[StartHub]:
             clock=clock,
             wall=wall,
             bus=bus,
+            events=events,
             node_id=node_id,
         )
         await hub.start()

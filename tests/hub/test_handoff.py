@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from bridge.cluster.bus import LocalBus
-from bridge.hub.handoff import CLAIMS_CHANNEL, CancelRequest, Claim, decode, node_channel
+from bridge.fanout import Origin, encode_session_entry
+from bridge.hub.handoff import CLAIMS_CHANNEL, Claim, decode, node_channel
 from bridge.hub.persist import NODE_KEY
 from bridge.store.memory import MemoryStore
 from engine.types import Delta
@@ -217,11 +218,11 @@ async def test_hostile_bus_messages_are_ignored(start_hub: StartHub) -> None:
         b'{"t":"claim","sid":"s","node":1}',
         b'{"t":"released","sid":"s","node":"A","req":"r","orphans":"J"}',
         b'{"t":"released","sid":"s","node":"A","req":"r","orphans":[1]}',
-        b'{"t":"cancel","sid":"s","job":"J","owner":"tok-1"}',
-        b'{"t":"cancel","sid":"s","job":"","owner":"tok-1","node":"B"}',
-        b'{"t":"cancel","sid":"s","job":7,"owner":"tok-1","node":"B"}',
-        b'{"t":"cancel","sid":"s","job":"J","node":"B"}',
-        b'{"t":"cancel","job":"J","owner":"tok-1","node":"B"}',
+        # Cancels and events travel on the cluster's event log now, never on the bus.
+        b'{"t":"cancel","sid":"s","job":"J","owner":"tok-1","node":"B"}',
+        b'{"t":"released","sid":"s","node":"A","req":"r","cursor":7}',
+        b'{"t":"released","sid":"s","node":"A","req":"r","cursor":"x-y"}',
+        b'{"t":"released","sid":"s","node":"A","req":"r","cursor":""}',
     ],
 )
 def test_decode_refuses_malformed_messages(payload: bytes) -> None:
@@ -234,9 +235,11 @@ def test_decode_reads_a_claim() -> None:
     assert msg == Claim("s", "B", "r1", "tok-1", "A")
 
 
-def test_decode_reads_a_cancel_request() -> None:
-    msg = decode(b'{"t":"cancel","sid":"s","job":"J","owner":"tok-1","node":"B"}')
-    assert msg == CancelRequest("s", "J", "tok-1", "B")
+def test_decode_reads_the_cursor_of_a_release() -> None:
+    from bridge.hub.handoff import Answer
+
+    msg = decode(b'{"t":"released","sid":"s","node":"A","req":"r","last_seq":4,"cursor":"17-3"}')
+    assert msg == Answer("released", "s", "A", "r", 4, (), "17-3")
 
 
 def test_decode_reads_an_answer_with_or_without_orphans() -> None:
@@ -272,7 +275,7 @@ async def test_a_holder_that_could_not_store_its_last_events_never_has_its_seqs_
     # As if node B held the session up to seq 9 but its store write failed before it let go.
     a.hub._moves.adopted(sid, session, Answer("released", sid, "B", "r", last_seq=9))
     assert session.last_seq == 9 and session.resume_from(3) == ([], 6)
-    a.hub._emit(session, '"id":"x","kind":"started"}')
+    a.hub.emit_into(session, '"id":"x","kind":"started"}')
     assert session.last_seq == 10
     await a.hub.flush()
     record = await store.load_session(sid)
@@ -376,7 +379,7 @@ async def test_a_cancel_on_the_new_node_stops_the_job_still_running_on_the_old_o
     check_cancelled(await recv(ws_b, "event", "error"), 3, "J")  # forwarded from A, once
     await nothing_more(ws_b, 7)
     assert stuck.handles[f"ws:{sid}:J"].cancelled
-    await eventually(lambda: not a.hub._jobs.is_live(sid, "J"))
+    await eventually(lambda: not a.hub._live.is_live(sid, "J"))
     assert session_b.open_jobs == set()
     await ws_b.send(cancel("J"))  # it has ended: unknown now, as on a single node
     assert (await recv(ws_b, "event", "error"))["code"] == "unknown_job"
@@ -408,27 +411,28 @@ async def test_a_cancel_for_an_id_never_submitted_is_still_unknown_job_after_a_m
     error = await recv(ws_b, "event", "error")
     assert (error["type"], error["code"], error["id"]) == ("error", "unknown_job", "nope")
     await nothing_more(ws_b, 9)
-    assert not stuck.handles[f"ws:{sid}:J"].cancelled and a.hub._jobs.is_live(sid, "J")
+    assert not stuck.handles[f"ws:{sid}:J"].cancelled and a.hub._live.is_live(sid, "J")
 
 
-async def test_a_cancel_request_on_the_bus_stops_a_job_only_for_its_owner(
+async def test_a_cancel_on_the_event_log_stops_a_job_only_for_its_owner(
     start_hub: StartHub,
 ) -> None:
     a, _, stuck = await stuck_nodes(start_hub)
     sid, ws = await started_on(a, "J")
     owner = a.hub._registry.sessions[sid].owner
     handle = stuck.handles[f"ws:{sid}:J"]
-    assert a.hub._moves is not None
-    bus = a.hub._moves.handoff.bus
+    assert a.hub.fanout is not None
+    events = a.hub.fanout._events
+    seqs = iter(range(1, 100))
 
     async def request(owner: str, node: str) -> None:
-        msg = {"t": "cancel", "sid": sid, "job": "J", "owner": owner, "node": node}
-        await bus.publish(CLAIMS_CHANNEL, json.dumps(msg).encode())
+        origin = Origin(node, "run-1" if node != "A" else a.hub.fanout._run, next(seqs))
+        await events.append(encode_session_entry(origin, sid, cancel="J", owner=owner))
 
     for wrong, node in (("tok-not-the-owner", "X"), ("t\u00f6k", "X"), (owner, "A")):
         await request(wrong, node)  # a stranger's, a non-ASCII label, or A's own echo
     await nothing_more(ws, 10)
-    assert not handle.cancelled and a.hub._jobs.is_live(sid, "J")
+    assert not handle.cancelled and a.hub._live.is_live(sid, "J")
     await request(owner, "X")
     check_cancelled(await recv(ws, "event", "error"), 3, "J")
     assert handle.cancelled

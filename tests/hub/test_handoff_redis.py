@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from bridge.cluster.redis_bus import RedisBus
+from bridge.cluster.redis_eventlog import RedisEventLog
 from bridge.hub.persist import NODE_KEY
 from bridge.store.redis import RedisStore
 from tests.hub.conftest import Running, StartHub, close_code, recv
@@ -50,6 +51,7 @@ async def redis_pair(
             await start_hub(
                 store=store,
                 bus=bus,
+                events=RedisEventLog(url, client_name=f"test-events-{name}"),
                 node_id=name,
                 engine=engine(),
                 handoff_timeout_s=2.0,

@@ -69,7 +69,7 @@ async def test_shutdown_writes_only_sessions_with_unsaved_changes(start_hub: Sta
     store.writes.clear()
     busy = sessions[::500]
     for session in busy:
-        run.hub._emit(session, TAIL)
+        run.hub.emit_into(session, TAIL)
     await run.hub.shutdown(grace_s=0.5)
     assert set(store.writes) == {s.id for s in busy}
     for session in busy:
