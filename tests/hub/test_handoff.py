@@ -32,9 +32,13 @@ TERMINAL = ("done", "error")
 
 
 async def two_nodes(
-    start_hub: StartHub, pieces: int = 300, delay_s: float = 0.004, **overrides: Any
+    start_hub: StartHub,
+    pieces: int = 300,
+    delay_s: float = 0.004,
+    bus: LocalBus | None = None,
+    **overrides: Any,
 ) -> tuple[Running, Running, MemoryStore, LocalBus]:
-    store, bus = MemoryStore(), LocalBus()
+    store, bus = MemoryStore(), bus or LocalBus()
     nodes = [
         await start_hub(
             store=store,

@@ -8,10 +8,8 @@ from typing import Any
 from bridge.cluster.bus import LocalBus
 from bridge.hub.handoff import Answer
 from bridge.hub.unheld import UnheldEvents
-from bridge.store.memory import MemoryStore
 from tests.hub.conftest import Running, StartHub, recv
-from tests.hub.fakes import SlowEngine
-from tests.hub.test_handoff import check_stream, resume_on, take
+from tests.hub.test_handoff import check_stream, resume_on, take, two_nodes
 from tests.hub.test_ws import submit
 
 
@@ -34,30 +32,26 @@ class DroppingBus(LocalBus):
 async def dropping_nodes(
     start_hub: StartHub, **overrides: Any
 ) -> tuple[Running, Running, DroppingBus]:
-    store, bus = MemoryStore(), DroppingBus()
-    nodes = [
-        await start_hub(
-            store=store,
-            bus=bus,
-            node_id=name,
-            engine=SlowEngine(pieces=300, delay_s=0.004),
-            **overrides,
-        )
-        for name in ("A", "B")
-    ]
-    return nodes[0], nodes[1], bus
+    bus = DroppingBus()
+    a, b, _, _ = await two_nodes(start_hub, bus=bus, **overrides)
+    return a, b, bus
+
+
+async def running_on(a: Running, count: int) -> tuple[str, list[dict[str, Any]]]:
+    """A session on ``a`` runs job ``long``; ``count`` events in, its client goes away."""
+    ws, welcome = await a.hello()
+    await ws.send(submit("long"))
+    got: list[dict[str, Any]] = []
+    await take(ws, got, count)
+    await ws.close()
+    return welcome["session"], got
 
 
 async def test_a_moved_sessions_events_arrive_once_while_the_bus_drops_everything(
     start_hub: StartHub,
 ) -> None:
     a, b, bus = await dropping_nodes(start_hub)
-    ws, welcome = await a.hello()
-    sid = welcome["session"]
-    await ws.send(submit("long"))
-    got: list[dict[str, Any]] = []
-    await take(ws, got, 40)
-    await ws.close()
+    sid, got = await running_on(a, 40)
     ws_b = await resume_on(b, sid, got[-1]["seq"])
     bus.drop_all = True  # from here on, the bus delivers nothing at all
     await take(ws_b, got, 10_000)
@@ -68,12 +62,7 @@ async def test_a_moved_sessions_events_arrive_once_while_the_bus_drops_everythin
 async def test_a_lost_release_answer_still_gives_every_event_once(start_hub: StartHub) -> None:
     a, b, bus = await dropping_nodes(start_hub, handoff_timeout_s=0.3)
     bus.drop_marker = b'"t":"released"'  # A releases, but B never hears it: B waits, then loads
-    ws, welcome = await a.hello()
-    sid = welcome["session"]
-    await ws.send(submit("long"))
-    got: list[dict[str, Any]] = []
-    await take(ws, got, 40)
-    await ws.close()
+    sid, got = await running_on(a, 40)
     await a.hub.flush()
     ws_b, welcome_b = await b.hello(session=sid, last_seq=got[-1]["seq"])
     assert welcome_b["resumed"] is True and bus.dropped == 1
@@ -85,12 +74,7 @@ async def test_a_cancel_sent_while_the_bus_drops_everything_still_stops_the_job(
     start_hub: StartHub,
 ) -> None:
     a, b, bus = await dropping_nodes(start_hub)
-    ws, welcome = await a.hello()
-    sid = welcome["session"]
-    await ws.send(submit("long"))
-    got: list[dict[str, Any]] = []
-    await take(ws, got, 5)
-    await ws.close()
+    sid, got = await running_on(a, 5)
     ws_b = await resume_on(b, sid, got[-1]["seq"])
     bus.drop_all = True
     await ws_b.send('{"type":"cancel","id":"long"}')
