@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from adapters.base import Adapter, InboundMessage, MessageFormatError
+from bridge import dedupe
 from bridge.cluster import JobQueue, QueueEntry
+from bridge.dedupe import DEDUPE_TTL_S
 from bridge.jobs.im import (
     BAD_IMAGE_REPLY,
     DEFAULT_PROMPT,
@@ -36,7 +38,6 @@ from engine.types import EngineLike
 
 log = structlog.get_logger(__name__)
 
-DEDUPE_TTL_S = 24 * 3600.0  # Feishu re-pushes up to 6 h later; keep keys well past that.
 
 __all__ = [
     "BAD_IMAGE_REPLY",
@@ -94,13 +95,11 @@ class Relay:
     @staticmethod
     def entry_id(msg: InboundMessage) -> str:
         """The inbox id of a message: stable across re-deliveries."""
-        return f"{msg.platform}:{msg.message_id}"
+        return dedupe.entry_id(msg)
 
     async def accept(self, msg: InboundMessage) -> bool:
-        """The adapters' sink: record durably, dedupe, schedule; True if new, False if duplicate.
-
-        The inbox entry is written before the dedupe keys are claimed, so a crash between the two
-        steps leaves a pending entry that recovery runs, never a claimed key with nothing behind it.
+        """The adapters' sink: record durably, dedupe, schedule; True if new, False if duplicate
+        (the rule is in :mod:`bridge.dedupe`).
 
         Raises:
             StoreUnavailable: nothing could be recorded; the platform must re-deliver.
@@ -110,20 +109,16 @@ class Relay:
         return await asyncio.shield(self._accept(msg))
 
     async def _accept(self, msg: InboundMessage) -> bool:
-        entry_id = self.entry_id(msg)
-        entry = InboxEntry(entry_id, msg.to_json().encode(), self._clock())
-        if not await self._store.accept_entry(entry, msg.dedupe_keys, DEDUPE_TTL_S):
-            log.info("im_duplicate", entry=entry_id, event_id=msg.event_id)
+        entry = await dedupe.record_once(self._store, msg, self._clock())
+        if entry is None:
+            log.info("im_duplicate", entry=dedupe.entry_id(msg), event_id=msg.event_id)
             return False
-        log.info("im_accepted", entry=entry_id, chat=msg.chat_id, images=len(msg.images))
+        log.info("im_accepted", entry=entry.entry_id, chat=msg.chat_id, images=len(msg.images))
         if self._queue is not None:
             try:
-                await self._queue.put(entry_id, entry.payload)
+                await self._queue.put(entry.entry_id, entry.payload)
             except StoreUnavailable:
-                # Not queued: forget the claims so the platform's re-delivery is taken as new.
-                for key in msg.dedupe_keys:
-                    with contextlib.suppress(StoreUnavailable):
-                        await self._store.release(key)
+                await dedupe.forget(self._store, msg)  # not queued: a re-delivery is new
                 raise
             return True
         self._schedule(entry)
