@@ -32,7 +32,7 @@ class SlackConfig:
         api_timeout_s: per-request timeout of Web API calls.
         api_max_attempts: tries per Web API call (retries on 429/ratelimited, 5xx, I/O errors).
         api_backoff_base_s / api_backoff_max_s: jittered exponential backoff of those retries.
-        rate_limit_max_wait_s: cap on a wait demanded by ``Retry-After``.
+        rate_limit_max_wait_s: longest ``Retry-After`` waited out; a longer one fails the call.
         ping_interval_s: a socket silent this long gets a WebSocket ping from us.
         receive_deadline_s: a socket silent this long (no frame, not even a pong) is dropped.
         hello_timeout_s: how long a new socket may take to say ``hello``.
