@@ -29,7 +29,8 @@ class FeishuConfig:
         max_body_bytes: largest webhook body accepted.
         sink_timeout_s: how long the webhook waits for the sink before answering 503 (Feishu
             gives up after 3 s).
-        max_image_bytes: largest image download accepted.
+        max_image_bytes: largest image download accepted; the bridge sets it from its
+            shared limit (``--max-image-bytes``).
         api_timeout_s: per-request timeout of OpenAPI calls.
         api_max_attempts: tries per OpenAPI call (retries on 429, 5xx, token expiry, I/O errors).
         api_backoff_base_s / api_backoff_max_s: exponential backoff of retries (jittered).

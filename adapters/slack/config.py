@@ -25,7 +25,8 @@ class SlackConfig:
         base_url: the Web API root (``https://slack.com/api``); tests point it at a fake.
         file_hosts: hosts the bot token may be sent to when downloading files; empty means
             ``files.slack.com`` for the real API, or the host of ``base_url`` for any other.
-        max_image_bytes: largest file download accepted.
+        max_image_bytes: largest file download accepted; the bridge sets it from its
+            shared limit (``--max-image-bytes``).
         max_text_chars: answers longer than this are cut and end with an ellipsis.
         update_interval_s: least time between two ``chat.update`` calls of one message
             (Slack's chat.update is a Tier 3 method, about one call per second per message).
