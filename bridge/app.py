@@ -70,6 +70,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_new_tokens=settings.max_new_tokens,
         job_timeout_s=settings.job_timeout,
         vision_cache_bytes=settings.vision_cache_bytes,
+        limits=settings.limits,
     )
 
 
@@ -98,6 +99,9 @@ def hub_config(settings: Settings) -> HubConfig:
         token_submit_rate=settings.token_submit_rate,
         topic_grants=settings.topic_grant,
         max_inflight_bytes=settings.max_inflight_bytes,
+        max_frame_bytes=settings.limits.max_frame_bytes,
+        max_image_bytes=settings.limits.max_image_bytes,
+        max_prompt_chars=settings.limits.max_prompt_chars,
     )
 
 
@@ -197,7 +201,9 @@ class BridgeApp:
         self.metrics.jobs_by_origin.labels(origin=spec.origin, outcome=outcome).inc()
 
     def _build_web(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[json_errors])
+        # A body must carry the largest allowed image (base64 in JSON) like a /ws frame does.
+        body_max = max(MAX_BODY_BYTES, self.settings.limits.max_frame_bytes)
+        app = web.Application(client_max_size=body_max, middlewares=[json_errors])
         add_health_routes(app, self.readiness)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/ws", self._ws)
@@ -210,7 +216,7 @@ class BridgeApp:
         setup_dashboard(app, self.ops, self.settings.admin_token)
         from bridge.http.wiring import build_http_api
 
-        self.http_api = build_http_api(self, MAX_BODY_BYTES)
+        self.http_api = build_http_api(self, body_max)
         self.http_api.setup(app)
         return app
 

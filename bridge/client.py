@@ -31,6 +31,8 @@ import structlog
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from adapters.retry import Backoff
+
 log = structlog.get_logger(__name__)
 
 # Close codes after which reconnecting cannot help.
@@ -49,12 +51,6 @@ class HubClientError(Exception):
 
 class _Gap(Exception):
     """An event arrived out of order: reconnect and let the server replay."""
-
-
-def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
-    """Seconds before reconnect attempt ``attempt`` (0-based): capped exponential, equal jitter."""
-    cap = min(max_s, initial_s * (2 ** min(attempt, 30)))
-    return rng.uniform(cap / 2, cap)
 
 
 class HubClient:
@@ -105,6 +101,10 @@ class HubClient:
         self.ack_every = ack_every
         self.open_timeout_s = open_timeout_s
         self._rng = rng or random.Random()
+        # Equal jitter: each wait is drawn from the upper half of the doubling, capped ceiling.
+        self.backoff = Backoff(
+            backoff_initial_s, backoff_max_s, 0.5, self._rng.random, spread="below"
+        )
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(queue_max)
         self._pending: dict[str, str] = {}
         self._resent: set[str] = set()
@@ -213,7 +213,7 @@ class HubClient:
             await ws.send(text)
 
     async def _run(self) -> None:
-        attempt = 0
+        backoff = self.backoff
         while not self._closing:
             started = time.monotonic()
             try:
@@ -230,18 +230,18 @@ class HubClient:
             if self._closing:
                 return
             if time.monotonic() - started >= self.stable_after_s:
-                attempt = 0
+                backoff.reset()
+            attempt = backoff.failures
             if not self._should_retry(failure, attempt):
                 self._give_up(HubClientError(f"gave up after {attempt + 1} attempts: {failure!r}"))
                 return
-            delay = backoff_delay(attempt, self.backoff_initial_s, self.backoff_max_s, self._rng)
+            delay = backoff.next_delay()
             log.info(
                 "hub_client_reconnect",
                 attempt=attempt,
                 delay_s=round(delay, 3),
                 error=type(failure).__name__,
             )
-            attempt += 1
             await asyncio.sleep(delay)
 
     def _give_up(self, exc: HubClientError) -> None:

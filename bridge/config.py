@@ -11,10 +11,17 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from bridge.grants import parse_grant
+from engine.limits import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_PROMPT_CHARS,
+    Limits,
+)
 
 
 class ConfigError(ValueError):
@@ -284,6 +291,27 @@ OPTIONS: tuple[Option, ...] = (
         "bytes of inbound /ws frames being received, decoded or waiting for the engine, over "
         "all connections; a large submit beyond it gets 'busy'",
     ),
+    # -- size limits: one engine.limits.Limits, read by /ws, the HTTP API, IM downloads, engine --
+    Option(
+        "max-image-bytes",
+        _byte_size(2**10, 2**32),
+        DEFAULT_MAX_IMAGE_BYTES,
+        "largest image anywhere: /ws and HTTP submits, IM downloads (or the platform's own lower "
+        "cap), the engine",
+    ),
+    Option(
+        "max-image-pixels",
+        _int_range(1, 10**10),
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "largest width x height (from the image header) the engine decodes",
+    ),
+    Option("max-prompt-chars", _int_range(1, 10**7), DEFAULT_MAX_PROMPT_CHARS, "longest prompt"),
+    Option(
+        "max-frame-bytes",
+        _byte_size(0, 2**34),
+        0,
+        "largest inbound /ws frame (0: just large enough for max-image-bytes and the prompt)",
+    ),
     Option("admin-token", _optional_secret, None, "token for /dashboard and /api/*", secret=True),
     Option("feishu-mode", _choice("off", "webhook", "longconn"), "off", "off, webhook, longconn"),
     Option("feishu-app-id", _text, "", "the Feishu bot's App ID"),
@@ -400,6 +428,10 @@ class Settings:
     token_submit_rate: float = 50.0
     topic_grant: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     max_inflight_bytes: int = 256 * 2**20
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
+    max_frame_bytes: int = 0
     admin_token: str | None = None
     feishu_mode: str = "off"
     feishu_app_id: str = ""
@@ -454,6 +486,20 @@ class Settings:
                 value = "***"
             parts.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(parts)})"
+
+    @cached_property
+    def limits(self) -> Limits:
+        """The process's one :class:`~engine.limits.Limits`, built once; every entry point reads it.
+
+        Raises:
+            ValueError: ``max_frame_bytes`` too small for ``max_image_bytes``.
+        """
+        return Limits(
+            max_image_bytes=self.max_image_bytes,
+            max_image_pixels=self.max_image_pixels,
+            max_prompt_chars=self.max_prompt_chars,
+            max_frame_bytes=self.max_frame_bytes,
+        )
 
     def public(self) -> dict[str, Any]:
         """Settings as a dict with secrets masked, safe for logs and the dashboard."""
@@ -529,6 +575,10 @@ def load_settings(
 
 
 def _check_combinations(s: Settings) -> None:
+    try:
+        s.limits  # noqa: B018 - built (and so validated) once, here
+    except ValueError as exc:
+        raise ConfigError(f"--max-frame-bytes: {exc}") from None
     known = set(s.token) | ({s.admin_token} if s.admin_token else set())
     unknown = sum(1 for token, _ in s.topic_grant if token not in known)
     if unknown:

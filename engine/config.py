@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from engine.limits import DEFAULT_LIMITS, Limits
+
 BATCHING_MODES = ("static", "continuous", "auto")
 
 
@@ -31,7 +33,9 @@ class EngineConfig:
         vision_cache_bytes: bound on the cached vision-tower outputs (0 disables the cache), so
             another question about the same image skips decoding and the vision encoder.
         vision_cache_ttl_s: how long cached image features may be reused.
-        max_pixels: images with more pixels (read from the header) are refused undecoded.
+        limits: the shared size limits (:class:`~engine.limits.Limits`): images over
+            ``max_image_bytes`` or ``max_image_pixels`` (read from the header, refused
+            undecoded) and prompts over ``max_prompt_chars`` are refused with ``too_large``.
         warmup: run a short generate on every replica before reporting ready.
         decode_threads: threads decoding images off the event loop.
         busy_retry_after_s: the ``retry_after`` hint sent with ``busy``.
@@ -56,7 +60,7 @@ class EngineConfig:
     shared_cache_timeout_s: float = 0.5
     vision_cache_bytes: int = 256 * 2**20
     vision_cache_ttl_s: float = 600.0
-    max_pixels: int = 50_000_000
+    limits: Limits = DEFAULT_LIMITS
     warmup: bool = True
     decode_threads: int = 2
     busy_retry_after_s: float = 1.0
@@ -80,8 +84,6 @@ class EngineConfig:
             raise ValueError("shared_cache_timeout_s must be > 0")
         if self.vision_cache_bytes < 0:
             raise ValueError("vision_cache_bytes must be >= 0")
-        if self.max_pixels < 1:
-            raise ValueError("max_pixels must be >= 1")
         if self.decode_threads < 1:
             raise ValueError("decode_threads must be >= 1")
         if self.batching not in BATCHING_MODES:

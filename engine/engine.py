@@ -41,9 +41,6 @@ from engine.worker import Worker
 
 log = structlog.get_logger(__name__)
 
-MAX_PROMPT_CHARS = 32_000
-MAX_IMAGE_BYTES = 64 * 2**20
-
 
 class Engine:
     """In-process inference worker pool with dynamic batching, streaming and backpressure.
@@ -90,7 +87,7 @@ class Engine:
         self._retired: list[Worker] = []
         self._model_name = config.model
         self._dtype = ""
-        self._limits = ImageLimits(max_pixels=config.max_pixels)
+        self._limits = ImageLimits(max_pixels=config.limits.max_image_pixels)
         self._ready = False
         self._closing = False
         self._reason: str | None = "starting"
@@ -307,7 +304,7 @@ class Engine:
             workers.append(worker)
         first = replicas[0]
         self._limits = ImageLimits(
-            max_pixels=self.config.max_pixels,
+            max_pixels=self.config.limits.max_image_pixels,
             pixel_budget=first.pixel_budget,
             min_short_edge=first.min_short_edge,
         )
@@ -389,12 +386,15 @@ class Engine:
             # The edges refuse or repair such text; a caller that did neither gets told here
             # instead of handing the tokenizer a string it cannot encode.
             raise EngineError("bad_request", "prompt is not valid Unicode (lone surrogate)")
-        if len(request.prompt) > MAX_PROMPT_CHARS:
-            raise EngineError("too_large", f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        limits = self.config.limits
+        if len(request.prompt) > limits.max_prompt_chars:
+            raise EngineError(
+                "too_large", f"prompt is longer than {limits.max_prompt_chars} characters"
+            )
         if not isinstance(request.image, bytes | bytearray | memoryview):
             raise EngineError("bad_request", "image must be bytes")
-        if len(request.image) > MAX_IMAGE_BYTES:
-            raise EngineError("too_large", f"image is larger than {MAX_IMAGE_BYTES} bytes")
+        if len(request.image) > limits.max_image_bytes:
+            raise EngineError("too_large", f"image is larger than {limits.max_image_bytes} bytes")
         position = self._batcher.reserve()
         job = Job(request, max_tokens, timeout, self._dispatcher, self._on_terminal)
         job.on_closed = self._on_closed

@@ -28,8 +28,10 @@ class DingTalkConfig:
         drain_s: after a ``disconnect``, how long the old link stays open for pending acks.
         api_timeout_s: per HTTP call.
         api_max_attempts: tries per OpenAPI call (rate limits, 5xx, transport errors).
-        api_backoff_base_s / api_backoff_max_s: the waits between those tries.
-        max_image_bytes: the cap on one downloaded picture.
+        api_backoff_base_s / api_backoff_max_s: the waits between those tries; a ``Retry-After``
+            longer than ``api_backoff_max_s`` fails the call instead of being shortened.
+        max_image_bytes: the cap on one downloaded picture; the bridge sets it from its
+            shared limit (``--max-image-bytes``).
         token_refresh_margin_s: refresh the access token this long before it expires.
         sink_timeout_s: how long recording one message may take before it is not acked.
         card_template_id: an AI card template (card platform); set, answers stream in a card.

@@ -23,6 +23,7 @@ from adapters.base import AdapterError
 from adapters.dingtalk.config import BOT_MESSAGE_TOPIC, DingTalkConfig
 from adapters.http import BodyTooLarge, HttpClient, HttpError, HttpRequest, HttpResponse
 from adapters.retry import Retryable, call_with_retries
+from adapters.tokens import TokenCache
 
 log = structlog.get_logger(__name__)
 
@@ -72,12 +73,14 @@ class DingTalkApi:
     ) -> None:
         self._cfg = config
         self._http = http
-        self._monotonic = monotonic
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._token: str | None = None
-        self._token_expires_at = 0.0
-        self._token_lock = asyncio.Lock()
+        self.tokens = TokenCache(
+            self._fetch_token,
+            refresh_margin_s=config.token_refresh_margin_s,
+            clock=monotonic,
+            name="dingtalk",
+        )
         self.permanent_errors = 0
 
     def __repr__(self) -> str:
@@ -106,30 +109,23 @@ class DingTalkApi:
 
     async def access_token(self) -> str:
         """The cached app access token, fetched when absent or within the refresh margin."""
-        if self._token is not None and self._monotonic() < self._token_expires_at:
-            return self._token
-        async with self._token_lock:
-            if self._token is not None and self._monotonic() < self._token_expires_at:
-                return self._token
-            data = await self._call(
-                "POST",
-                self._cfg.api_root + TOKEN_PATH,
-                {"appKey": self._cfg.client_id, "appSecret": self._cfg.client_secret},
-                auth=False,
-            )
-            token, expire = data.get("accessToken"), data.get("expireIn")
-            if not isinstance(token, str) or not isinstance(expire, int | float):
-                raise self._permanent("accessToken answer lacks accessToken/expireIn")
-            self._token = token
-            lifetime = max(0.0, float(expire) - self._cfg.token_refresh_margin_s)
-            self._token_expires_at = self._monotonic() + lifetime
-            log.info("dingtalk.token_refreshed", expires_in_s=int(expire))
-            return token
+        return await self.tokens.get()
 
-    def invalidate_token(self) -> None:
-        """Forget the cached token (DingTalk said it is no longer valid)."""
-        self._token = None
-        self._token_expires_at = 0.0
+    async def _fetch_token(self) -> tuple[str, float]:
+        data = await self._call(
+            "POST",
+            self._cfg.api_root + TOKEN_PATH,
+            {"appKey": self._cfg.client_id, "appSecret": self._cfg.client_secret},
+            auth=False,
+        )
+        token, expire = data.get("accessToken"), data.get("expireIn")
+        if not isinstance(token, str) or not isinstance(expire, int | float):
+            raise self._permanent("accessToken answer lacks accessToken/expireIn")
+        return token, float(expire)
+
+    def invalidate_token(self, token: str | None = None) -> None:
+        """Forget the cached token (DingTalk said it, or ``token`` if given, is no longer valid)."""
+        self.tokens.invalidate(token)
 
     async def download_image(self, download_code: str, robot_code: str) -> bytes:
         """Exchange a ``downloadCode`` for its URL and fetch it (at most ``max_image_bytes``)."""
@@ -209,6 +205,7 @@ class DingTalkApi:
                 rng=self._rng,
                 sleep=self._sleep,
                 event="dingtalk.api_retry",
+                max_wait_s=self._cfg.api_backoff_max_s,
             )
         except Retryable as exc:
             raise self._permanent(f"{label}: gave up: {exc}") from None
@@ -223,8 +220,9 @@ class DingTalkApi:
         label: str,
     ) -> HttpResponse:
         headers = {"Accept": "application/json"}
+        token = ""
         if auth:
-            headers[TOKEN_HEADER] = await self.access_token()
+            token = headers[TOKEN_HEADER] = await self.access_token()
         request = HttpRequest.build(
             method, url, json_body=body, headers=headers, timeout_s=self._cfg.api_timeout_s
         )
@@ -242,7 +240,7 @@ class DingTalkApi:
         if resp.status >= 500:
             raise Retryable(f"http {resp.status}")
         if auth and (resp.status == 401 or code == "InvalidAuthentication"):
-            self.invalidate_token()
+            self.invalidate_token(token)
             raise Retryable("token invalid", wait_s=0.0)
         if isinstance(errcode, int) and errcode != 0:
             raise self._permanent(f"{label}: errcode {errcode}", code=str(errcode))
@@ -258,7 +256,7 @@ class DingTalkApi:
     def _retry_after(self, resp: HttpResponse) -> float | None:
         raw = resp.header("retry-after")
         try:
-            return min(max(float(raw), 0.0), self._cfg.api_backoff_max_s) if raw else None
+            return max(float(raw), 0.0) if raw else None  # never shortened (see max_wait_s)
         except ValueError:
             return None
 

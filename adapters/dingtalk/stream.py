@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from adapters.dingtalk.config import DingTalkConfig
 from adapters.dingtalk.openapi import DingTalkApi, DingTalkApiError
 from adapters.dingtalk.protocol import CallbackDelivery, DisconnectRequested, StreamProtocol
+from adapters.retry import Backoff
 from adapters.status import StatusTracker
 
 log = structlog.get_logger(__name__)
@@ -40,14 +41,14 @@ class _Moved(Exception):
     """The server asked for a new connection: reconnect without a backoff wait."""
 
 
-def reconnect_delay(step: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """Seconds before the ``step``-th retry (1-based): doubling from ``base_s`` to ``cap_s``.
+def reconnect_backoff(config: DingTalkConfig, rng: random.Random) -> Backoff:
+    """The stream's reconnect backoff: doubling from ``reconnect_base_s`` to ``reconnect_max_s``.
 
-    The wait is drawn from the upper half of that ceiling ("equal jitter"), so a fleet that lost
+    Each wait is drawn from the upper half of that ceiling ("equal jitter"), so a fleet that lost
     its links at once does not come back at once, and a wait never collapses to nothing.
     """
-    ceiling = min(cap_s, base_s * 2.0 ** max(0, step - 1))
-    return ceiling * rng.uniform(0.5, 1.0)
+    cap = max(config.reconnect_max_s, config.reconnect_base_s)
+    return Backoff(config.reconnect_base_s, cap, 0.5, rng.random, spread="below")
 
 
 def refusal(exc: DingTalkApiError) -> bool:
@@ -76,6 +77,7 @@ class StreamClient:
         self._monotonic = monotonic
         self._rng = rng or random.Random()
         self._sleep = sleep
+        self.backoff = reconnect_backoff(config, self._rng)
         self._task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -104,7 +106,8 @@ class StreamClient:
     async def _run(self) -> None:
         """Connect, and after every loss try again (with backoff) until :meth:`stop`."""
         failed_tries = 0
-        step = 0
+        backoff = self.backoff
+        backoff.reset()
         while not self._stopping:
             if self.connections == 0 and failed_tries == 0:
                 self._status.set_state("connecting")
@@ -118,7 +121,8 @@ class StreamClient:
             except _Moved:
                 log.info("dingtalk.stream_moving", app=self._cfg.client_id)
                 self._status.set_state("reconnecting", attempts=0)
-                step = failed_tries = 0
+                failed_tries = 0
+                backoff.reset()
                 # A short random pause, so a server that keeps moving us cannot spin this loop.
                 await self._sleep(self._rng.uniform(0.0, self._cfg.reconnect_base_s))
                 continue
@@ -136,18 +140,12 @@ class StreamClient:
             if up_since is not None:
                 failed_tries = 0
                 if self._monotonic() - up_since >= self._cfg.stable_after_s:
-                    step = 0
+                    backoff.reset()
             else:
                 failed_tries += 1
-            step += 1
-            delay = reconnect_delay(
-                step,
-                base_s=self._cfg.reconnect_base_s,
-                cap_s=self._cfg.reconnect_max_s,
-                rng=self._rng,
-            )
-            if refused:
-                delay = self._cfg.reconnect_max_s * self._rng.uniform(0.5, 1.0)
+            delay = backoff.next_delay()
+            if refused:  # no quick retry can mend a refusal: wait the longest backoff step
+                delay = backoff.delay(30)
             self._status.set_state("failed" if refused else "reconnecting", attempts=failed_tries)
             log.warning(
                 "dingtalk.stream_lost",

@@ -29,11 +29,13 @@ class FeishuConfig:
         max_body_bytes: largest webhook body accepted.
         sink_timeout_s: how long the webhook waits for the sink before answering 503 (Feishu
             gives up after 3 s).
-        max_image_bytes: largest image download accepted.
+        max_image_bytes: largest image download accepted; the bridge sets it from its
+            shared limit (``--max-image-bytes``).
         api_timeout_s: per-request timeout of OpenAPI calls.
         api_max_attempts: tries per OpenAPI call (retries on 429, 5xx, token expiry, I/O errors).
         api_backoff_base_s / api_backoff_max_s: exponential backoff of retries (jittered).
-        rate_limit_max_wait_s: cap on a wait demanded by ``x-ogw-ratelimit-reset``.
+        rate_limit_max_wait_s: longest ``x-ogw-ratelimit-reset`` waited out; a longer one fails
+            the call (retrying sooner than Feishu asked only earns another refusal).
         token_refresh_margin_s: refresh the tenant token this long before it expires.
         patch_interval_s: least time between two card updates of one message (Feishu allows 5/s).
         pong_timeout_s: long connection: seconds to wait for any frame after a ping.

@@ -23,6 +23,7 @@ from adapters.base import AdapterError
 from adapters.feishu.config import FeishuConfig
 from adapters.http import BodyTooLarge, HttpClient, HttpError, HttpRequest, HttpResponse
 from adapters.retry import Retryable, call_with_retries
+from adapters.tokens import TokenCache
 
 log = structlog.get_logger(__name__)
 
@@ -72,12 +73,14 @@ class OpenApiClient:
     ) -> None:
         self._cfg = config
         self._http = http
-        self._monotonic = monotonic
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._token: str | None = None
-        self._token_expires_at = 0.0
-        self._token_lock = asyncio.Lock()
+        self.tokens = TokenCache(
+            self._fetch_token,
+            refresh_margin_s=config.token_refresh_margin_s,
+            clock=monotonic,
+            name="feishu",
+        )
         self.permanent_errors = 0
         self.last_error: str | None = None
 
@@ -87,31 +90,24 @@ class OpenApiClient:
     # --- token -------------------------------------------------------------------------------
     async def tenant_token(self) -> str:
         """The cached tenant access token, fetched when absent or within the refresh margin."""
-        if self._token is not None and self._monotonic() < self._token_expires_at:
-            return self._token
-        async with self._token_lock:
-            if self._token is not None and self._monotonic() < self._token_expires_at:
-                return self._token
-            data = await self._call(
-                "POST",
-                TOKEN_PATH,
-                json_body={"app_id": self._cfg.app_id, "app_secret": self._cfg.app_secret},
-                auth=False,
-            )
-            token = data.get("tenant_access_token")
-            expire = data.get("expire")
-            if not isinstance(token, str) or not isinstance(expire, int | float):
-                raise self._permanent("token answer lacks tenant_access_token", code=-1)
-            lifetime = max(0.0, float(expire) - self._cfg.token_refresh_margin_s)
-            self._token = token
-            self._token_expires_at = self._monotonic() + lifetime
-            log.info("feishu.token_refreshed", expires_in_s=int(expire))
-            return token
+        return await self.tokens.get()
 
-    def invalidate_token(self) -> None:
-        """Forget the cached token (Feishu said it is no longer valid)."""
-        self._token = None
-        self._token_expires_at = 0.0
+    async def _fetch_token(self) -> tuple[str, float]:
+        data = await self._call(
+            "POST",
+            TOKEN_PATH,
+            json_body={"app_id": self._cfg.app_id, "app_secret": self._cfg.app_secret},
+            auth=False,
+        )
+        token = data.get("tenant_access_token")
+        expire = data.get("expire")
+        if not isinstance(token, str) or not isinstance(expire, int | float):
+            raise self._permanent("token answer lacks tenant_access_token", code=-1)
+        return token, float(expire)
+
+    def invalidate_token(self, token: str | None = None) -> None:
+        """Forget the cached token (Feishu said it, or ``token`` if given, is no longer valid)."""
+        self.tokens.invalidate(token)
 
     # --- calls -------------------------------------------------------------------------------
     async def download_image(
@@ -206,6 +202,7 @@ class OpenApiClient:
                 rng=self._rng,
                 sleep=self._sleep,
                 event="feishu.api_retry",
+                max_wait_s=self._cfg.rate_limit_max_wait_s,
             )
         except Retryable as exc:
             raise self._permanent(f"{method} {_trim(path)}: gave up: {exc}") from None
@@ -220,8 +217,10 @@ class OpenApiClient:
         headers: Mapping[str, str] | None,
     ) -> HttpResponse:
         hdrs = dict(headers or {})
+        token = ""
         if auth:
-            hdrs["Authorization"] = f"Bearer {await self.tenant_token()}"
+            token = await self.tenant_token()
+            hdrs["Authorization"] = f"Bearer {token}"
         request = HttpRequest.build(
             method,
             self._cfg.api_root + path,
@@ -244,7 +243,7 @@ class OpenApiClient:
         if resp.status >= 500:
             raise Retryable(f"http {resp.status}")
         if code == CODE_TOKEN_INVALID and auth:
-            self.invalidate_token()
+            self.invalidate_token(token)
             raise Retryable("token invalid", wait_s=0.0)
         if isinstance(code, int) and code != 0:
             msg = data.get("msg") if data is not None else None
@@ -265,7 +264,7 @@ class OpenApiClient:
             wait = float(raw) if raw is not None else self._cfg.api_backoff_base_s
         except ValueError:
             wait = self._cfg.api_backoff_base_s
-        return min(max(wait, 0.0), self._cfg.rate_limit_max_wait_s)
+        return max(wait, 0.0)  # never shortened: a longer wait than allowed fails the call
 
     def _permanent(self, message: str, *, code: int = -1, http_status: int = 0) -> FeishuApiError:
         self.permanent_errors += 1

@@ -25,14 +25,15 @@ class SlackConfig:
         base_url: the Web API root (``https://slack.com/api``); tests point it at a fake.
         file_hosts: hosts the bot token may be sent to when downloading files; empty means
             ``files.slack.com`` for the real API, or the host of ``base_url`` for any other.
-        max_image_bytes: largest file download accepted.
+        max_image_bytes: largest file download accepted; the bridge sets it from its
+            shared limit (``--max-image-bytes``).
         max_text_chars: answers longer than this are cut and end with an ellipsis.
         update_interval_s: least time between two ``chat.update`` calls of one message
             (Slack's chat.update is a Tier 3 method, about one call per second per message).
         api_timeout_s: per-request timeout of Web API calls.
         api_max_attempts: tries per Web API call (retries on 429/ratelimited, 5xx, I/O errors).
         api_backoff_base_s / api_backoff_max_s: jittered exponential backoff of those retries.
-        rate_limit_max_wait_s: cap on a wait demanded by ``Retry-After``.
+        rate_limit_max_wait_s: longest ``Retry-After`` waited out; a longer one fails the call.
         ping_interval_s: a socket silent this long gets a WebSocket ping from us.
         receive_deadline_s: a socket silent this long (no frame, not even a pong) is dropped.
         hello_timeout_s: how long a new socket may take to say ``hello``.

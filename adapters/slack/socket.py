@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
+from adapters.retry import Backoff
 from adapters.slack.config import SlackConfig
 from adapters.slack.protocol import ProtocolError, SocketMessage, ack_frame, parse_socket_message
-from adapters.slack.webapi import REFUSALS, SlackApiError, SlackWebApi, backoff_delay
+from adapters.slack.webapi import JITTER, REFUSALS, SlackApiError, SlackWebApi
 from adapters.status import StatusTracker
 
 log = structlog.get_logger(__name__)
@@ -74,6 +75,13 @@ class SocketModeClient:
         self._status = status
         self._monotonic = monotonic
         self._rng = rng or random.Random()
+        self._backoff = Backoff(
+            config.reconnect_base_s,
+            max(config.reconnect_max_s, config.reconnect_base_s),
+            JITTER,
+            self._rng.random,
+            spread="above",
+        )
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -105,14 +113,15 @@ class SocketModeClient:
 
     async def _run(self) -> None:
         """Open links until stopped; back off after every loss; give up on a refusal."""
-        step = 0
+        backoff = self._backoff
+        backoff.reset()
         failed_tries = 0
         while not self._stopping:
             self._status.set_state("connecting" if self.connections == 0 else "reconnecting")
             try:
                 link = await self._open_link()
                 failed_tries = 0
-                step = 0
+                backoff.reset()
                 reason = await self._serve(link)
             except asyncio.CancelledError:
                 raise
@@ -131,15 +140,10 @@ class SocketModeClient:
             self._status.record_error(reason)
             if self._stopping:
                 return
-            step += 1
             if "too_many_websockets" in reason:
-                step = max(step, TOO_MANY_STEP)  # more sockets now would only be refused again
-            delay = backoff_delay(
-                step,
-                base_s=self._cfg.reconnect_base_s,
-                cap_s=self._cfg.reconnect_max_s,
-                rng=self._rng,
-            )
+                # More sockets now would only be refused again: start at the TOO_MANY_STEP-th wait.
+                backoff.failures = max(backoff.failures, TOO_MANY_STEP - 1)
+            delay = backoff.next_delay()
             self._status.set_state("reconnecting", attempts=failed_tries)
             log.warning(
                 "slack.socket_lost",

@@ -1,8 +1,9 @@
 """Slack Web API calls the adapter makes: apps.connections.open, chat.postMessage/update, files.
 
 Every call goes through the :class:`~adapters.http.HttpClient` seam with one retry loop: HTTP 429
-and ``{"ok": false, "error": "ratelimited"}`` wait ``Retry-After`` seconds (capped); 5xx and I/O
-errors back off exponentially with jitter; any other ``ok: false`` is permanent. Tokens travel
+and ``{"ok": false, "error": "ratelimited"}`` wait ``Retry-After`` seconds (in full; a longer wait
+than allowed fails the call); 5xx and I/O errors back off exponentially with jitter
+(:mod:`adapters.retry`); any other ``ok: false`` is permanent. Tokens travel
 only in the ``Authorization`` header and never appear in errors or logs.
 """
 
@@ -18,6 +19,7 @@ import structlog
 
 from adapters.base import AdapterError
 from adapters.http import BodyTooLarge, HttpClient, HttpError, HttpRequest, HttpResponse
+from adapters.retry import Retryable, TooLongWait, call_with_retries
 from adapters.slack.config import SlackConfig
 
 log = structlog.get_logger(__name__)
@@ -26,6 +28,7 @@ log = structlog.get_logger(__name__)
 REFUSALS = frozenset(
     {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "not_allowed_token_type"}
 )
+#: Backoff waits run from the doubling base to 20 % above it (never below: Slack's own hint).
 JITTER = 0.2
 #: Metadata ``event_type`` of the bridge's replies (found again by their tag after a crash).
 REPLY_EVENT_TYPE = "bridge_reply"
@@ -38,12 +41,6 @@ class SlackApiError(AdapterError):
         super().__init__(message)
         self.error = error
         self.http_status = http_status
-
-
-def backoff_delay(step: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """Seconds before the ``step``-th retry (1-based): ``base_s`` doubling to ``cap_s``, +0-20 %."""
-    ceiling = min(cap_s, base_s * 2.0 ** max(0, min(step - 1, 30)))
-    return ceiling * rng.uniform(1.0, 1.0 + JITTER)
 
 
 class SlackWebApi:
@@ -204,42 +201,46 @@ class SlackWebApi:
         max_body_bytes: int = 2**20,
         attempts: int | None = None,
     ) -> HttpResponse:
-        """Send with retries; returns the first answer that is neither rate-limited nor 5xx."""
+        """Send with retries; returns the first answer that is neither rate-limited nor 5xx.
+
+        The loop is :func:`~adapters.retry.call_with_retries`; a ``Retry-After`` is waited in
+        full, and one longer than ``rate_limit_max_wait_s`` fails the call instead.
+        """
         attempts = attempts or self._cfg.api_max_attempts
-        for attempt in range(1, attempts + 1):
-            wait: float | None = None
-            try:
-                resp = await self._http.send(request, max_body_bytes=max_body_bytes)
-            except BodyTooLarge:
-                raise self._permanent(f"{what}: answer exceeds {max_body_bytes} bytes") from None
-            except HttpError as exc:
-                reason = str(exc)[:200]
-            else:
-                limited = resp.status == 429 or _is_ratelimited(resp)
-                if not limited and resp.status < 500:
-                    return resp
-                reason = "rate limited" if limited else f"http {resp.status}"
-                if limited:
-                    self.rate_limited += 1
-                    wait = _retry_after(resp, self._cfg.rate_limit_max_wait_s)
-            if attempt == attempts:
-                raise self._permanent(f"{what}: {reason} after {attempts} tries")
-            if wait is None:
-                wait = backoff_delay(
-                    attempt,
-                    base_s=self._cfg.api_backoff_base_s,
-                    cap_s=self._cfg.api_backoff_max_s,
-                    rng=self._rng,
-                )
-            log.info(
-                "slack.api_retry",
-                method=what,
-                attempt=attempt,
-                reason=reason,
-                wait_s=round(wait, 3),
+        try:
+            return await call_with_retries(
+                lambda: self._send_once(request, what, max_body_bytes),
+                attempts=attempts,
+                base_s=self._cfg.api_backoff_base_s,
+                cap_s=self._cfg.api_backoff_max_s,
+                rng=self._rng,
+                sleep=self._sleep,
+                event="slack.api_retry",
+                max_wait_s=self._cfg.rate_limit_max_wait_s,
+                jitter=JITTER,
+                spread="above",
             )
-            await self._sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+        except TooLongWait as exc:
+            raise self._permanent(f"{what}: {exc}") from None
+        except Retryable as exc:
+            raise self._permanent(f"{what}: {exc} after {attempts} tries") from None
+
+    async def _send_once(
+        self, request: HttpRequest, what: str, max_body_bytes: int
+    ) -> HttpResponse:
+        """One try: the answer, or :class:`Retryable` for a rate limit, a 5xx or an I/O error."""
+        try:
+            resp = await self._http.send(request, max_body_bytes=max_body_bytes)
+        except BodyTooLarge:
+            raise self._permanent(f"{what}: answer exceeds {max_body_bytes} bytes") from None
+        except HttpError as exc:
+            raise Retryable(str(exc)[:200]) from None
+        if resp.status == 429 or _is_ratelimited(resp):
+            self.rate_limited += 1
+            raise Retryable("rate limited", wait_s=_retry_after(resp))
+        if resp.status >= 500:
+            raise Retryable(f"http {resp.status}")
+        return resp
 
     def _auth(self, token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
@@ -260,8 +261,8 @@ def _is_ratelimited(resp: HttpResponse) -> bool:
     return isinstance(data, dict) and data.get("error") == "ratelimited"
 
 
-def _retry_after(resp: HttpResponse, cap_s: float) -> float:
-    """Slack's ``Retry-After`` seconds (1 when absent or unreadable), at most ``cap_s``."""
+def _retry_after(resp: HttpResponse) -> float:
+    """Slack's ``Retry-After`` seconds (1 when absent or unreadable), never shortened."""
     raw = resp.header("retry-after")
     try:
         value = float(raw) if raw is not None else 1.0
@@ -269,4 +270,4 @@ def _retry_after(resp: HttpResponse, cap_s: float) -> float:
         value = 1.0
     if value != value or value < 0:  # NaN or negative
         value = 1.0
-    return min(value, cap_s)
+    return value

@@ -52,7 +52,7 @@ class TelegramAdapter:
     Args:
         config: the settings; validated here (raises ``ConfigError``).
         offsets: where the polling offset is kept durably (the bridge's store).
-        delays: makes a jittered backoff (the bridge's ``Backoff``) for retries and re-polls.
+        delays: makes a :class:`~adapters.retry.Backoff` for retries and re-polls.
         http: the HTTP seam; an :class:`AiohttpClient` owned (and closed) by the adapter if None.
         clock: wall-clock seconds for timestamps.
         observer: told the outcome of every delivery.

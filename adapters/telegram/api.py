@@ -2,7 +2,7 @@
 
 The token is part of every URL, so no URL ever leaves this module: errors and log lines name the
 method only, and any text that could carry the token (a transport error) is redacted. 429 waits
-``parameters.retry_after``; 5xx and I/O errors back off with the injected jittered delays; other
+``parameters.retry_after``; 5xx and I/O errors back off with the injected :class:`Backoff`; other
 errors are permanent and raised as :class:`TelegramApiError`.
 """
 
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote
 
 import structlog
 
 from adapters.base import AdapterError
 from adapters.http import BodyTooLarge, HttpClient, HttpError, HttpRequest, HttpResponse
+from adapters.retry import Backoff, Retryable, call_with_retries
 from adapters.telegram.config import TelegramConfig
 
 log = structlog.get_logger(__name__)
@@ -25,19 +26,8 @@ NOT_MODIFIED = "message is not modified"
 MAX_API_BODY = 4 * 1024 * 1024
 
 
-class Delays(Protocol):
-    """A jittered, capped backoff (the bridge passes its ``Backoff``): one instance per loop."""
-
-    def next_delay(self) -> float:
-        """Count a failure and return the wait before the next try."""
-        ...
-
-    def reset(self) -> None:
-        """Forget past failures."""
-        ...
-
-
-DelaysFactory = Callable[[], Delays]
+#: Makes the jittered, capped backoff (one :class:`~adapters.retry.Backoff` per loop).
+DelaysFactory = Callable[[], Backoff]
 
 
 class TelegramApiError(AdapterError):
@@ -47,12 +37,6 @@ class TelegramApiError(AdapterError):
         super().__init__(message)
         self.error_code = error_code
         self.description = description
-
-
-class _Retryable(Exception):
-    def __init__(self, message: str, wait_s: float | None = None) -> None:
-        super().__init__(message)
-        self.wait_s = wait_s
 
 
 class BotApi:
@@ -118,32 +102,36 @@ class BotApi:
     async def _send(
         self, what: str, request: HttpRequest, limit: int, params: dict[str, Any] | None = None
     ) -> HttpResponse:
-        delays = self._delays()
-        for attempt in range(1, self._cfg.api_max_attempts + 1):
-            try:
-                return await self._once(what, request, limit)
-            except _Retryable as exc:
-                if attempt >= self._cfg.api_max_attempts:
-                    raise self._permanent(what, f"gave up: {exc}") from None
-                wait = exc.wait_s if exc.wait_s is not None else delays.next_delay()
-                if exc.wait_s is not None and params is not None and self.on_rate_limited:
-                    self.on_rate_limited(params, wait)
-                log.info("telegram.api_retry", method=what, attempt=attempt, reason=str(exc))
-                await self._sleep(wait)
-        raise AssertionError("unreachable")  # pragma: no cover
+        """Send under :func:`~adapters.retry.call_with_retries` with a fresh injected backoff."""
+        try:
+            return await call_with_retries(
+                lambda: self._once(what, request, limit, params),
+                attempts=self._cfg.api_max_attempts,
+                sleep=self._sleep,
+                event="telegram.api_retry",
+                backoff=self._delays(),
+            )
+        except Retryable as exc:
+            raise self._permanent(what, f"gave up: {exc}") from None
 
-    async def _once(self, what: str, request: HttpRequest, limit: int) -> HttpResponse:
+    async def _once(
+        self, what: str, request: HttpRequest, limit: int, params: dict[str, Any] | None
+    ) -> HttpResponse:
+        """One try; a rate limit tells ``on_rate_limited`` (per-chat pacing) before it retries."""
         try:
             resp = await self._http.send(request, max_body_bytes=limit)
         except BodyTooLarge:
             raise self._permanent(what, f"answer larger than {limit} bytes") from None
         except HttpError as exc:
-            raise _Retryable(f"transport: {self.redact(str(exc))[:160]}") from None
+            raise Retryable(f"transport: {self.redact(str(exc))[:160]}") from None
         data = _json(resp)
         if resp.status == 429 or (data is not None and data.get("error_code") == 429):
-            raise self._rate_limited(what, data)
+            limited = self._rate_limited(what, data)
+            if isinstance(limited, Retryable) and params is not None and self.on_rate_limited:
+                self.on_rate_limited(params, limited.wait_s or 0.0)
+            raise limited
         if resp.status >= 500:
-            raise _Retryable(f"http {resp.status}")
+            raise Retryable(f"http {resp.status}")
         if data is not None and data.get("ok") is False:
             code = data.get("error_code")
             desc = self.redact(str(data.get("description", "")))[:200]
@@ -164,7 +152,7 @@ class BotApi:
         wait = max(wait, 0.0)
         if wait > self._cfg.rate_limit_max_wait_s:
             return self._permanent(what, f"rate limited for {wait:.0f}s", error_code=429)
-        return _Retryable(f"rate limited, retry after {wait:g}s", wait_s=wait)
+        return Retryable(f"rate limited, retry after {wait:g}s", wait_s=wait)
 
     def _permanent(
         self, what: str, message: str, *, error_code: int = -1, description: str = ""

@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """The Telegram settings are incomplete or inconsistent (no secret is named)."""
 
 
+#: The Bot API serves files up to 20 MB: the download cap whatever the bridge's own limit.
+BOT_API_MAX_FILE_BYTES = 20 * 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class TelegramConfig:
     """Everything the Telegram adapter needs; built by the bridge from its flags.
@@ -31,7 +35,8 @@ class TelegramConfig:
         webhook_secret: the ``secret_token`` given to ``setWebhook``; required in webhook mode.
         group_mode: in groups answer only when addressed (``mention``) or every message (``all``).
         poll_timeout_s: ``getUpdates`` long-poll timeout (Telegram holds the request this long).
-        max_image_bytes: largest image downloaded (the Bot API serves files up to 20 MB).
+        max_image_bytes: largest image downloaded; the bridge sets it from its shared limit, at
+            most :data:`BOT_API_MAX_FILE_BYTES` (the Bot API serves files up to 20 MB).
         max_body_bytes: largest webhook body accepted.
         sink_timeout_s: how long a webhook call waits for the sink before answering 503.
         edit_interval_s: least time between two edits in one chat (Telegram: about one a second).
@@ -47,7 +52,7 @@ class TelegramConfig:
     webhook_secret: str = ""
     group_mode: GroupMode = "mention"
     poll_timeout_s: int = 50
-    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_bytes: int = BOT_API_MAX_FILE_BYTES
     max_body_bytes: int = 1_000_000
     sink_timeout_s: float = 5.0
     edit_interval_s: float = 1.0

@@ -15,8 +15,9 @@ from typing import Protocol
 
 import structlog
 
+from adapters.retry import Backoff
 from adapters.status import StatusTracker
-from adapters.telegram.api import BotApi, Delays, TelegramApiError
+from adapters.telegram.api import BotApi, TelegramApiError
 from adapters.telegram.config import TelegramConfig
 
 log = structlog.get_logger(__name__)
@@ -47,7 +48,7 @@ class Poller:
         offsets: OffsetStore,
         handle: UpdateHandler,
         status: StatusTracker,
-        delays: Delays,
+        delays: Backoff,
         *,
         update_id_of: Callable[[object], int | None],
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,

@@ -19,6 +19,7 @@ import structlog
 from adapters.base import AdapterError
 from adapters.http import BodyTooLarge, HttpClient, HttpError, HttpRequest, HttpResponse
 from adapters.retry import Retryable, call_with_retries
+from adapters.tokens import TokenCache
 from adapters.wecom.config import WeComConfig
 
 log = structlog.get_logger(__name__)
@@ -61,36 +62,36 @@ class WeComApi:
     ) -> None:
         self._cfg = config
         self._http = http
-        self._monotonic = monotonic
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._token: str | None = None
-        self._token_expires_at = 0.0
-        self._token_lock = asyncio.Lock()
+        self.tokens = TokenCache(
+            self._fetch_token,
+            refresh_margin_s=config.token_refresh_margin_s,
+            clock=monotonic,
+            name="wecom",
+        )
         self.permanent_errors = 0
-        self.tokens_fetched = 0
 
     def __repr__(self) -> str:
         return f"WeComApi(base_url={self._cfg.api_root!r})"
 
+    @property
+    def tokens_fetched(self) -> int:
+        """How many access tokens this client has fetched."""
+        return self.tokens.fetches
+
     async def access_token(self) -> str:
         """The cached access token, fetched when absent or within the refresh margin."""
-        if self._token is not None and self._monotonic() < self._token_expires_at:
-            return self._token
-        async with self._token_lock:
-            if self._token is not None and self._monotonic() < self._token_expires_at:
-                return self._token
-            params = {"corpid": self._cfg.corp_id, "corpsecret": self._cfg.secret}
-            resp = await self._retrying("GET", TOKEN_PATH, params, None, auth=False)
-            data = _json(resp) or {}
-            token, expires = data.get("access_token"), data.get("expires_in")
-            if not isinstance(token, str) or not token or not isinstance(expires, int | float):
-                raise self._permanent("gettoken answer lacks access_token")
-            lifetime = max(0.0, float(expires) - self._cfg.token_refresh_margin_s)
-            self._token, self._token_expires_at = token, self._monotonic() + lifetime
-            self.tokens_fetched += 1
-            log.info("wecom.token_refreshed", expires_in_s=int(expires))
-            return token
+        return await self.tokens.get()
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        params = {"corpid": self._cfg.corp_id, "corpsecret": self._cfg.secret}
+        resp = await self._retrying("GET", TOKEN_PATH, params, None, auth=False)
+        data = _json(resp) or {}
+        token, expires = data.get("access_token"), data.get("expires_in")
+        if not isinstance(token, str) or not token or not isinstance(expires, int | float):
+            raise self._permanent("gettoken answer lacks access_token")
+        return token, float(expires)
 
     def invalidate_token(self, token: str | None = None) -> None:
         """Forget the cached token (WeCom said it is invalid or expired).
@@ -98,9 +99,7 @@ class WeComApi:
         With ``token``, only if it is still the cached one: concurrent calls refused with the
         old token must not throw away the new one another call just fetched.
         """
-        if token is None or token == self._token:
-            self._token = None
-            self._token_expires_at = 0.0
+        self.tokens.invalidate(token)
 
     async def get_media(self, media_id: str) -> bytes:
         """Download a temporary media file (at most ``max_image_bytes``).

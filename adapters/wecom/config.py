@@ -27,7 +27,8 @@ class WeComConfig:
         max_body_bytes: largest callback body accepted.
         sink_timeout_s: how long a callback waits for the sink before answering 503 (WeCom gives
             up after 5 s and retries).
-        max_image_bytes: largest ``media/get`` download accepted.
+        max_image_bytes: largest ``media/get`` download accepted; the bridge sets it from its
+            shared limit (``--max-image-bytes``).
         api_timeout_s: per-request timeout of API calls.
         api_max_attempts: tries per API call on rate limits (45009, HTTP 429), 5xx and I/O errors.
         api_backoff_base_s / api_backoff_max_s: exponential backoff of those retries (jittered).

@@ -34,8 +34,8 @@ def build_http_api(app: BridgeApp, max_body_bytes: int) -> HttpApi:
         return not app.draining and app.engine.status().ready
 
     limits = Limits(
-        max_image_bytes=cfg.max_image_bytes,
-        max_prompt_chars=cfg.max_prompt_chars,
+        max_image_bytes=settings.limits.max_image_bytes,
+        max_prompt_chars=settings.limits.max_prompt_chars,
         image_hosts=frozenset(settings.http_image_hosts),
     )
     limit = SharedSubmitLimit(app.store, cfg.token_submit_rate, time.monotonic)

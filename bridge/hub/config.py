@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from bridge.grants import TopicGrants
+from engine.limits import DEFAULT_LIMITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,8 @@ class HubConfig:
         hello_timeout_s: seconds a new connection has to send ``hello``.
         max_frame_bytes: largest inbound frame; larger ones close with 4004.
         max_image_bytes: largest decoded image in a submit (``too_large`` error frame).
+            These two and ``max_prompt_chars`` default to (and the bridge sets them from) the
+            shared :class:`~engine.limits.Limits`.
         replay_max_events / replay_max_bytes / replay_max_age_s: replay buffer bounds per session.
         session_ttl_s: how long a session without a connection is kept for resume.
         send_queue_max: outgoing frames queued per connection before it is closed with 4003.
@@ -50,8 +53,8 @@ class HubConfig:
     heartbeat_s: float = 45.0
     heartbeat_timeout_s: float = 10.0
     hello_timeout_s: float = 10.0
-    max_frame_bytes: int = 16 * 2**20
-    max_image_bytes: int = 10 * 2**20
+    max_frame_bytes: int = DEFAULT_LIMITS.max_frame_bytes
+    max_image_bytes: int = DEFAULT_LIMITS.max_image_bytes
     replay_max_events: int = 1000
     replay_max_bytes: int = 8 * 2**20
     replay_max_age_s: float = 3600.0
@@ -62,7 +65,7 @@ class HubConfig:
     submit_burst: int = 20
     token_submit_rate: float = 50.0
     max_connections_per_token: int = 1000
-    max_prompt_chars: int = 16_384
+    max_prompt_chars: int = DEFAULT_LIMITS.max_prompt_chars
     frame_rate: float = 200.0
     frame_burst: int = 400
     send_timeout_s: float = 30.0

@@ -42,6 +42,7 @@ def build(s: Settings, metrics: Metrics) -> list[Adapter]:
         base_url=s.dingtalk_base_url,
         card_template_id=s.dingtalk_card_template_id,
         card_content_key=s.dingtalk_card_content_key or "content",
+        max_image_bytes=s.limits.image_cap(),
     )
     return [DingTalkAdapter(cfg, observer=ImMetrics(metrics, "dingtalk"))]
 

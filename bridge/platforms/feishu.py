@@ -48,6 +48,7 @@ def build(s: Settings, metrics: Metrics) -> list[Adapter]:
         verification_token=s.feishu_verification_token or "",
         encrypt_key=s.feishu_encrypt_key or "",
         base_url=s.feishu_base_url,
+        max_image_bytes=s.limits.image_cap(),
     )
     return [FeishuAdapter(cfg, observer=FeishuMetrics(metrics))]
 

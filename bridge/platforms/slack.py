@@ -43,6 +43,7 @@ def build(s: Settings, metrics: Metrics) -> list[Adapter]:
         app_token=s.slack_app_token or "",
         bot_token=s.slack_bot_token or "",
         base_url=s.slack_base_url,
+        max_image_bytes=s.limits.image_cap(),
     )
     return [SlackAdapter(cfg, observer=ImMetrics(metrics, "slack"))]
 

@@ -75,6 +75,7 @@ def build(s: Settings, metrics: Metrics, store: Store | None = None) -> list[Ada
     if store is None:
         raise ConfigError("the Telegram adapter needs the bridge's store")
     from adapters.telegram import TelegramAdapter, TelegramConfig
+    from adapters.telegram.config import BOT_API_MAX_FILE_BYTES
 
     token = s.telegram_token or ""
     cfg = TelegramConfig(
@@ -83,6 +84,7 @@ def build(s: Settings, metrics: Metrics, store: Store | None = None) -> list[Ada
         base_url=s.telegram_base_url,
         webhook_secret=s.telegram_webhook_secret or "",
         group_mode="all" if s.telegram_group_mode == "all" else "mention",
+        max_image_bytes=s.limits.image_cap(BOT_API_MAX_FILE_BYTES),
     )
     adapter = TelegramAdapter(
         cfg,

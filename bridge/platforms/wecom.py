@@ -50,6 +50,7 @@ def _config(s: Settings) -> WeComConfig:
         token=s.wecom_token or "",
         aes_key=s.wecom_aes_key or "",
         base_url=s.wecom_base_url,
+        max_image_bytes=s.limits.image_cap(),
     )
 
 

@@ -1,47 +1,17 @@
-"""A capped, jittered exponential backoff, shared by every reconnect loop and circuit breaker."""
+"""The circuit breaker of the bridge's stores, and the project's one :class:`Backoff` re-exported.
+
+The backoff itself lives in :mod:`adapters.retry` (adapters may not import the bridge, so the
+shared policy sits on their side); bridge modules keep importing it from here.
+"""
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 
+from adapters.retry import Backoff
 
-class Backoff:
-    """Delays doubling from ``initial`` up to ``cap`` with +/- ``jitter`` spread; reset on success.
-
-    Args:
-        initial: first delay in seconds.
-        cap: largest delay in seconds.
-        jitter: relative spread, so that many nodes do not retry in lock-step.
-        rng: random source in [0, 1) (injected by tests).
-    """
-
-    def __init__(
-        self,
-        initial: float = 0.05,
-        cap: float = 2.0,
-        jitter: float = 0.2,
-        rng: Callable[[], float] = random.random,
-    ) -> None:
-        if not 0 < initial <= cap:
-            raise ValueError("need 0 < initial <= cap")
-        self.initial = initial
-        self.cap = cap
-        self.jitter = jitter
-        self._rng = rng
-        self.failures = 0
-
-    def next_delay(self) -> float:
-        """Count one more failure and return how long to wait before the next try."""
-        base = min(self.cap, self.initial * (2 ** min(self.failures, 30)))
-        self.failures += 1
-        spread = base * self.jitter * (2 * self._rng() - 1)
-        return float(max(0.0, min(self.cap, base + spread)))
-
-    def reset(self) -> None:
-        """Forget past failures (call after a success)."""
-        self.failures = 0
+__all__ = ["Backoff", "CircuitBreaker"]
 
 
 class CircuitBreaker:

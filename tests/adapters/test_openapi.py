@@ -116,12 +116,17 @@ async def test_code_99991400_with_http_200_is_retried_too(
     assert len(fake.replies) == 1 and sleeps.waits == [1.0]
 
 
-async def test_rate_limit_wait_is_capped(fake: FakeFeishu, http: AiohttpClient) -> None:
+async def test_rate_limit_wait_is_never_shortened(fake: FakeFeishu, http: AiohttpClient) -> None:
+    # A stated wait over the allowed maximum fails the call instead of retrying too early.
     sleeps = Sleeps()
     api = OpenApiClient(config(fake, rate_limit_max_wait_s=2.0), http, sleep=sleeps)
-    fake.fail_next("patch", status=429, x_ogw_ratelimit_reset="3600")
-    fake.fail_next("patch", status=429, x_ogw_ratelimit_reset="garbage")
     reply_id = await api.reply("om_1", "interactive", "{}", "u-1")
+    fake.fail_next("patch", status=429, x_ogw_ratelimit_reset="3600")
+    with pytest.raises(FeishuApiError, match="3600"):
+        await api.patch(reply_id, "{}")
+    assert sleeps.waits == []
+    fake.fail_next("patch", status=429, x_ogw_ratelimit_reset="2")
+    fake.fail_next("patch", status=429, x_ogw_ratelimit_reset="garbage")
     await api.patch(reply_id, "{}")
     assert sleeps.waits == [2.0, 0.01]
 

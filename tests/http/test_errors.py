@@ -78,7 +78,8 @@ async def test_a_30_mb_data_url_is_413(gated: tuple[Served, GatedEngine]) -> Non
 
 async def test_an_image_over_the_image_limit_is_413(gated: tuple[Served, GatedEngine]) -> None:
     served, _ = gated
-    big = base64.b64encode(b"\x89PNG" + b"\0" * (11 * 2**20)).decode()
+    limit = served.app.settings.limits.max_image_bytes  # --max-image-bytes (20 MiB by default)
+    big = base64.b64encode(b"\x89PNG" + b"\0" * limit).decode()
     with pytest.raises(openai.APIStatusError) as err:
         await served.client.chat.completions.create(
             model="gated", messages=[user_message(url="data:image/png;base64," + big)]

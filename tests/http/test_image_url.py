@@ -45,7 +45,7 @@ async def images() -> AsyncIterator[str]:
 async def test_allowed_host_is_fetched_and_the_limits_hold(images: str) -> None:
     engine = GatedEngine()
     engine.release(1000)
-    app = await serve(engine, flags={"http-image-hosts": "127.0.0.1"})
+    app = await serve(engine, flags={"http-image-hosts": "127.0.0.1", "max-image-bytes": "10MiB"})
     try:
         await wait_ready(app.urls[0])
         served = Served(app, app.urls[0], [])

@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bridge.client import HubClient, HubClientError, backoff_delay
+from adapters.retry import Backoff
+from bridge.client import HubClient, HubClientError
 from engine.types import Delta
 from tests.hub.conftest import TOKEN, StartHub, eventually
 
@@ -30,11 +31,16 @@ def fast_client(url: str, token: str = TOKEN, **kwargs: Any) -> HubClient:
 
 
 def test_backoff_is_jittered_capped_and_exponential() -> None:
-    rng = random.Random(1)
-    delays = [backoff_delay(n, 0.5, 30.0, rng) for n in range(12)]
-    assert all(0.25 <= delays[0] <= 0.5 for _ in range(1))
+    client = HubClient("ws://unused/ws", "t", backoff_initial_s=0.5, rng=random.Random(1))
+    backoff = client.backoff
+    assert isinstance(backoff, Backoff)
+    delays = [backoff.next_delay() for _ in range(12)]
+    assert 0.25 <= delays[0] <= 0.5
     assert all(d <= 30.0 for d in delays) and delays[-1] >= 15.0
-    assert 2.0 <= backoff_delay(3, 0.5, 30.0, rng) <= 4.0
+    assert 2.0 <= backoff.delay(3) <= 4.0
+    assert len(set(delays)) == len(delays)  # jittered: no two waits alike
+    backoff.reset()
+    assert backoff.failures == 0 and 0.25 <= backoff.next_delay() <= 0.5
 
 
 async def collect_until_done(

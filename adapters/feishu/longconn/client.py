@@ -27,6 +27,7 @@ from adapters.feishu.longconn.protocol import (
     LongConnProtocol,
 )
 from adapters.feishu.openapi import FeishuApiError, OpenApiClient, WsEndpoint
+from adapters.retry import Backoff
 from adapters.status import StatusTracker
 
 log = structlog.get_logger(__name__)
@@ -68,8 +69,7 @@ def reconnect_delay(step: int, config: ClientConfig, *, cap_s: float, rng: rando
     cap = max(cap_s, base)
     if step <= 1:
         return rng.uniform(0.0, min(config.reconnect_nonce_s, cap))
-    ceiling = min(cap, base * 2.0 ** (step - 2))
-    return ceiling * rng.uniform(1.0, 1.0 + JITTER)
+    return Backoff(base, cap, JITTER, rng.random, spread="above").delay(step - 2)
 
 
 def refusal(exc: FeishuApiError) -> bool:
@@ -216,7 +216,13 @@ class LongConnClient:
             retries += 1
             step += 1
             if refused:
-                delay = self._cfg.refused_retry_s * self._rng.uniform(1.0, 1.0 + JITTER)
+                delay = Backoff(
+                    self._cfg.refused_retry_s,
+                    self._cfg.refused_retry_s,
+                    JITTER,
+                    self._rng.random,
+                    spread="above",
+                ).delay(0)
                 self._status.set_state("failed", attempts=failed_tries)
                 log.error(
                     "feishu.longconn_refused",

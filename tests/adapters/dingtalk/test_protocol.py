@@ -9,9 +9,10 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adapters.dingtalk.config import DingTalkConfig
 from adapters.dingtalk.frames import Frame, FrameError, callback_ack, parse_frame
 from adapters.dingtalk.protocol import CallbackDelivery, DisconnectRequested, StreamProtocol
-from adapters.dingtalk.stream import reconnect_delay
+from adapters.dingtalk.stream import reconnect_backoff
 
 
 def frame(kind: str, topic: str, mid: str, data: object = None) -> str:
@@ -98,10 +99,12 @@ def test_unsubscribed_event_frames_are_acked_and_garbage_is_counted() -> None:
 
 
 def test_reconnect_delay_doubles_with_jitter_up_to_the_cap() -> None:
-    rng = random.Random(7)
+    cfg = DingTalkConfig(client_id="id", client_secret="s", reconnect_base_s=1.0,
+                         reconnect_max_s=60.0)  # fmt: skip
+    backoff = reconnect_backoff(cfg, random.Random(7))
     for step in range(1, 12):
         ceiling = min(60.0, 1.0 * 2.0 ** (step - 1))
-        d = reconnect_delay(step, base_s=1.0, cap_s=60.0, rng=rng)
+        d = backoff.next_delay()
         assert ceiling * 0.5 <= d <= ceiling
 
 
