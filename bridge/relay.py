@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from adapters.base import Adapter, InboundMessage, MessageFormatError
+from adapters.retry import Backoff
 from bridge import dedupe
 from bridge.cluster import JobQueue, QueueEntry
 from bridge.dedupe import DEDUPE_TTL_S
@@ -33,7 +34,6 @@ from bridge.jobs.im import (
 )
 from bridge.jobs.runner import JobRunner
 from bridge.store import InboxEntry, Store, StoreUnavailable
-from bridge.store.backoff import Backoff
 from engine.types import EngineLike
 
 log = structlog.get_logger(__name__)

@@ -20,9 +20,9 @@ from typing import Protocol
 import structlog
 
 from adapters.base import Adapter, AdapterError, ImageFetchError, InboundMessage, ReplyStream
+from adapters.retry import Backoff
 from bridge.jobs.runner import Busy, JobRunner, JobSpec
 from bridge.store import Store, StoreUnavailable
-from bridge.store.backoff import Backoff
 from engine.types import Delta, Done, EngineError, Failed, JobEvent, JobRequest
 
 log = structlog.get_logger(__name__)

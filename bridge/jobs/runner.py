@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from bridge.store.backoff import Backoff
+from adapters.retry import Backoff
 from engine.types import (
     TERMINAL_KINDS,
     Done,
