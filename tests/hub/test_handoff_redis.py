@@ -122,3 +122,30 @@ async def test_a_cancel_on_the_new_node_stops_the_job_on_the_old_one_on_redis(
         await ws_b.send(json.dumps({"type": "ping", "ts": 1}))
         assert await recv(ws_b, "pong", "event", "error") == {"type": "pong", "ts": 1}
         assert a.engine.handles[f"ws:{sid}:J"].cancelled
+
+
+async def test_a_moved_sessions_events_survive_killed_pubsub_connections_on_redis(
+    redis_nodes: tuple[Running, Running], redis_base_url: str
+) -> None:
+    """The bus is at most once; the job events of a moved session do not ride on it."""
+    import redis.asyncio as aioredis
+
+    a, b = redis_nodes
+    ws, welcome = await a.hello()
+    sid = welcome["session"]
+    await ws.send(submit("long"))
+    got: list[dict[str, Any]] = []
+    await take(ws, got, 60)
+    await ws.close()
+    ws_b, welcome_b = await b.hello(session=sid, last_seq=got[-1]["seq"])
+    assert welcome_b["resumed"] is True
+    admin = aioredis.from_url(f"{redis_base_url}/{HUB_DB}")
+    try:
+        for _ in range(3):  # every pub/sub connection dies, more than once, while the job runs
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            await take(ws_b, got, 40)
+    finally:
+        await admin.aclose()
+    await take(ws_b, got, 10_000)
+    check_stream(got, PIECES)
+    assert len(got) == PIECES + 3
