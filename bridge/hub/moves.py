@@ -322,4 +322,9 @@ class SessionMoves:
                 del self.moved[session_id]
         for session_id in [sid for sid in self._floor if sid not in self.registry.sessions]:
             del self._floor[session_id]
+        # A claim whose hello never finished (the client went away mid-claim) ends here.
+        stale = self._clock() - 2 * self.cfg.hello_timeout_s
+        for session_id in [sid for sid, at in self._claims.items() if at < stale]:
+            del self._claims[session_id]
+            self.handoff.end_claim(session_id)
         self.unheld.trim()

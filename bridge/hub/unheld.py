@@ -32,44 +32,57 @@ class Unheld:
 
 
 class UnheldEvents:
-    """A bounded, time-limited buffer of :class:`Unheld` entries in log order.
+    """A bounded, time-limited buffer of :class:`Unheld` entries, by session, in log order.
 
     Args:
         keep_s: how long an entry stays (longer than a handoff takes).
         clock: monotonic seconds.
+        max_kept: most entries kept over all sessions (beyond, the oldest go).
     """
 
     def __init__(self, keep_s: float, clock: Callable[[], float], max_kept: int = MAX_KEPT) -> None:
         self.keep_s = keep_s
         self._clock = clock
-        self._entries: deque[Unheld] = deque(maxlen=max_kept)
+        self._max_kept = max_kept
+        self._by_session: dict[str, deque[Unheld]] = {}
+        self._order: deque[Unheld] = deque()  # every kept entry, oldest first, for trimming
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._count
 
     def add(self, entry_id: str, session: str, tail: str) -> None:
         """Keep an event of ``session`` read at log position ``entry_id``."""
-        self._entries.append(Unheld(parse_entry_id(entry_id), session, tail, self._clock()))
+        item = Unheld(parse_entry_id(entry_id), session, tail, self._clock())
+        self._by_session.setdefault(session, deque()).append(item)
+        self._order.append(item)
+        self._count += 1
+        while self._count > self._max_kept:
+            self._drop_oldest()
 
     def take(self, session: str, after: EntryId | None, since: float | None = None) -> list[Unheld]:
         """Remove and return the kept events of ``session`` past log position ``after`` (or,
         with no position known, those read at or after ``since``), in log order."""
-        taken: list[Unheld] = []
-        kept: deque[Unheld] = deque(maxlen=self._entries.maxlen)
-        for item in self._entries:
-            if item.session != session:
-                kept.append(item)
-            elif _unapplied(item, after, since):
-                taken.append(item)
-        self._entries = kept
-        return taken
+        items = self._by_session.pop(session, None)
+        if not items:
+            return []
+        self._count -= len(items)  # their places in _order are skipped when trimmed
+        return [item for item in items if _unapplied(item, after, since)]
 
     def trim(self) -> None:
         """Forget entries older than ``keep_s``."""
         horizon = self._clock() - self.keep_s
-        entries = self._entries
-        while entries and entries[0].at < horizon:
-            entries.popleft()
+        while self._order and self._order[0].at < horizon:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        item = self._order.popleft()
+        items = self._by_session.get(item.session)
+        if items and items[0] is item:  # not already taken
+            items.popleft()
+            self._count -= 1
+            if not items:
+                del self._by_session[item.session]
 
 
 def _unapplied(item: Unheld, after: EntryId | None, since: float | None) -> bool:

@@ -147,3 +147,16 @@ def test_unheld_events_are_kept_in_order_for_a_while_and_bounded() -> None:
     now[0] = 200.0
     kept.trim()
     assert len(kept) == 0
+
+
+async def test_a_claim_whose_hello_never_finished_is_forgotten_by_the_sweep(
+    start_hub: StartHub,
+) -> None:
+    a, _b, _bus = await dropping_nodes(start_hub)
+    moves = a.hub._moves
+    assert moves is not None
+    moves._claims["s_gone"] = -1e9  # a claim begun long ago whose client went away
+    moves.logged_event("1-0", "s_gone", '"id":"x","kind":"started"}')
+    assert len(moves.unheld) == 1  # while claimed, its events are kept for the adoption
+    moves.sweep()
+    assert "s_gone" not in moves._claims
