@@ -394,9 +394,39 @@ async def test_two_live_jobs_with_one_id_are_both_listed_and_leave_one_by_one() 
     assert first.task is not None
     first.task.cancel()
     await asyncio.gather(first.task, return_exceptions=True)
-    assert runner.live("j1") == [second]
+    await _until(lambda: runner.live("j1") == [second])
+    assert a.events == [STOPPED]
     hold.set()
     assert await ended(second) == "done" and runner.live("j1") == []
+
+
+@pytest.mark.parametrize("end_on_stop", [True, False])
+async def test_a_job_cancelled_before_its_first_step_still_ends_once(end_on_stop: bool) -> None:
+    # A task cancelled before it first runs never enters its coroutine: the runner must still
+    # end the job (its bytes, the registry, the metrics, a terminal for the client).
+    engine, runner, ends = make()
+    release, sink = Releases(), Sink()
+    job = runner.start(spec(sink, held=50, release=release, end_on_stop=end_on_stop))
+    assert job.task is not None
+    job.task.cancel()  # in the same loop turn as the submit
+    await asyncio.gather(job.task, return_exceptions=True)
+    await _until(lambda: not runner.is_live("j1") and not runner._endings)
+    assert release.calls == [50] and engine.handles["j1"].cancels == 1
+    assert sink.events == ([STOPPED] if end_on_stop else [])
+    assert sink.opens == (1 if end_on_stop else 0)
+    assert ends.calls == [("j1", "ws", "internal")] and not runner.tasks
+
+
+async def test_stop_right_after_a_start_still_ends_the_job_once() -> None:
+    hold = asyncio.Event()
+    _, runner, ends = make(answer_script(hold))
+    release, sink = Releases(), Sink()
+    runner.start(spec(sink, held=7, release=release))
+    async with asyncio.timeout(5):
+        await runner.stop(timeout_s=0.0)
+    assert len(sink.terminals) == 1 and sink.events[-1] == STOPPED
+    assert release.calls == [7] and ends.calls == [("j1", "ws", "internal")]
+    assert runner.live_count() == 0
 
 
 # --- stop ------------------------------------------------------------------------------------
