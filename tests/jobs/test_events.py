@@ -150,8 +150,25 @@ event_like = st.dictionaries(FIELD_NAMES, json_values, max_size=6) | st.fixed_di
 )
 
 
+@st.composite
+def damaged(draw: st.DrawFn) -> dict[str, Any]:
+    """A good event's fields with one field (or one usage count) dropped or replaced."""
+    fields = event_fields(draw(events))
+    usage = fields.get("usage")
+    if isinstance(usage, dict) and draw(st.booleans()):
+        fields = {**fields, "usage": dict(usage)}
+        fields["usage"][draw(st.sampled_from(sorted(usage)))] = draw(scalars | json_values)
+        return fields
+    key = draw(st.sampled_from([*fields, "retry_after", "cached"]))
+    if key in fields and draw(st.booleans()):
+        del fields[key]
+    else:
+        fields[key] = draw(scalars | json_values)
+    return fields
+
+
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(event_like, json_values))
+@given(st.one_of(damaged(), event_like, json_values))
 def test_arbitrary_json_decodes_to_an_event_or_a_value_error(data: Any) -> None:
     try:
         event = event_from_fields(data)
