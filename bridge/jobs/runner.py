@@ -120,6 +120,8 @@ class Job:
     #: The required sink whose error ended the job (the error went to the caller).
     failed_sink: JobSink | None = None
     _broken: set[int] = field(default_factory=set)
+    #: Sinks that have their terminal event (a made-up one never follows it).
+    _ended: set[int] = field(default_factory=set)
 
     def cancel(self) -> None:
         """Ask the engine to stop the job; it then ends with a ``cancelled`` error event."""
@@ -306,12 +308,15 @@ class JobRunner:
         return job.outcome or "internal"
 
     async def _deliver(self, job: Job, event: JobEvent | None) -> None:
-        """Give ``event`` to every working sink in order (None: open them)."""
+        """Give ``event`` to every working sink in order (None: open them); a sink that has
+        its terminal event gets nothing more."""
         for index, sink in enumerate(job.spec.sinks):
-            if index in job._broken:
+            if index in job._broken or index in job._ended:
                 continue
             try:
                 await (sink.open() if event is None else sink.send(event))
+                if event is not None and event.kind in TERMINAL_KINDS:
+                    job._ended.add(index)
             except EndJob:
                 raise
             except Exception as exc:

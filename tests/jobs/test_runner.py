@@ -475,3 +475,18 @@ async def _until(check: Any) -> None:
     async with asyncio.timeout(5):
         while not check():  # noqa: ASYNC110 - polls state owned by other tasks
             await asyncio.sleep(0)
+
+
+async def test_a_stop_during_the_terminal_delivery_gives_no_sink_a_second_terminal() -> None:
+    engine, runner, ends = make()
+    first, slow = Sink("first"), Sink("slow", hold_on="done")
+    job = runner.start(spec(first, slow))
+    await _until(lambda: slow.sends == len(FULL))  # first has its done; slow is receiving it
+    assert first.kinds == FULL
+    assert job.task is not None
+    job.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job.task
+    assert first.terminals == [first.events[-1]] and first.kinds == FULL
+    assert len(slow.terminals) == 1  # the one it was given in place of its interrupted done
+    assert len(ends.calls) == 1
