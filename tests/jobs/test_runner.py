@@ -478,7 +478,7 @@ async def _until(check: Any) -> None:
 
 
 async def test_a_stop_during_the_terminal_delivery_gives_no_sink_a_second_terminal() -> None:
-    engine, runner, ends = make()
+    _, runner, ends = make()
     first, slow = Sink("first"), Sink("slow", hold_on="done")
     job = runner.start(spec(first, slow))
     await _until(lambda: slow.sends == len(FULL))  # first has its done; slow is receiving it
