@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from bridge.jobs.runner import EndJob
+from bridge.jobs.runner import EndJob, JobSpec
 from engine.types import (
     Delta,
     Done,
@@ -188,3 +188,17 @@ class Releases:
 
     def __call__(self, held: int) -> None:
         self.calls.append(held)
+
+
+class Ends:
+    """The runner's on_end hook: (job id, origin, outcome) of every ended job."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str]] = []
+
+    def __call__(self, spec: JobSpec, outcome: str) -> None:
+        self.calls.append((spec.id, spec.origin, outcome))
+
+    def of(self, job_id: str) -> list[str]:
+        """The outcomes told for ``job_id`` (one once it ended)."""
+        return [outcome for jid, _, outcome in self.calls if jid == job_id]

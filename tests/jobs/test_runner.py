@@ -20,20 +20,19 @@ from engine.types import (
     Started,
     Usage,
 )
-from tests.jobs.fakes import ANSWER, Releases, ScriptedEngine, Sink, Sleeps, Step, answer_script
+from tests.jobs.fakes import (
+    ANSWER,
+    Ends,
+    Releases,
+    ScriptedEngine,
+    Sink,
+    Sleeps,
+    Step,
+    answer_script,
+)
 
 IMAGE = b"\x89PNG image bytes"
 FULL = ["queued", "started", "delta", "delta", "delta", "done"]
-
-
-class Ends:
-    """The runner's on_end hook: every (job id, origin, outcome) it was told."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str, str]] = []
-
-    def __call__(self, spec: JobSpec, outcome: str) -> None:
-        self.calls.append((spec.id, spec.origin, outcome))
 
 
 def make(
