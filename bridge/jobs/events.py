@@ -64,9 +64,11 @@ def event_from_fields(data: dict[str, Any]) -> JobEvent:
             return Done(_text(data["text"]), _usage(data["usage"]), bool(data.get("cached")))
         if kind == "error":
             retry_after = data.get("retry_after")
-            if retry_after is not None:
-                retry_after = float(retry_after)
-            return Failed(_text(data["code"]), _text(data["message"]), retry_after)
+            return Failed(
+                _text(data["code"]),
+                _text(data["message"]),
+                None if retry_after is None else _seconds(retry_after),
+            )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"not a job event: {exc!r}") from None
     raise ValueError(f"unknown event kind {kind!r}")
@@ -84,6 +86,15 @@ def _int(raw: Any) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise ValueError(f"expected an integer, got {type(raw).__name__}")
     return raw
+
+
+def _seconds(raw: Any) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ValueError(f"expected a number of seconds, got {type(raw).__name__}")
+    try:
+        return float(raw)
+    except OverflowError:  # an int beyond any float
+        raise ValueError("retry_after is out of range") from None
 
 
 def _text(raw: Any) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -119,6 +120,8 @@ class Job:
     #: The required sink whose error ended the job (the error went to the caller).
     failed_sink: JobSink | None = None
     _broken: set[int] = field(default_factory=set)
+    #: Sinks that have their terminal event (a made-up one never follows it).
+    _ended: set[int] = field(default_factory=set)
 
     def cancel(self) -> None:
         """Ask the engine to stop the job; it then ends with a ``cancelled`` error event."""
@@ -152,6 +155,7 @@ class JobRunner:
         self._sleep = sleep
         self._live: dict[str, list[Job]] = {}
         self.tasks: set[asyncio.Task[str]] = set()
+        self._endings: set[asyncio.Task[None]] = set()
         self.stopping = False
 
     # --- lookups -----------------------------------------------------------------------------
@@ -192,8 +196,32 @@ class JobRunner:
         task = asyncio.get_running_loop().create_task(self._stream(job), name=f"job:{spec.id}")
         job.task = task
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(functools.partial(self._task_done, job))
         return job
+
+    def _task_done(self, job: Job, task: asyncio.Task[str]) -> None:
+        """Forget an ended task; end its job here if the task was cancelled before its first
+        step (its coroutine never ran, so :meth:`_stream` could not end the job itself)."""
+        self.tasks.discard(task)
+        if not any(j is job for j in self._live.get(job.spec.id, ())):
+            return
+        log.warning("job_cancelled_before_start", job_id=job.spec.id, origin=job.spec.origin)
+        job.cancel()
+        if job.spec.held:
+            self._release(job.spec, job.spec.held)
+        ending = asyncio.get_running_loop().create_task(self._end_unrun(job))
+        self._endings.add(ending)
+        ending.add_done_callback(self._endings.discard)
+
+    async def _end_unrun(self, job: Job) -> None:
+        """Give a job that never ran its ``internal`` end (unless its spec says otherwise)."""
+        try:
+            if job.spec.end_on_stop:
+                job.outcome = "internal"
+                await self._deliver_quietly(job, None)
+                await self._deliver_quietly(job, STOPPED)
+        finally:
+            self._leave(job)
 
     async def run(self, spec: JobSpec) -> str:
         """Submit ``spec`` (waiting while the engine is busy, under :attr:`Busy.WAIT`) and stream
@@ -280,12 +308,15 @@ class JobRunner:
         return job.outcome or "internal"
 
     async def _deliver(self, job: Job, event: JobEvent | None) -> None:
-        """Give ``event`` to every working sink in order (None: open them)."""
+        """Give ``event`` to every working sink in order (None: open them); a sink that has
+        its terminal event gets nothing more."""
         for index, sink in enumerate(job.spec.sinks):
-            if index in job._broken:
+            if index in job._broken or index in job._ended:
                 continue
             try:
                 await (sink.open() if event is None else sink.send(event))
+                if event is not None and event.kind in TERMINAL_KINDS:
+                    job._ended.add(index)
             except EndJob:
                 raise
             except Exception as exc:
@@ -297,8 +328,9 @@ class JobRunner:
                     "job_sink_failed", job_id=job.spec.id, sink=type(sink).__name__, error=repr(exc)
                 )
 
-    async def _deliver_quietly(self, job: Job, event: JobEvent) -> None:
-        """Deliver a terminal event the runner made up; failures here are only logged."""
+    async def _deliver_quietly(self, job: Job, event: JobEvent | None) -> None:
+        """Deliver a terminal event the runner made up (None: open the sinks); failures here
+        are only logged."""
         try:
             await self._deliver(job, event)
         except Exception as exc:
@@ -329,6 +361,8 @@ class JobRunner:
         end with an ``internal`` error event unless their spec says otherwise)."""
         self.stopping = True
         await finish_or_cancel(self.tasks, timeout_s)
+        if self._endings:
+            await asyncio.gather(*self._endings, return_exceptions=True)
 
 
 def _cancelling() -> bool:
