@@ -202,6 +202,9 @@ async def ws_job(ws: aiohttp.ClientWebSocketResponse, frame: str, go: asyncio.Ev
         if msg.type != aiohttp.WSMsgType.TEXT:
             break
         event = json.loads(msg.data)
+        if event.get("type") == "ping":  # the hub's heartbeat, answered as HubClient does
+            await ws.send_str(json.dumps({"type": "pong", "ts": event.get("ts")}))
+            continue
         kind = event.get("kind")
         if kind == "delta" and ttft != ttft:
             ttft = time.perf_counter() - t0
@@ -211,7 +214,7 @@ async def ws_job(ws: aiohttp.ClientWebSocketResponse, frame: str, go: asyncio.Ev
             usage = event["usage"]
             total = time.perf_counter() - t0
             return ttft, total, int(usage["completion_tokens"]), int(usage["prompt_tokens"])
-    raise RuntimeError("ws connection closed before done")
+    raise RuntimeError(f"ws connection closed before done: {ws.close_code} {ws.exception()!r}")
 
 
 def p50(xs: list[float]) -> float:
