@@ -4,23 +4,29 @@ The server is a separate ``python -m bridge serve --model tiny`` child (CPU, loo
 time, read from ``/proc/<pid>/stat`` (utime + stime) before and after each batch, holds none of the
 clients' work. Each round sends the same ``--concurrency`` jobs (one photo, one prompt that differs
 only in a job number so the engine's answer cache never answers, ``--max-tokens``) once as
-streaming ``POST /v1/chat/completions`` requests through the official ``openai`` client and once
-as /ws submits through the reference client (``bridge.client.HubClient``, one connection per job),
-alternating which path goes first. Arrival is the same on both paths: the connections are opened
-before the batch (HTTP: a warm-up batch fills the client's keep-alive pool; /ws: every client
-waits for ``welcome``), then all jobs are sent at once. TTFT: request sent to first content
-delta; total: to the last event. Tokens: the usage each path reports (``completion_tokens``).
+streaming ``POST /v1/chat/completions`` requests and once as /ws submits, alternating which path
+goes first. Both paths are driven the same way: ``n`` connections are opened first (HTTP: each
+has answered one ``GET /v1/models``; /ws: each is past ``hello``/``welcome``), the request bodies
+(the JSON with the photo as a base64 data URL; the submit frame) are encoded before the clock
+starts, and all jobs wait on one event; each job's clock starts just before its bytes are handed
+to the socket (HTTP: the prepared request written in one call by :mod:`bench.rawhttp`; /ws:
+aiohttp's client), and both decode every event with ``json.loads``. TTFT: request sent to first
+content delta; total: to the last event. Tokens: the usage each path reports. The bench
+process's own CPU per token is shown too, so the two clients can be seen to cost the same.
+
+``--client openai`` sends the HTTP jobs through the official ``openai`` package instead (what
+earlier figures used): its request building, JSON encoding and chunk parsing then count in the
+HTTP latency. ``--server-root DIR`` runs the server from another checkout (before/after).
 
     python bench/http_vs_ws.py [--concurrency 16] [--max-tokens 16] [--rounds 3]
+        [--client http|openai] [--server-root DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import json
 import os
 import platform
 import signal
@@ -39,20 +45,24 @@ import openai
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import IMAGES, free_port, quiet_logs  # noqa: E402
+from bench.common import free_port, quiet_logs  # noqa: E402
 from bench.rawhttp import RawHttp, request_bytes  # noqa: E402
+from bench.stream_jobs import (  # noqa: E402
+    TOKEN,
+    Result,
+    chat_body,
+    http_job,
+    openai_job,
+    submit_frame,
+    ws_job,
+    ws_open,
+)
 
-TOKEN = "bench-token"
-PROMPT = "Describe the image."
-PHOTO = (IMAGES / "chelsea.jpg").read_bytes()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 #: Pause before each batch's first CPU reading: torch's worker threads keep spinning for a while
 #: after the previous work (the HTTP pool-filling jobs), which must not count against the batch.
 SETTLE_S = 1.0
-
-#: One job: (TTFT seconds, total seconds, completion tokens, prompt tokens).
-Result = tuple[float, float, int, int]
 
 
 def cpu_s(stat_path: str) -> float:
@@ -97,124 +107,6 @@ class Reading:
     batch_jobs: float
     batches: float
     client_cpu_s: float
-
-
-def prompt(tag: str) -> str:
-    """The shared prompt with a job number, so no two jobs hit the answer cache."""
-    return f"{PROMPT} #{tag}"
-
-
-def chat_body(tag: str, max_tokens: int) -> bytes:
-    """A streaming chat completion request body, encoded before the clock starts."""
-    url = "data:image/jpeg;base64," + base64.b64encode(PHOTO).decode()
-    return json.dumps(
-        {
-            "model": "tiny",
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": chat_content(tag, url)}],
-        }
-    ).encode()
-
-
-def chat_content(tag: str, url: str) -> list[dict[str, object]]:
-    """The user message's parts: the prompt and the photo as a data URL."""
-    return [
-        {"type": "text", "text": prompt(tag)},
-        {"type": "image_url", "image_url": {"url": url}},
-    ]
-
-
-def submit_frame(tag: str, max_tokens: int) -> str:
-    """The same job as a /ws submit frame, encoded before the clock starts."""
-    image = base64.b64encode(PHOTO).decode("ascii")
-    frame = {"type": "submit", "id": f"j{tag}", "prompt": prompt(tag), "image": image}
-    return json.dumps({**frame, "max_tokens": max_tokens})
-
-
-async def http_job(conn: RawHttp, request: bytes, go: asyncio.Event) -> Result:
-    """One streaming chat completion on an open connection: the prepared request written when
-    ``go`` is set, the SSE ``data:`` payloads read and decoded as they come."""
-    await go.wait()
-    t0 = time.perf_counter()
-    ttft = float("nan")
-    tokens = prompt_tokens = 0
-    conn.send(request)
-    async for data in conn.events():
-        if data == b"[DONE]":
-            continue
-        chunk = json.loads(data)
-        if ttft != ttft and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-            ttft = time.perf_counter() - t0
-        if chunk.get("usage"):
-            tokens = chunk["usage"]["completion_tokens"]
-            prompt_tokens = chunk["usage"]["prompt_tokens"]
-    return ttft, time.perf_counter() - t0, tokens, prompt_tokens
-
-
-async def openai_job(
-    client: openai.AsyncOpenAI, tag: str, max_tokens: int, go: asyncio.Event
-) -> Result:
-    """One streaming chat completion through the official ``openai`` client (``--client
-    openai``): its request building, JSON encoding and chunk parsing count in the latency."""
-    content = chat_content(tag, "data:image/jpeg;base64," + base64.b64encode(PHOTO).decode())
-    await go.wait()
-    t0 = time.perf_counter()
-    ttft = float("nan")
-    tokens = prompt_tokens = 0
-    stream = await client.chat.completions.create(
-        model="tiny",
-        stream=True,
-        stream_options={"include_usage": True},
-        max_tokens=max_tokens,
-        messages=[{"role": "user", "content": content}],  # type: ignore[misc, list-item]
-    )
-    async for chunk in stream:
-        if ttft != ttft and chunk.choices and chunk.choices[0].delta.content:
-            ttft = time.perf_counter() - t0
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-            prompt_tokens = chunk.usage.prompt_tokens
-    return ttft, time.perf_counter() - t0, tokens, prompt_tokens
-
-
-async def ws_open(http: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSocketResponse:
-    """A /ws connection past ``hello``/``welcome``."""
-    ws = await http.ws_connect(url, max_msg_size=64 * 2**20, autoping=True)
-    await ws.send_str(
-        json.dumps({"type": "hello", "token": TOKEN, "session": None, "last_seq": None})
-    )
-    welcome = json.loads((await ws.receive(10.0)).data)
-    if welcome.get("type") != "welcome":
-        raise RuntimeError(f"expected welcome, got {welcome}")
-    return ws
-
-
-async def ws_job(ws: aiohttp.ClientWebSocketResponse, frame: str, go: asyncio.Event) -> Result:
-    """One /ws job on an open connection: the prepared submit frame sent when ``go`` is set,
-    the event frames read and decoded as they come."""
-    await go.wait()
-    t0 = time.perf_counter()
-    ttft = float("nan")
-    await ws.send_str(frame)
-    async for msg in ws:
-        if msg.type != aiohttp.WSMsgType.TEXT:
-            break
-        event = json.loads(msg.data)
-        if event.get("type") == "ping":  # the hub's heartbeat, answered as HubClient does
-            await ws.send_str(json.dumps({"type": "pong", "ts": event.get("ts")}))
-            continue
-        kind = event.get("kind")
-        if kind == "delta" and ttft != ttft:
-            ttft = time.perf_counter() - t0
-        elif event.get("type") == "error" or kind == "error":
-            raise RuntimeError(f"ws job failed: {event}")
-        elif kind == "done":
-            usage = event["usage"]
-            total = time.perf_counter() - t0
-            return ttft, total, int(usage["completion_tokens"]), int(usage["prompt_tokens"])
-    raise RuntimeError(f"ws connection closed before done: {ws.close_code} {ws.exception()!r}")
 
 
 def p50(xs: list[float]) -> float:
