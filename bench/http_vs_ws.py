@@ -4,21 +4,28 @@ The server is a separate ``python -m bridge serve --model tiny`` child (CPU, loo
 time, read from ``/proc/<pid>/stat`` (utime + stime) before and after each batch, holds none of the
 clients' work. Each round sends the same ``--concurrency`` jobs (one photo, one prompt that differs
 only in a job number so the engine's answer cache never answers, ``--max-tokens``) once as
-streaming ``POST /v1/chat/completions`` requests through the official ``openai`` client and once
-as /ws submits through the reference client (``bridge.client.HubClient``, one connection per job),
-alternating which path goes first. Arrival is the same on both paths: the connections are opened
-before the batch (HTTP: a warm-up batch fills the client's keep-alive pool; /ws: every client
-waits for ``welcome``), then all jobs are sent at once. TTFT: request sent to first content
-delta; total: to the last event. Tokens: the usage each path reports (``completion_tokens``).
+streaming ``POST /v1/chat/completions`` requests and once as /ws submits, alternating which path
+goes first. Both paths are driven the same way: ``n`` connections are opened first (HTTP: each
+has answered one ``GET /v1/models``; /ws: each is past ``hello``/``welcome``), the request bodies
+(the JSON with the photo as a base64 data URL; the submit frame) are encoded before the clock
+starts, and all jobs wait on one event; each job's clock starts just before its bytes are handed
+to the socket (HTTP: the prepared request written in one call by :mod:`bench.rawhttp`; /ws:
+aiohttp's client), and both decode every event with ``json.loads``. TTFT: request sent to first
+content delta; total: to the last event. Tokens: the usage each path reports. The bench
+process's own CPU per token is shown too, so the two clients can be seen to cost the same.
+
+``--client openai`` sends the HTTP jobs through the official ``openai`` package instead (what
+earlier figures used): its request building, JSON encoding and chunk parsing then count in the
+HTTP latency. ``--server-root DIR`` runs the server from another checkout (before/after).
 
     python bench/http_vs_ws.py [--concurrency 16] [--max-tokens 16] [--rounds 3]
+        [--client http|openai] [--server-root DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import os
 import platform
@@ -28,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,20 +45,24 @@ import openai
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import IMAGES, free_port, quiet_logs  # noqa: E402
-from bridge.client import HubClient  # noqa: E402
+from bench.common import free_port, quiet_logs  # noqa: E402
+from bench.rawhttp import RawHttp, request_bytes  # noqa: E402
+from bench.stream_jobs import (  # noqa: E402
+    TOKEN,
+    Result,
+    chat_body,
+    http_job,
+    openai_job,
+    submit_frame,
+    ws_job,
+    ws_open,
+)
 
-TOKEN = "bench-token"
-PROMPT = "Describe the image."
-PHOTO = (IMAGES / "chelsea.jpg").read_bytes()
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 #: Pause before each batch's first CPU reading: torch's worker threads keep spinning for a while
 #: after the previous work (the HTTP pool-filling jobs), which must not count against the batch.
 SETTLE_S = 1.0
-
-#: One job: (TTFT seconds, total seconds, completion tokens, prompt tokens).
-Result = tuple[float, float, int, int]
 
 
 def cpu_s(stat_path: str) -> float:
@@ -71,6 +83,7 @@ class Measured:
     loop_cpu_s: float = 0.0
     batch_jobs: float = 0.0
     batches: float = 0.0
+    client_cpu_s: float = 0.0
 
     def add(self, results: list[Result], before: Reading, after: Reading) -> None:
         """One batch's results and the server readings around it."""
@@ -81,69 +94,19 @@ class Measured:
         self.loop_cpu_s += after.loop_cpu_s - before.loop_cpu_s
         self.batch_jobs += after.batch_jobs - before.batch_jobs
         self.batches += after.batches - before.batches
+        self.client_cpu_s += after.client_cpu_s - before.client_cpu_s
 
 
 @dataclass(frozen=True)
 class Reading:
-    """The server's CPU seconds (process, event-loop thread) and batch-size histogram now."""
+    """The server's CPU seconds (process, event-loop thread) and batch-size histogram now, and
+    the bench process's own CPU seconds (the clients)."""
 
     cpu_s: float
     loop_cpu_s: float
     batch_jobs: float
     batches: float
-
-
-def prompt(tag: str) -> str:
-    """The shared prompt with a job number, so no two jobs hit the answer cache."""
-    return f"{PROMPT} #{tag}"
-
-
-async def http_job(client: openai.AsyncOpenAI, tag: str, max_tokens: int) -> Result:
-    """One streaming chat completion."""
-    url = "data:image/jpeg;base64," + base64.b64encode(PHOTO).decode()
-    t0 = time.perf_counter()
-    ttft = float("nan")
-    tokens = prompt_tokens = 0
-    stream = await client.chat.completions.create(
-        model="tiny",
-        stream=True,
-        stream_options={"include_usage": True},
-        max_tokens=max_tokens,
-        messages=[
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": prompt(tag)},
-                    {"type": "image_url", "image_url": {"url": url}},
-                ],
-            }
-        ],
-    )
-    async for chunk in stream:
-        if ttft != ttft and chunk.choices and chunk.choices[0].delta.content:
-            ttft = time.perf_counter() - t0
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-            prompt_tokens = chunk.usage.prompt_tokens
-    return ttft, time.perf_counter() - t0, tokens, prompt_tokens
-
-
-async def ws_job(client: HubClient, tag: str, max_tokens: int, go: asyncio.Event) -> Result:
-    """One /ws job on an already connected client."""
-    await go.wait()
-    t0 = time.perf_counter()
-    ttft = float("nan")
-    await client.submit(f"j{tag}", prompt(tag), PHOTO, max_tokens=max_tokens)
-    async for frame in client.frames():
-        if frame.get("kind") == "delta" and ttft != ttft:
-            ttft = time.perf_counter() - t0
-        if frame.get("kind") == "error":
-            raise RuntimeError(f"ws job failed: {frame}")
-        if frame.get("kind") == "done":
-            usage = frame["usage"]
-            total = time.perf_counter() - t0
-            return ttft, total, int(usage["completion_tokens"]), int(usage["prompt_tokens"])
-    raise RuntimeError("ws client closed before done")
+    client_cpu_s: float
 
 
 def p50(xs: list[float]) -> float:
@@ -164,6 +127,7 @@ def summary(m: Measured) -> tuple[str, float, float]:
         f"total p50 {p50(total) * 1000:7.1f} ms p95 {p95(total) * 1000:7.1f} ms | "
         f"server CPU {m.cpu_s / m.tokens * 1000:6.2f} ms/token "
         f"(event loop {m.loop_cpu_s / m.tokens * 1000:5.2f}) over {m.tokens} tokens | "
+        f"client CPU {m.client_cpu_s / m.tokens * 1000:5.2f} ms/token | "
         f"{m.batch_jobs / max(m.batches, 1):4.1f} jobs per generate call, "
         f"{m.prompt_tokens / len(m.samples):.0f} prompt tokens per job"
     )
@@ -173,23 +137,28 @@ def summary(m: Measured) -> tuple[str, float, float]:
 class Server:
     """The ``python -m bridge serve --model tiny`` child, logging to a file."""
 
-    def __init__(self, concurrency: int, max_tokens: int, log_path: Path) -> None:
+    def __init__(
+        self, concurrency: int, max_tokens: int, log_path: Path, root: Path = ROOT
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         args = ["--port", str(self.port), "--model", "tiny", "--device", "cpu"]
         args += ["--max-batch", str(concurrency), "--max-new-tokens", str(max_tokens)]
         args += ["--token", TOKEN, "--token-submit-rate", "0", "--log-level", "warning"]
+        pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bridge", "serve", *args],
-                cwd=ROOT,
+                cwd=root,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *pythonpath])},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
         self.stat = f"/proc/{self.proc.pid}/stat"
         self.loop_stat = f"/proc/{self.proc.pid}/task/{self.proc.pid}/stat"
+        self._openai: openai.AsyncOpenAI | None = None
 
     async def wait_ready(self, limit_s: float) -> None:
         """Poll ``/readyz`` until 200 (the model is loaded); fail with the log's tail."""
@@ -221,7 +190,21 @@ class Server:
             loop_cpu,
             values.get("bridge_engine_batch_size_sum", 0.0),
             values.get("bridge_engine_batch_size_count", 0.0),
+            time.process_time(),
         )
+
+    def openai_client(self) -> openai.AsyncOpenAI:
+        """The ``openai`` client of ``--client openai`` (one, so its keep-alive pool is kept)."""
+        if self._openai is None:
+            self._openai = openai.AsyncOpenAI(
+                base_url=self.base + "/v1", api_key=TOKEN, max_retries=0
+            )
+        return self._openai
+
+    async def close_openai(self) -> None:
+        """Close the ``openai`` client if one was made."""
+        if self._openai is not None:
+            await self._openai.close()
 
     async def stop(self) -> None:
         """SIGTERM and wait; SIGKILL if it does not stop."""
@@ -233,72 +216,103 @@ class Server:
             await asyncio.to_thread(self.proc.wait, 10)
 
 
-async def http_batch(
+async def measure(
     server: Server,
     http: aiohttp.ClientSession,
-    client: openai.AsyncOpenAI,
+    jobs: list[Awaitable[Result]],
+    go: asyncio.Event,
+    into: Measured,
+) -> None:
+    """Start ``jobs`` (each waits on ``go``), let the server settle, then read, set ``go`` and
+    read again when all are done: both paths are timed and read the same way."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    await asyncio.sleep(SETTLE_S)  # every job waits on ``go`` by now
+    before = await server.read(http)
+    go.set()
+    results = await asyncio.gather(*tasks)
+    into.add(results, before, await server.read(http))
+
+
+async def http_batch(
+    server: Server, stack: contextlib.AsyncExitStack, kind: str, r: int, n: int, max_tokens: int
+) -> tuple[list[Awaitable[Result]], asyncio.Event]:
+    """``n`` prepared jobs on ``n`` open connections, waiting on one event (``openai``: the
+    client's keep-alive pool filled by ``n`` one-token jobs first)."""
+    go = asyncio.Event()
+    if kind == "openai":
+        warm = asyncio.Event()
+        warm.set()
+        client = server.openai_client()
+        await asyncio.gather(*(openai_job(client, f"{r}w{i}", 1, warm) for i in range(n)))
+        return [openai_job(client, f"{r}h{i}", max_tokens, go) for i in range(n)], go
+    host = f"127.0.0.1:{server.port}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    hello = request_bytes(host, "/v1/models", b"", auth, "GET")
+    headers = {**auth, "Content-Type": "application/json"}
+    conns = []
+    for _ in range(n):
+        conn = await RawHttp.open("127.0.0.1", server.port)
+        stack.push_async_callback(conn.close)
+        await conn.fetch(hello)  # like /ws's hello/welcome: the connection has served a request
+        conns.append(conn)
+    requests = [
+        request_bytes(host, "/v1/chat/completions", chat_body(f"{r}h{i}", max_tokens), headers)
+        for i in range(n)
+    ]
+    return [http_job(conn, req, go) for conn, req in zip(conns, requests, strict=True)], go
+
+
+async def run_batch(
+    server: Server,
+    http: aiohttp.ClientSession,
+    kind: str,
     r: int,
     n: int,
     max_tokens: int,
     into: Measured,
 ) -> None:
-    """Fill the keep-alive pool with ``n`` connections, then send ``n`` jobs at once."""
-    await asyncio.gather(*(http_job(client, f"{r}w{i}", 1) for i in range(n)))
-    await asyncio.sleep(SETTLE_S)
-    before = await server.read(http)
-    results = await asyncio.gather(*(http_job(client, f"{r}h{i}", max_tokens) for i in range(n)))
-    into.add(results, before, await server.read(http))
-
-
-async def ws_batch(
-    server: Server, http: aiohttp.ClientSession, r: int, n: int, max_tokens: int, into: Measured
-) -> None:
-    """Open ``n`` /ws clients and wait for every ``welcome``, then submit ``n`` jobs at once."""
-    ws_url = server.base.replace("http", "ws", 1) + "/ws"
+    """One measured batch of ``n`` jobs over ``kind`` (``http``, ``openai`` or ``ws``)."""
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(HubClient(ws_url, TOKEN)) for _ in range(n)]
-        await asyncio.gather(*(c.wait_connected(10.0) for c in clients))
-        go = asyncio.Event()
-        jobs = [
-            asyncio.create_task(ws_job(c, f"{r}s{i}", max_tokens, go))
-            for i, c in enumerate(clients)
-        ]
-        await asyncio.sleep(SETTLE_S)  # every job waits on ``go`` by now
-        before = await server.read(http)
-        go.set()
-        results = await asyncio.gather(*jobs)
-        into.add(results, before, await server.read(http))
+        if kind == "ws":
+            ws_url = server.base.replace("http", "ws", 1) + "/ws"
+            conns = [await stack.enter_async_context(await ws_open(http, ws_url)) for _ in range(n)]
+            go = asyncio.Event()
+            jobs = [
+                ws_job(ws, submit_frame(f"{r}s{i}", max_tokens), go) for i, ws in enumerate(conns)
+            ]
+        else:
+            jobs, go = await http_batch(server, stack, kind, r, n, max_tokens)
+        await measure(server, http, jobs, go, into)
 
 
-async def main(concurrency: int, max_tokens: int, rounds: int) -> None:
+async def main(
+    concurrency: int, max_tokens: int, rounds: int, client: str, root: Path = ROOT
+) -> None:
     quiet_logs()
+    measured = {"http": Measured(), "ws": Measured()}
     with tempfile.TemporaryDirectory(prefix="bench-http-ws-") as tmp:
-        server = Server(concurrency, max_tokens, Path(tmp) / "server.log")
+        server = Server(concurrency, max_tokens, Path(tmp) / "server.log", root)
         try:
             await server.wait_ready(180.0)
-            http = aiohttp.ClientSession()
-            client = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key=TOKEN, max_retries=0)
-            # Warm-up, not measured: one batch each way, so both paths find torch warmed up.
-            await http_batch(server, http, client, -1, concurrency, max_tokens, Measured())
-            await ws_batch(server, http, -1, concurrency, max_tokens, Measured())
-            measured = {"http": Measured(), "ws": Measured()}
-            for r in range(rounds):
-                order = ["http", "ws"] if r % 2 == 0 else ["ws", "http"]
-                for kind in order:
-                    if kind == "http":
-                        await http_batch(
-                            server, http, client, r, concurrency, max_tokens, measured[kind]
+            # One pool for both paths; the HTTP jobs keep their n keep-alive connections in it.
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                # Warm-up, not measured: one batch each way, so both paths find torch warmed up.
+                await run_batch(server, http, client, -1, concurrency, max_tokens, Measured())
+                await run_batch(server, http, "ws", -1, concurrency, max_tokens, Measured())
+                for r in range(rounds):
+                    for kind in ["http", "ws"] if r % 2 == 0 else ["ws", "http"]:
+                        path = client if kind == "http" else "ws"
+                        await run_batch(
+                            server, http, path, r, concurrency, max_tokens, measured[kind]
                         )
-                    else:
-                        await ws_batch(server, http, r, concurrency, max_tokens, measured[kind])
-            await client.close()
-            await http.close()
+            await server.close_openai()
         finally:
             await server.stop()
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {concurrency} "
         f"concurrent streaming jobs x {rounds} rounds, max_tokens={max_tokens}, tiny model on CPU, "
-        "server in its own process"
+        f"server in its own process ({root}), HTTP client: {client}"
     )
     lines = {kind: summary(m) for kind, m in measured.items()}
     for kind, (line, _, _) in lines.items():
@@ -317,5 +331,18 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--client",
+        choices=["http", "openai"],
+        default="http",
+        help="HTTP side: aiohttp with prepared bodies (default, like the /ws side) or the openai "
+        "package",
+    )
+    parser.add_argument(
+        "--server-root",
+        type=Path,
+        default=ROOT,
+        help="run the server from this checkout (a before/after comparison; default: this one)",
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.concurrency, args.max_tokens, args.rounds))
+    asyncio.run(main(args.concurrency, args.max_tokens, args.rounds, args.client, args.server_root))

@@ -88,6 +88,7 @@ class ChatRenderer:
         self.error: ApiError | None = None
         self.finished = False
         self._completion_tokens = 0
+        self._content_chunk = sse.ContentChunks(job_id, created, model)
 
     def first(self) -> list[str]:
         """The opening chunk (the assistant role), sent before any event."""
@@ -148,7 +149,7 @@ class ChatRenderer:
         if not text:
             return []
         self.text += text
-        return [self._chunk({"content": text})]
+        return [self._content_chunk(text)]
 
     def _finish(self, reason: str, usage: dict[str, int]) -> list[str]:
         self.finished = True

@@ -16,6 +16,10 @@ KEEPALIVE = b": keep-alive\n\n"
 
 def encode(data: str, seq: int | None = None, event: str | None = None) -> bytes:
     """One SSE message; ``data`` is split on newlines so each line gets its own ``data:``."""
+    if event is None and "\n" not in data:
+        # The streaming hot path (one compact JSON line per chunk): one format, one encode.
+        head = "" if seq is None else f"id: {seq}\n"
+        return f"{head}data: {data}\n\n".encode()
     lines = []
     if seq is not None:
         lines.append(f"id: {seq}")
@@ -52,6 +56,25 @@ def chunk(
     if usage is not None:
         body["usage"] = usage
     return dumps(body)
+
+
+class ContentChunks:
+    """Renders the ``chat.completion.chunk`` of a content delta from precomputed JSON around the
+    escaped text: byte for byte what :func:`chunk` gives, without building and encoding the
+    whole object for every streamed token."""
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self, job_id: str, created: int, model: str) -> None:
+        marker = "\x00"
+        whole = chunk(job_id, created, model, {"content": marker})
+        head, _, tail = whole.partition(dumps({"c": marker})[5:-1])
+        self._head = head
+        self._tail = tail
+
+    def __call__(self, text: str) -> str:
+        """The chunk carrying ``text`` as its delta's content."""
+        return self._head + json.dumps(text, ensure_ascii=False) + self._tail
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
