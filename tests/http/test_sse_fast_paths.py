@@ -37,12 +37,8 @@ def test_encode_one_line_and_general_forms(
     assert sse.encode(data, seq, event) == expected
 
 
-class _NoHandle:
-    """HttpJob's handle is not used by add/end/wait."""
-
-
 def _job() -> HttpJob:
-    return HttpJob("j1", "alice", "http", _NoHandle())  # type: ignore[arg-type]
+    return HttpJob("j1", "alice", "http")
 
 
 async def test_wait_is_woken_by_add_and_end() -> None:
