@@ -11,6 +11,7 @@ import asyncio
 import struct
 import time
 from collections import deque
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -105,8 +106,8 @@ class Connection:
         "forced_chars",
         "id",
         "max_pending_bytes",
+        "_queue",
         "on_closing",
-        "queue",
         "queue_max",
         "queued_chars",
         "remote",
@@ -137,7 +138,8 @@ class Connection:
         self.queue_max = queue_max
         self.max_pending_bytes = max_pending_bytes
         self.transport = transport
-        self.queue: deque[str] = deque()
+        # Made when a frame first has to wait (760 bytes that most connections never need).
+        self._queue: deque[str] | None = None
         #: Characters of the frames in :attr:`queue` (about their bytes: event frames are JSON).
         self.queued_chars = 0
         #: Characters sent with ``force`` since the queue was last empty (a resume's replay):
@@ -152,6 +154,12 @@ class Connection:
         self.counted = False
         self.wall_connected_at = time.time()
         self.on_closing: Any = None
+
+    @property
+    def queue(self) -> Collection[str]:
+        """The frames waiting for the writer, oldest first (read-only view for callers)."""
+        queue = self._queue
+        return () if queue is None else queue
 
     @property
     def closing(self) -> bool:
@@ -186,7 +194,7 @@ class Connection:
         """
         if self._close_task is not None:
             return False
-        queue = self.queue
+        queue = self._queue
         transport = self.transport
         if (
             not queue
@@ -206,18 +214,20 @@ class Connection:
             return False
         if force:
             self.forced_chars += len(frame)
-        elif len(queue) >= self.queue_max or (
+        elif (queue is not None and len(queue) >= self.queue_max) or (
             self.pending_bytes() + len(frame) > self.max_pending_bytes + self.forced_chars
         ):
             log.info(
                 "ws_slow_consumer",
                 conn_id=self.id,
-                queued_frames=len(queue),
+                queued_frames=len(self.queue),
                 pending_bytes=self.pending_bytes(),
                 limit_bytes=self.max_pending_bytes,
             )
             self.close(p.CLOSE_SLOW_CONSUMER, "slow consumer")
             return False
+        if queue is None:
+            self._queue = queue = deque()
         queue.append(frame)
         self.queued_chars += len(frame)
         if self.writer is None:
@@ -226,7 +236,8 @@ class Connection:
 
     async def _drain(self) -> None:
         ws = self.ws
-        queue = self.queue
+        queue = self._queue
+        assert queue is not None
         try:
             while queue:
                 frame = queue.popleft()
@@ -243,9 +254,12 @@ class Connection:
             self.writer = None
             if not queue:
                 self.forced_chars = 0
+                if self._queue is queue:
+                    self._queue = None  # a caught-up connection gives the deque back
 
     def _clear_queue(self) -> None:
-        self.queue.clear()
+        if self._queue is not None:
+            self._queue.clear()
         self.queued_chars = 0
         self.forced_chars = 0
 
