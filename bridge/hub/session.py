@@ -165,6 +165,11 @@ class Session:
         return f"Session(id={self.id!r}, owner={self.owner!r}, last_seq={self.last_seq})"
 
     @property
+    def follows_topics(self) -> bool:
+        """Whether the session is subscribed to any topic (without making its topic set)."""
+        return bool(self._topics)
+
+    @property
     def last_seq(self) -> int:
         """The highest seq assigned so far."""
         return self.replay.last_seq
