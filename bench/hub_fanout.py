@@ -173,6 +173,8 @@ class _GcPauses:
     def __init__(self) -> None:
         self.full = 0
         self.longest_s = 0.0
+        self.total_s = 0.0
+        self.objects = 0
         self._t0 = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
@@ -181,8 +183,11 @@ class _GcPauses:
         if phase == "start":
             self._t0 = time.perf_counter()
         else:
+            took = time.perf_counter() - self._t0
             self.full += 1
-            self.longest_s = max(self.longest_s, time.perf_counter() - self._t0)
+            self.total_s += took
+            self.longest_s = max(self.longest_s, took)
+            self.objects = max(self.objects, len(gc.get_objects()))
 
 
 class _BareFanout:
@@ -304,6 +309,8 @@ async def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "latency_max_ms": round(result["max_ms"], 1) if result["max_ms"] is not None else None,
         "gc_full_collections": pauses.full,
         "gc_full_longest_ms": round(pauses.longest_s * 1000, 1),
+        "gc_full_total_ms": round(pauses.total_s * 1000, 1),
+        "gc_tracked_objects_max": pauses.objects,
     }
 
 

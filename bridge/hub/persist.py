@@ -130,20 +130,23 @@ class WriteBehind:
         if not pending:
             return True
         done: set[Session] = set()
-        gate = asyncio.Semaphore(FLUSH_CONCURRENCY)
+        # A few workers share one iterator, rather than a task per session: thousands of tasks
+        # (each a coroutine, a context and its batch) living through the flush would be objects
+        # the GC promotes, and enough of them make it run full collections under fan-out.
+        work = iter(pending)
 
-        async def write(session: Session, batch: PersistBatch) -> None:
-            async with gate:
+        async def worker() -> None:
+            for session, batch in work:
                 await self._write(session, batch)
-            session.batch_done(batch)
-            done.add(session)
-            self.written += 1
+                session.batch_done(batch)
+                done.add(session)
+                self.written += 1
 
         try:
             # One deadline for the whole flush: a hung store fails it as a unit, cheaply.
             async with asyncio.timeout(timeout_s), asyncio.TaskGroup() as group:
-                for session, batch in pending:
-                    group.create_task(write(session, batch))
+                for _ in range(min(FLUSH_CONCURRENCY, len(pending))):
+                    group.create_task(worker())
         except BaseException as exc:  # StoreUnavailable, timeouts, bugs, cancels: retry later
             for session, batch in pending:
                 if session not in done:
@@ -171,7 +174,7 @@ class WriteBehind:
         if self.node_id is not None and not session.node_saved:
             await self.store.set_value(NODE_KEY + session.id, self.node_id, self.ttl_s)
             session.node_saved = True
-        if batch.events:
+        if batch.entries:
             await self.store.append_events(session.id, batch.events, self.ttl_s)
         if batch.record is not None:
             await self.store.save_session(batch.record, self.ttl_s)

@@ -159,6 +159,11 @@ class ReplayBuffer:
         """The kept events with a seq of at least ``seq``, as store events (the store's format)."""
         return [StoredEvent(s, ts, frame) for s, frame, ts in self._tail(seq)]
 
+    def entries_from(self, seq: int) -> list[tuple[int, float, str]]:
+        """The kept events with a seq of at least ``seq`` as ``(seq, ts, frame)`` tuples (atoms
+        only, so the GC untracks them: a write-behind batch holds them for a while)."""
+        return [(s, ts, frame) for s, frame, ts in self._tail(seq)]
+
     def entries(self) -> Iterator[object]:
         """Every object the buffer holds per event (tests check none is tracked by the GC)."""
         yield from self._frames or ()

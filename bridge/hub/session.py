@@ -30,11 +30,22 @@ def new_session_id() -> str:
 
 @dataclass(slots=True)
 class PersistBatch:
-    """What the write-behind task must store for one session."""
+    """What the write-behind task must store for one session.
 
-    events: list[StoredEvent]
+    ``entries`` are plain ``(seq, ts, frame)`` tuples, which the cyclic GC stops tracking: a
+    flush of thousands of sessions keeps them across many loop iterations, and event objects
+    living that long would be promoted and trigger full collections. :attr:`events` makes the
+    store's objects when the write happens.
+    """
+
+    entries: list[tuple[int, float, str]]
     trim_through: int
     record: SessionRecord | None
+
+    @property
+    def events(self) -> list[StoredEvent]:
+        """The entries as the store takes them."""
+        return [StoredEvent(seq, ts, frame) for seq, ts, frame in self.entries]
 
 
 class _Lazy(Generic[C]):
@@ -253,14 +264,13 @@ class Session:
             trim = self.saved_trim
         if not unsaved and trim <= self.saved_trim and not self.header_dirty:
             return None
-        # The store boundary: only here do kept events become StoredEvent objects.
-        events = replay.events_from(self.unsaved_from) if unsaved else []
+        entries = replay.entries_from(self.unsaved_from) if unsaved else []
         self.unsaved_from = replay.last_seq + 1
         # append_events keeps last_seq and trim_events keeps first_seq in the store; the header
         # is written only when it changed (creation, topics) so the hot path stays cheap.
         record = self.record(wall_now) if self.header_dirty else None
         self.header_dirty = False
-        return PersistBatch(events=events, trim_through=trim, record=record)
+        return PersistBatch(entries=entries, trim_through=trim, record=record)
 
     def batch_done(self, batch: PersistBatch) -> None:
         """The store holds ``batch`` now."""
@@ -268,8 +278,8 @@ class Session:
 
     def batch_failed(self, batch: PersistBatch) -> None:
         """Writing ``batch`` failed: keep it for the next flush (ahead of newer events)."""
-        if batch.events:
-            self.unsaved_from = min(self.unsaved_from, batch.events[0].seq)
+        if batch.entries:
+            self.unsaved_from = min(self.unsaved_from, batch.entries[0][0])
         self.header_dirty = True
 
     def record(self, wall_now: float) -> SessionRecord:
