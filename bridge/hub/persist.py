@@ -183,7 +183,7 @@ class WriteBehind:
         if self.node_id is not None and not session.node_saved:
             await self.store.set_value(NODE_KEY + session.id, self.node_id, self.ttl_s)
             session.node_saved = True
-        if batch.entries:
+        if batch.frames:
             await self.store.append_events(session.id, batch.events, self.ttl_s)
         if batch.record is not None:
             await self.store.save_session(batch.record, self.ttl_s)

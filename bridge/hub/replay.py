@@ -159,10 +159,15 @@ class ReplayBuffer:
         """The kept events with a seq of at least ``seq``, as store events (the store's format)."""
         return [StoredEvent(s, ts, frame) for s, frame, ts in self._tail(seq)]
 
-    def entries_from(self, seq: int) -> list[tuple[int, float, str]]:
-        """The kept events with a seq of at least ``seq`` as ``(seq, ts, frame)`` tuples (atoms
-        only, so the GC untracks them: a write-behind batch holds them for a while)."""
-        return [(s, ts, frame) for s, frame, ts in self._tail(seq)]
+    def slice_from(self, seq: int) -> tuple[int, list[str], list[float]]:
+        """The kept events with a seq of at least ``seq`` as ``(first seq, frames, times)``:
+        two lists of atoms however many events, for a write-behind batch to hold a while."""
+        frames, stamps = self._frames, self._ts
+        if not frames or stamps is None:
+            return self.last_seq + 1, [], []
+        oldest = self.oldest_seq
+        skip = max(0, seq - oldest)
+        return oldest + skip, list(islice(frames, skip, None)), list(islice(stamps, skip, None))
 
     def entries(self) -> Iterator[object]:
         """Every object the buffer holds per event (tests check none is tracked by the GC)."""

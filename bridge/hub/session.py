@@ -32,20 +32,26 @@ def new_session_id() -> str:
 class PersistBatch:
     """What the write-behind task must store for one session.
 
-    ``entries`` are plain ``(seq, ts, frame)`` tuples, which the cyclic GC stops tracking: a
-    flush of thousands of sessions keeps them across many loop iterations, and event objects
-    living that long would be promoted and trigger full collections. :attr:`events` makes the
-    store's objects when the write happens.
+    The events are kept as their first seq and two lists of atoms (frames, times), not as
+    event objects: a flush of thousands of sessions holds its batches across loop iterations,
+    and per-event objects living that long would be promoted by the GC and trigger full
+    collections. :attr:`events` makes the store's objects when the write happens.
     """
 
-    entries: list[tuple[int, float, str]]
+    first_seq: int
+    frames: list[str]
+    stamps: list[float]
     trim_through: int
     record: SessionRecord | None
 
     @property
     def events(self) -> list[StoredEvent]:
-        """The entries as the store takes them."""
-        return [StoredEvent(seq, ts, frame) for seq, ts, frame in self.entries]
+        """The batch's events as the store takes them."""
+        first = self.first_seq
+        return [
+            StoredEvent(first + i, ts, frame)
+            for i, (frame, ts) in enumerate(zip(self.frames, self.stamps, strict=True))
+        ]
 
 
 class _Lazy(Generic[C]):
@@ -264,13 +270,14 @@ class Session:
             trim = self.saved_trim
         if not unsaved and trim <= self.saved_trim and not self.header_dirty:
             return None
-        entries = replay.entries_from(self.unsaved_from) if unsaved else []
+        start = self.unsaved_from if unsaved else replay.last_seq + 1
+        first, frames, stamps = replay.slice_from(start)
         self.unsaved_from = replay.last_seq + 1
         # append_events keeps last_seq and trim_events keeps first_seq in the store; the header
         # is written only when it changed (creation, topics) so the hot path stays cheap.
         record = self.record(wall_now) if self.header_dirty else None
         self.header_dirty = False
-        return PersistBatch(entries=entries, trim_through=trim, record=record)
+        return PersistBatch(first, frames, stamps, trim_through=trim, record=record)
 
     def batch_done(self, batch: PersistBatch) -> None:
         """The store holds ``batch`` now."""
@@ -278,8 +285,8 @@ class Session:
 
     def batch_failed(self, batch: PersistBatch) -> None:
         """Writing ``batch`` failed: keep it for the next flush (ahead of newer events)."""
-        if batch.entries:
-            self.unsaved_from = min(self.unsaved_from, batch.entries[0][0])
+        if batch.frames:
+            self.unsaved_from = min(self.unsaved_from, batch.first_seq)
         self.header_dirty = True
 
     def record(self, wall_now: float) -> SessionRecord:

@@ -34,14 +34,20 @@ WRITE_HIGH_WATER = 256 * 1024
 SLOW_CLOSE_ABORT_S = 10.0
 
 
+# Frame headers: one prebuilt per short length, a compiled struct for the 16-bit ones (every
+# delivery builds a frame, so this is on the fan-out hot path).
+_SHORT_HEADERS = tuple(bytes((0x81, n)) for n in range(126))
+_HEADER_16 = struct.Struct("!BBH")
+
+
 def text_frame(text: str) -> bytes:
     """An unmasked, uncompressed, final WebSocket text frame (RFC 6455 §5.2) carrying ``text``."""
     payload = text.encode("utf-8")
     n = len(payload)
     if n < 126:
-        return bytes((0x81, n)) + payload
+        return _SHORT_HEADERS[n] + payload
     if n < 65_536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
+        return _HEADER_16.pack(0x81, 126, n) + payload
     return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
