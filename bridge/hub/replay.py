@@ -192,7 +192,9 @@ class ReplayBuffer:
             return
         oldest = self.oldest_seq
         skip = max(0, start - oldest)
-        for i, (frame, ts) in enumerate(islice(zip(frames, stamps), skip, None), oldest + skip):
+        for i, (frame, ts) in enumerate(
+            islice(zip(frames, stamps, strict=True), skip, None), oldest + skip
+        ):
             yield i, frame, ts
 
     def _deques(self) -> tuple[deque[str], deque[float]]:

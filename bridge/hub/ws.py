@@ -107,12 +107,12 @@ class Connection:
     __slots__ = (
         "__weakref__",
         "_close_task",
+        "_queue",
         "core",
         "counted",
         "forced_chars",
         "id",
         "max_pending_bytes",
-        "_queue",
         "on_closing",
         "queue_max",
         "queued_chars",

@@ -149,9 +149,7 @@ class MemoryStore:
         if rec is None:
             return None
         events = [StoredEvent(*ev) for ev in self._events.get(session_id, ())]
-        return replace(
-            rec, topics=list(rec.topics), events=events, open_jobs=list(rec.open_jobs)
-        )
+        return replace(rec, topics=list(rec.topics), events=events, open_jobs=list(rec.open_jobs))
 
     async def save_session(self, record: SessionRecord, ttl_s: float) -> None:
         check_key(record.session_id, "session_id")
