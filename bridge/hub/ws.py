@@ -64,6 +64,9 @@ class HubWebSocket(web.WebSocketResponse):
             this aiohttp version offers no place for it; then nothing is reserved).
     """
 
+    # Slots, not instance-dict entries: the two extra attributes grew every connection's dict.
+    __slots__ = ("_budget", "gate")
+
     def __init__(self, *, budget: InflightBudget | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._budget = budget

@@ -23,6 +23,9 @@ from bridge.store.checks import (
     check_value,
 )
 
+_NO_ITEMS: list[str] = []
+_NO_EVENTS: list[StoredEvent] = []
+
 
 class MemoryStore:
     """A dict-backed :class:`~bridge.store.base.Store` with TTLs driven by an injectable clock."""
@@ -162,9 +165,10 @@ class MemoryStore:
         kept = [e for e in events if e[0] >= record.first_seq]
         if kept:
             self._events[sid] = kept
-        rec = replace(
-            record, topics=list(record.topics), events=[], open_jobs=list(record.open_jobs)
-        )
+        # Empty lists are shared (never mutated here: load_session hands out copies).
+        topics = list(record.topics) if record.topics else _NO_ITEMS
+        open_jobs = list(record.open_jobs) if record.open_jobs else _NO_ITEMS
+        rec = replace(record, topics=topics, events=_NO_EVENTS, open_jobs=open_jobs)
         self._sessions[sid] = (rec, self._clock() + ttl_s)
 
     async def append_events(
