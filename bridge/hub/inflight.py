@@ -216,7 +216,8 @@ class FrameGate:
         self._dropping = False  # dropping the current data message
         self._cut = False  # the dropped rest belongs to a message aiohttp already has part of
         self._drop_declared = 0
-        self._drop_head = bytearray()
+        # A fresh bytearray for each dropped payload (most connections never drop one).
+        self._drop_head: bytes | bytearray = b""
         self._drop_tail = b""
         self._closed = False
 
@@ -376,7 +377,7 @@ class FrameGate:
         self._dropping = True
         self._cut = opcode == _CONTINUATION and self._in_message
         self._drop_declared = length
-        self._drop_head.clear()
+        self._drop_head = bytearray()
         self._drop_tail = b""
 
     def _on_frame_end(

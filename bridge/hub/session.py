@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
@@ -180,6 +180,12 @@ class Session:
 
     def __repr__(self) -> str:
         return f"Session(id={self.id!r}, owner={self.owner!r}, last_seq={self.last_seq})"
+
+    @property
+    def topic_names(self) -> Collection[str]:
+        """The subscribed topics, read-only (without making the topic set of a session that
+        follows none: the dashboard lists every connection's topics)."""
+        return self._topics or ()
 
     @property
     def follows_topics(self) -> bool:

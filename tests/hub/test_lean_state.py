@@ -72,9 +72,11 @@ def test_a_new_session_makes_its_sets_only_when_used() -> None:
     session.emit(TAIL, wall_now=1.0)
     assert session.take_batch(2.0) is not None  # writes the header: reads topics and open jobs
     assert not session.knows_job("j") and not session.follows_topics
+    assert sorted(session.topic_names) == []  # what the dashboard reads
     assert containers(session) == []
     session.topics.add("chat:a:b")
     assert session.follows_topics and session.topics == {"chat:a:b"}
+    assert list(session.topic_names) == ["chat:a:b"]
     assert session.open_job("j1") and session.open_jobs == {"j1"}
     session.emit(TAIL, wall_now=3.0, closes="j1")
     assert session.open_jobs == set() and session.header_dirty
