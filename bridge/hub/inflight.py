@@ -173,30 +173,6 @@ class FrameGate:
             while something is reserved, so an idle connection holds none.
     """
 
-    __slots__ = (
-        "_closed",
-        "_control",
-        "_cut",
-        "_drop_declared",
-        "_drop_head",
-        "_drop_tail",
-        "_dropping",
-        "_fin",
-        "_hdr",
-        "_in_message",
-        "_in_payload",
-        "_mask",
-        "_offset",
-        "_on_refused",
-        "_passing",
-        "_pending",
-        "_remaining",
-        "_reserved",
-        "budget",
-        "inner",
-        "max_frame_bytes",
-    )
-
     def __init__(self, inner: _Parser, budget: InflightBudget, max_frame_bytes: int) -> None:
         self.inner = inner
         self.budget = budget
