@@ -166,8 +166,17 @@ class ReplayBuffer:
         if not frames or stamps is None:
             return self.last_seq + 1, [], []
         oldest = self.oldest_seq
-        skip = max(0, seq - oldest)
-        return oldest + skip, list(islice(frames, skip, None)), list(islice(stamps, skip, None))
+        first = max(seq, oldest)
+        count = self.last_seq + 1 - first
+        if count <= 0:
+            return self.last_seq + 1, [], []
+        # From the newest end: a flush takes the last few events of a long buffer, and walking
+        # a deque from its old end to them would cost the whole buffer on every flush.
+        new_frames = list(islice(reversed(frames), count))
+        new_stamps = list(islice(reversed(stamps), count))
+        new_frames.reverse()
+        new_stamps.reverse()
+        return first, new_frames, new_stamps
 
     def entries(self) -> Iterator[object]:
         """Every object the buffer holds per event (tests check none is tracked by the GC)."""
