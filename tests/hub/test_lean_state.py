@@ -52,6 +52,17 @@ def test_write_behind_batches_hold_no_event_objects() -> None:
     assert len(held) == 20 and not any(gc.is_tracked(x) for x in held)
     assert [ev.seq for ev in batch.events] == list(range(1, 11))
     assert batch.events[0] == StoredEvent(1, 5.0, '{"type":"event","seq":1,' + TAIL)
+    session.batch_done(batch)
+    for i in range(3):
+        session.emit(TAIL, wall_now=7.0 + i)
+    later = session.take_batch(8.0)  # only the new events, taken from the buffer's newest end
+    assert later is not None and later.first_seq == 11 and later.stamps == [7.0, 8.0, 9.0]
+    assert [ev.seq for ev in later.events] == [11, 12, 13]
+    small = Session(id="t", owner="o", admin=False, replay=ReplayBuffer(5, 10**6, 60.0))
+    for _ in range(8):
+        small.emit(TAIL, wall_now=1.0)
+    bounded = small.take_batch(2.0)  # 1-3 fell out of the buffer before the flush
+    assert bounded is not None and [ev.seq for ev in bounded.events] == [4, 5, 6, 7, 8]
 
 
 def test_an_idle_replay_buffer_holds_no_deque_and_gives_it_back_when_acked() -> None:
