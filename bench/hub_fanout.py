@@ -2,9 +2,12 @@
 
 The hub (with seq numbering, replay buffers and write-behind to a memory store on) runs in this
 process; the subscribed clients run in one child process, so the two take one core each on a
-2-core machine. Loopback only; bounded by event count and time.
+2-core machine. Loopback only; bounded by event count and time. By default the same load runs
+first against a bare aiohttp WebSocket server (one ``send_str`` per delivery, a seq counter per
+socket, the event encoded once per publish) so the CPU per delivery is compared in one run.
 
-    python bench/hub_fanout.py --sessions 2000 --events 200
+    python bench/hub_fanout.py --sessions 2000 --events 200              # bare, then hub
+    python bench/hub_fanout.py --sessions 2000 --events 200 --modes hub --gc-off
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -23,7 +27,7 @@ import time
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -163,7 +167,61 @@ async def _clients(port: int, sessions: int, events: int, pipe: Pipe, limit_s: f
 # --- server -----------------------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+class _GcPauses:
+    """Counts the cyclic collector's full (generation 2) collections and their longest pause."""
+
+    def __init__(self) -> None:
+        self.full = 0
+        self.longest_s = 0.0
+        self.total_s = 0.0
+        self.objects = 0
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            took = time.perf_counter() - self._t0
+            self.full += 1
+            self.total_s += took
+            self.longest_s = max(self.longest_s, took)
+            self.objects = max(self.objects, len(gc.get_objects()))
+
+
+class _BareFanout:
+    """The baseline: a bare aiohttp WebSocket handler that answers hello/subscribe and sends each
+    subscriber every event with its own seq (the same frames the hub sends, one ``send_str``
+    each), without sessions, replay, store or heartbeats."""
+
+    def __init__(self) -> None:
+        self.subs: list[list[Any]] = []  # [ws, seq]
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False, autoping=True)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is not WSMsgType.TEXT:
+                continue
+            obj = json.loads(msg.data)
+            if obj.get("type") == "hello":
+                await ws.send_str('{"type":"welcome","session":"bare","resumed":false}')
+            elif obj.get("type") == "subscribe":
+                self.subs.append([ws, 0])
+                topic = json.dumps(obj.get("topic"))
+                await ws.send_str('{"type":"subscribed","topic":' + topic + "}")
+        return ws
+
+    async def publish(self, text: str) -> None:
+        body = {"id": "feishu:bench", "kind": "delta", "text": text, "topic": TOPIC}
+        tail = json.dumps(body, separators=(",", ":"), ensure_ascii=False)[1:]
+        for sub in self.subs:
+            sub[1] += 1
+            await sub[0].send_str('{"type":"event","seq":' + str(sub[1]) + "," + tail)
+
+
+async def run(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     from bridge.hub import Hub, HubConfig
     from bridge.metrics import Metrics
     from bridge.store.memory import MemoryStore
@@ -172,16 +230,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     raise_nofile()
     quiet_logs()
-    cfg = HubConfig(
-        tokens=frozenset({TOKEN}),
-        topic_grants=((TOKEN, TOPIC),),
-        max_connections_per_token=args.sessions + 10,
-        hello_timeout_s=120.0,
-    )
-    hub = Hub(cfg, engine=FakeEngine(), store=MemoryStore(), metrics=Metrics())
-    await hub.start()
     app = web.Application()
-    app.router.add_get("/ws", hub.handle)
+    hub: Any = None
+    bare = _BareFanout()
+    if mode == "hub":
+        cfg = HubConfig(
+            tokens=frozenset({TOKEN}),
+            topic_grants=((TOKEN, TOPIC),),
+            max_connections_per_token=args.sessions + 10,
+            hello_timeout_s=120.0,
+        )
+        hub = Hub(cfg, engine=FakeEngine(), store=MemoryStore(), metrics=Metrics())
+        await hub.start()
+        app.router.add_get("/ws", hub.handle)
+    else:
+        app.router.add_get("/ws", bare.handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
@@ -195,38 +258,62 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     proc.start()
     loop = asyncio.get_running_loop()
     _kind, ready = await loop.run_in_executor(None, parent.recv)
-    conns = list(hub._conns.values())
+    conns = list(hub._conns.values()) if hub is not None else []
     await asyncio.sleep(0.5)
+    pauses = _GcPauses()
+    gc.collect()
+    if args.gc_off:
+        gc.disable()
+    gc.callbacks.append(pauses)
     cpu0 = cpu_s()
     t0 = time.monotonic()
-    for _ in range(args.events):
-        await hub.publish(TOPIC, "feishu:bench", Delta(f"{time.monotonic():.6f}"))
-        # Let writers run; hold off while the sockets are behind (bounded queues, no 4003).
-        await asyncio.sleep(0)
-        while max(len(c.queue) for c in conns) > args.queue_high:  # noqa: ASYNC110
-            await asyncio.sleep(0.001)
+    for i in range(args.events):
+        if args.rate > 0:
+            # Paced: latency is then delivery time (and pauses), not a backlog of queued events.
+            await asyncio.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
+        if hub is not None:
+            await hub.publish(TOPIC, "feishu:bench", Delta(f"{time.monotonic():.6f}"))
+            # Let writers run; hold off while the sockets are behind (bounded queues, no 4003).
+            await asyncio.sleep(0)
+            while max(len(c.queue) for c in conns) > args.queue_high:  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+        else:
+            # send_str waits for a paused transport to drain: that is the bare backpressure.
+            await bare.publish(f"{time.monotonic():.6f}")
+            await asyncio.sleep(0)
     publish_s = time.monotonic() - t0
     result = await loop.run_in_executor(None, parent.recv)
     cpu1 = cpu_s()
+    gc.callbacks.remove(pauses)
+    gc.enable()
     proc.join(timeout=30)
     if proc.is_alive():
         proc.kill()
-    await hub.shutdown(grace_s=1.0)
+    if hub is not None:
+        await hub.shutdown(grace_s=1.0)
     await runner.cleanup()
     span = (result["last_at"] or t0) - t0
+    received = result["received"]
     return {
+        "mode": "hub" if hub is not None else "bare aiohttp",
+        "gc": "off" if args.gc_off else "on",
         "sessions_subscribed": ready,
         "events_published": args.events,
         "deliveries_expected": ready * args.events,
-        "deliveries_received": result["received"],
+        "deliveries_received": received,
         "seq_gaps": result["gaps"],
         "publish_s": round(publish_s, 2),
         "delivery_span_s": round(span, 2),
-        "delivered_per_s": round(result["received"] / span) if span > 0 else None,
+        "delivered_per_s": round(received / span) if span > 0 else None,
         "server_cpu_s": round(cpu1 - cpu0, 2),
+        "cpu_us_per_delivery": round(1e6 * (cpu1 - cpu0) / received, 2) if received else None,
         "latency_p50_ms": round(result["p50_ms"], 1) if result["p50_ms"] is not None else None,
         "latency_p99_ms": round(result["p99_ms"], 1) if result["p99_ms"] is not None else None,
         "latency_max_ms": round(result["max_ms"], 1) if result["max_ms"] is not None else None,
+        "gc_full_collections": pauses.full,
+        "gc_full_longest_ms": round(pauses.longest_s * 1000, 1),
+        "gc_full_total_ms": round(pauses.total_s * 1000, 1),
+        "gc_tracked_objects_max": pauses.objects,
     }
 
 
@@ -238,8 +325,29 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200, help="events published to the topic")
     parser.add_argument("--queue-high", type=int, default=64, help="pause publishing above this")
     parser.add_argument("--limit", type=float, default=180.0, help="seconds per phase, at most")
+    parser.add_argument(
+        "--modes", default="bare,hub", help="servers to run in turn: bare (aiohttp), hub"
+    )
+    parser.add_argument(
+        "--gc-off", action="store_true", help="disable the cyclic GC while publishing"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="events/s to publish at (0: as fast as taken)"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of --modes, alternating")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args)), indent=2))
+    modes = [mode.strip() for mode in args.modes.split(",")] * args.repeat
+    results = [asyncio.run(run(args, mode)) for mode in modes]
+    out: dict[str, Any] = {"runs": results}
+    per = {
+        mode: [r["cpu_us_per_delivery"] for r in results if r["mode"] == mode]
+        for mode in ("hub", "bare aiohttp")
+    }
+    if all(per.values()) and all(v for v in per["hub"] + per["bare aiohttp"]):
+        hub, bare = statistics.median(per["hub"]), statistics.median(per["bare aiohttp"])
+        out["median_cpu_us_per_delivery"] = {"hub": hub, "bare aiohttp": bare}
+        out["hub_over_bare_cpu_per_delivery"] = round(hub / bare, 2)
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

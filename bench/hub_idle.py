@@ -6,6 +6,10 @@ The server runs in this process; clients run in child processes (each process ma
 
     python bench/hub_idle.py --connections 19000 --window 50 --heartbeat 45
     python bench/hub_idle.py --bare   # the same load on a bare aiohttp WebSocket handler
+    python bench/hub_idle.py --connections 5000 --modes bare,hub   # both, one after the other
+
+With ``--modes`` each server runs in a fresh process of its own (in turn), so one's freed memory
+cannot lower the other's RSS figure, and the hub/bare ratio comes from one invocation.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import gc
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 import time
 from multiprocessing.connection import Connection as Pipe
@@ -206,9 +211,43 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=50.0, help="idle seconds measured")
     parser.add_argument("--connect-deadline", type=float, default=180.0)
     parser.add_argument("--bare", action="store_true", help="bare aiohttp handler baseline")
+    parser.add_argument("--modes", default=None, help="run each of bare,hub in its own process")
     args = parser.parse_args()
-    result = asyncio.run(run(args))
-    print(json.dumps(result, indent=2))
+    if args.modes is None:
+        print(json.dumps(asyncio.run(run(args)), indent=2))
+        return
+    results = [_run_alone(mode.strip()) for mode in args.modes.split(",")]
+    out: dict[str, Any] = {"runs": results}
+    by_mode = {r["mode"]: r for r in results}
+    hub, bare = by_mode.get("hub"), by_mode.get("bare aiohttp")
+    if hub and bare and bare["rss_per_connection_kib"] > 0:
+        ratio = hub["rss_per_connection_kib"] / bare["rss_per_connection_kib"]
+        out["hub_over_bare_rss_per_connection"] = round(ratio, 2)
+    print(json.dumps(out, indent=2))
+
+
+def _run_alone(mode: str) -> dict[str, Any]:
+    """This script again with the same arguments for one mode, in a fresh process."""
+    argv: list[str] = []
+    skip = False
+    for arg in sys.argv[1:]:
+        if skip or arg == "--bare" or arg.startswith("--modes="):
+            skip = False
+            continue
+        if arg == "--modes":
+            skip = True
+            continue
+        argv.append(arg)
+    if mode == "bare":
+        argv.append("--bare")
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *argv],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
 
 
 if __name__ == "__main__":

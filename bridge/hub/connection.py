@@ -76,7 +76,9 @@ class ConnectionCore:
         self.received = 0
         self.close_code: int | None = None
         self._frames = TokenBucket(cfg.frame_rate, cfg.frame_burst, now)
-        self._submits = TokenBucket(cfg.submit_rate, cfg.submit_burst, now)
+        # Made at the first submit, full (as one made now would have refilled to by then): most
+        # connections (topic followers, idle clients) never submit.
+        self._submits: TokenBucket | None = None
 
     # --- inbound ---------------------------------------------------------------------------
     def receive(self, text: str, now: float) -> tuple[list[Action], p.ClientFrame | None]:
@@ -112,11 +114,18 @@ class ConnectionCore:
             return [Send(p.pong(frame.ts))], None
         if isinstance(frame, p.Hello):
             return [Send(p.error("bad_frame", "hello was already accepted"))], None
-        if isinstance(frame, p.Submit) and not self._submits.take(now):
-            wait = self._submits.retry_after()
+        if isinstance(frame, p.Submit) and not self._submit_bucket(now).take(now):
+            wait = self._submit_bucket(now).retry_after()
             msg = f"too many submits; retry in {wait:.2f}s"
             return [Send(p.error("rate_limited", msg, frame.id))], None
         return [], frame
+
+    def _submit_bucket(self, now: float) -> TokenBucket:
+        bucket = self._submits
+        if bucket is None:
+            cfg = self.cfg
+            self._submits = bucket = TokenBucket(cfg.submit_rate, cfg.submit_burst, now)
+        return bucket
 
     def _on_pong(self, ts: float | None, now: float) -> None:
         if self.ping_ts is None:

@@ -23,7 +23,7 @@ import ctypes.util
 import re
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -169,16 +169,17 @@ class FrameGate:
 
     Attributes:
         reserved: bytes reserved per message handed to aiohttp and not yet :meth:`done`, oldest
-            first (fragments of one message add to its entry).
+            first (fragments of one message add to its entry); the deque behind it exists only
+            while something is reserved, so an idle connection holds none.
     """
 
     def __init__(self, inner: _Parser, budget: InflightBudget, max_frame_bytes: int) -> None:
         self.inner = inner
         self.budget = budget
         self.max_frame_bytes = max_frame_bytes
-        self.reserved: deque[int] = deque()
+        self._reserved: deque[int] | None = None
         self._on_refused: Callable[[Refused], None] | None = None
-        self._pending: list[Refused] = []
+        self._pending: list[Refused] | None = None
         self._hdr = bytearray()
         self._remaining = 0  # payload bytes of the current frame still to come
         self._in_payload = False
@@ -191,27 +192,39 @@ class FrameGate:
         self._dropping = False  # dropping the current data message
         self._cut = False  # the dropped rest belongs to a message aiohttp already has part of
         self._drop_declared = 0
-        self._drop_head = bytearray()
+        # A fresh bytearray for each dropped payload (most connections never drop one).
+        self._drop_head: bytes | bytearray = b""
         self._drop_tail = b""
         self._closed = False
+
+    @property
+    def reserved(self) -> Collection[int]:
+        """See the class docstring (an empty tuple while nothing is reserved)."""
+        reserved = self._reserved
+        return () if reserved is None else reserved
 
     # --- wiring -------------------------------------------------------------------------------
     def attach(self, on_refused: Callable[[Refused], None]) -> None:
         """Say where refusals go (refusals before this are delivered now)."""
         self._on_refused = on_refused
-        pending, self._pending = self._pending, []
-        for refused in pending:
+        pending, self._pending = self._pending, None
+        for refused in pending or ():
             on_refused(refused)
 
     def done(self) -> None:
         """The hub finished with the oldest message aiohttp delivered: release its bytes."""
-        if self.reserved:
-            self.budget.release(self.reserved.popleft())
+        reserved = self._reserved
+        if reserved:
+            self.budget.release(reserved.popleft())
+            if not reserved:
+                self._reserved = None
 
     def close(self) -> None:
         """The connection is gone: release everything it still holds."""
-        while self.reserved:
-            self.budget.release(self.reserved.popleft())
+        reserved = self._reserved
+        while reserved:
+            self.budget.release(reserved.popleft())
+        self._reserved = None
         self._closed = True
 
     def feed_eof(self) -> None:
@@ -327,17 +340,20 @@ class FrameGate:
             fits = self.budget.try_reserve(length)
         if fits:
             self._passing = True
-            if starts or not self.reserved:
-                self.reserved.append(length)
+            reserved = self._reserved
+            if reserved is None:
+                self._reserved = reserved = deque()
+            if starts or not reserved:
+                reserved.append(length)
             else:
-                self.reserved[-1] += length
+                reserved[-1] += length
             self._in_message = not self._fin
             return
         self._passing = False
         self._dropping = True
         self._cut = opcode == _CONTINUATION and self._in_message
         self._drop_declared = length
-        self._drop_head.clear()
+        self._drop_head = bytearray()
         self._drop_tail = b""
 
     def _on_frame_end(
@@ -388,6 +404,8 @@ class FrameGate:
         if self._closed:
             return
         if self._on_refused is None:
+            if self._pending is None:
+                self._pending = []
             self._pending.append(refused)
         else:
             self._on_refused(refused)

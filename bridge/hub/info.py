@@ -35,7 +35,7 @@ def connection_info(conn: Connection, now: float, wall: float) -> ConnectionInfo
         connected_at=wall - (now - core.connected_at),
         last_pong_at=None if core.last_pong_at is None else wall - (now - core.last_pong_at),
         rtt_ms=None if core.rtt_s is None else round(core.rtt_s * 1000, 3),
-        topics=sorted(session.topics) if session else [],
+        topics=sorted(session.topic_names) if session else [],
         sent=conn.sent,
         received=core.received,
         state="closing" if conn.closing else core.phase.value,

@@ -129,38 +129,50 @@ class WriteBehind:
 
     async def _flush(self, sessions: set[Session], timeout_s: float) -> bool:
         wall = self._wall()
-        pending = [(s, b) for s in sessions if (b := s.take_batch(wall)) is not None]
-        if not pending:
-            return True
         done: set[Session] = set()
-        gate = asyncio.Semaphore(FLUSH_CONCURRENCY)
+        # Taken from its session and not yet stored (given back if the flush fails).
+        taken: dict[Session, PersistBatch] = {}
+        # A few workers share one iterator and take each batch just before writing it, rather
+        # than a task and a batch per session made up front: thousands of those living through
+        # the flush are objects the GC promotes, and under fan-out enough of them make it run
+        # full collections (each one walks every object of the process).
+        work = iter(sessions)
 
-        async def write(session: Session, batch: PersistBatch) -> None:
-            async with gate:
+        async def worker() -> None:
+            for session in work:
+                batch = session.take_batch(wall)
+                if batch is None:
+                    continue
+                taken[session] = batch
                 await self._write(session, batch)
-            session.batch_done(batch)
-            done.add(session)
-            self.written += 1
+                del taken[session]
+                session.batch_done(batch)
+                done.add(session)
+                self.written += 1
 
         try:
             # One deadline for the whole flush: a hung store fails it as a unit, cheaply.
             async with asyncio.timeout(timeout_s), asyncio.TaskGroup() as group:
-                for session, batch in pending:
-                    group.create_task(write(session, batch))
+                for _ in range(min(FLUSH_CONCURRENCY, len(sessions))):
+                    group.create_task(worker())
         except BaseException as exc:  # StoreUnavailable, timeouts, bugs, cancels: retry later
-            for session, batch in pending:
-                if session not in done:
-                    session.batch_failed(batch)
-                    self.dirty.add(session)
+            for session, batch in taken.items():
+                session.batch_failed(batch)
+                self.dirty.add(session)
+            left = len(taken)
+            for session in work:  # not reached: nothing was taken, so nothing to give back
+                self.dirty.add(session)
+                left += 1
             if not isinstance(exc, Exception):
                 raise  # cancelled (shutdown): the batches wait for the last flush
             self.failures += 1
             if not self._failing:
                 error = repr(exc.exceptions[0]) if isinstance(exc, ExceptionGroup) else repr(exc)
-                left = len(pending) - len(done)
                 log.warning("hub_store_write_failed", sessions=left, error=error)
             self._failing = True
             return False
+        if not done:
+            return True
         if self._failing:
             log.info("hub_store_write_recovered", sessions=len(done))
             self._failing = False
@@ -174,7 +186,7 @@ class WriteBehind:
         if self.node_id is not None and not session.node_saved:
             await self.store.set_value(NODE_KEY + session.id, self.node_id, self.ttl_s)
             session.node_saved = True
-        if batch.events:
+        if batch.frames:
             await self.store.append_events(session.id, batch.events, self.ttl_s)
         if batch.record is not None:
             await self.store.save_session(batch.record, self.ttl_s)

@@ -203,7 +203,7 @@ class SessionRegistry:
     async def save_subscribed(self) -> None:
         """Record which sessions follow topics (in chunks: store values are small)."""
         self.subs_dirty = False
-        ids = [s.id for s in self.sessions.values() if s.topics][:MAX_PRELOAD]
+        ids = [s.id for s in self.sessions.values() if s.follows_topics][:MAX_PRELOAD]
         chunks = [ids[i : i + SUBSCRIBED_CHUNK] for i in range(0, len(ids), SUBSCRIBED_CHUNK)]
         ttl = self.cfg.session_ttl_s
         try:

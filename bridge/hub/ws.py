@@ -11,6 +11,7 @@ import asyncio
 import struct
 import time
 from collections import deque
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -33,14 +34,20 @@ WRITE_HIGH_WATER = 256 * 1024
 SLOW_CLOSE_ABORT_S = 10.0
 
 
+# Frame headers: one prebuilt per short length, a compiled struct for the 16-bit ones (every
+# delivery builds a frame, so this is on the fan-out hot path).
+_SHORT_HEADERS = tuple(bytes((0x81, n)) for n in range(126))
+_HEADER_16 = struct.Struct("!BBH")
+
+
 def text_frame(text: str) -> bytes:
     """An unmasked, uncompressed, final WebSocket text frame (RFC 6455 §5.2) carrying ``text``."""
     payload = text.encode("utf-8")
     n = len(payload)
     if n < 126:
-        return bytes((0x81, n)) + payload
+        return _SHORT_HEADERS[n] + payload
     if n < 65_536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
+        return _HEADER_16.pack(0x81, 126, n) + payload
     return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
@@ -56,6 +63,9 @@ class HubWebSocket(web.WebSocketResponse):
         gate: the gate reading this connection's frame headers (None without a budget, or if
             this aiohttp version offers no place for it; then nothing is reserved).
     """
+
+    # Slots, not instance-dict entries: the two extra attributes grew every connection's dict.
+    __slots__ = ("_budget", "gate")
 
     def __init__(self, *, budget: InflightBudget | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -100,13 +110,13 @@ class Connection:
     __slots__ = (
         "__weakref__",
         "_close_task",
+        "_queue",
         "core",
         "counted",
         "forced_chars",
         "id",
         "max_pending_bytes",
         "on_closing",
-        "queue",
         "queue_max",
         "queued_chars",
         "remote",
@@ -137,7 +147,8 @@ class Connection:
         self.queue_max = queue_max
         self.max_pending_bytes = max_pending_bytes
         self.transport = transport
-        self.queue: deque[str] = deque()
+        # Made when a frame first has to wait (760 bytes that most connections never need).
+        self._queue: deque[str] | None = None
         #: Characters of the frames in :attr:`queue` (about their bytes: event frames are JSON).
         self.queued_chars = 0
         #: Characters sent with ``force`` since the queue was last empty (a resume's replay):
@@ -152,6 +163,12 @@ class Connection:
         self.counted = False
         self.wall_connected_at = time.time()
         self.on_closing: Any = None
+
+    @property
+    def queue(self) -> Collection[str]:
+        """The frames waiting for the writer, oldest first (read-only view for callers)."""
+        queue = self._queue
+        return () if queue is None else queue
 
     @property
     def closing(self) -> bool:
@@ -186,7 +203,7 @@ class Connection:
         """
         if self._close_task is not None:
             return False
-        queue = self.queue
+        queue = self._queue
         transport = self.transport
         if (
             not queue
@@ -206,18 +223,20 @@ class Connection:
             return False
         if force:
             self.forced_chars += len(frame)
-        elif len(queue) >= self.queue_max or (
+        elif (queue is not None and len(queue) >= self.queue_max) or (
             self.pending_bytes() + len(frame) > self.max_pending_bytes + self.forced_chars
         ):
             log.info(
                 "ws_slow_consumer",
                 conn_id=self.id,
-                queued_frames=len(queue),
+                queued_frames=len(self.queue),
                 pending_bytes=self.pending_bytes(),
                 limit_bytes=self.max_pending_bytes,
             )
             self.close(p.CLOSE_SLOW_CONSUMER, "slow consumer")
             return False
+        if queue is None:
+            self._queue = queue = deque()
         queue.append(frame)
         self.queued_chars += len(frame)
         if self.writer is None:
@@ -226,7 +245,8 @@ class Connection:
 
     async def _drain(self) -> None:
         ws = self.ws
-        queue = self.queue
+        queue = self._queue
+        assert queue is not None
         try:
             while queue:
                 frame = queue.popleft()
@@ -243,9 +263,12 @@ class Connection:
             self.writer = None
             if not queue:
                 self.forced_chars = 0
+                if self._queue is queue:
+                    self._queue = None  # a caught-up connection gives the deque back
 
     def _clear_queue(self) -> None:
-        self.queue.clear()
+        if self._queue is not None:
+            self._queue.clear()
         self.queued_chars = 0
         self.forced_chars = 0
 

@@ -23,6 +23,9 @@ from bridge.store.checks import (
     check_value,
 )
 
+_NO_ITEMS: list[str] = []
+_NO_EVENTS: list[StoredEvent] = []
+
 
 class MemoryStore:
     """A dict-backed :class:`~bridge.store.base.Store` with TTLs driven by an injectable clock."""
@@ -36,6 +39,10 @@ class MemoryStore:
         self._inbox: dict[str, InboxEntry] = {}
         self._done: dict[str, float] = {}
         self._sessions: dict[str, tuple[SessionRecord, float]] = {}
+        # Events as plain (seq, ts, frame) tuples, not StoredEvent objects: tuples of atoms are
+        # untracked by the cyclic GC, so a hub benchmarked on this store is not slowed by full
+        # collections walking every stored event (the records' own ``events`` stay empty).
+        self._events: dict[str, list[tuple[int, float, str]]] = {}
         self.available = True
 
     def _alive(self, expires: float | None) -> bool:
@@ -52,6 +59,7 @@ class MemoryStore:
             return None
         if not self._alive(item[1]):
             del self._sessions[session_id]
+            self._events.pop(session_id, None)
             return None
         return item[0]
 
@@ -143,22 +151,25 @@ class MemoryStore:
         rec = self._session(session_id)
         if rec is None:
             return None
-        return replace(
-            rec, topics=list(rec.topics), events=list(rec.events), open_jobs=list(rec.open_jobs)
-        )
+        events = [StoredEvent(*ev) for ev in self._events.get(session_id, ())]
+        return replace(rec, topics=list(rec.topics), events=events, open_jobs=list(rec.open_jobs))
 
     async def save_session(self, record: SessionRecord, ttl_s: float) -> None:
         check_key(record.session_id, "session_id")
         check_seq(record.last_seq, "last_seq")
         check_ttl(ttl_s)
         self._check()
-        old = self._session(record.session_id)
-        events = old.events if old else []
-        kept = [e for e in events if e.seq >= record.first_seq]
-        rec = replace(
-            record, topics=list(record.topics), events=kept, open_jobs=list(record.open_jobs)
-        )
-        self._sessions[record.session_id] = (rec, self._clock() + ttl_s)
+        sid = record.session_id
+        old = self._session(sid)
+        events = self._events.pop(sid, []) if old else []
+        kept = [e for e in events if e[0] >= record.first_seq]
+        if kept:
+            self._events[sid] = kept
+        # Empty lists are shared (never mutated here: load_session hands out copies).
+        topics = list(record.topics) if record.topics else _NO_ITEMS
+        open_jobs = list(record.open_jobs) if record.open_jobs else _NO_ITEMS
+        rec = replace(record, topics=topics, events=_NO_EVENTS, open_jobs=open_jobs)
+        self._sessions[sid] = (rec, self._clock() + ttl_s)
 
     async def append_events(
         self, session_id: str, events: Sequence[StoredEvent], ttl_s: float
@@ -167,10 +178,14 @@ class MemoryStore:
         check_events(events)
         check_ttl(ttl_s)
         self._check()
-        rec = self._session(session_id) or SessionRecord(session_id=session_id)
+        rec = self._session(session_id)
+        if rec is None:
+            rec = SessionRecord(session_id=session_id)
+            self._events.pop(session_id, None)
+        kept = self._events.setdefault(session_id, [])
         for ev in events:
             if ev.seq > rec.last_seq:
-                rec.events.append(ev)
+                kept.append((ev.seq, ev.ts, ev.frame))
                 rec.last_seq = ev.seq
         rec.updated_at = self._clock()
         self._sessions[session_id] = (rec, self._clock() + ttl_s)
@@ -182,10 +197,13 @@ class MemoryStore:
         rec = self._session(session_id)
         if rec is None:
             return
-        rec.events = [e for e in rec.events if e.seq > through_seq]
+        kept = [e for e in self._events.pop(session_id, ()) if e[0] > through_seq]
+        if kept:
+            self._events[session_id] = kept
         rec.first_seq = max(rec.first_seq, min(through_seq, rec.last_seq) + 1)
 
     async def delete_session(self, session_id: str) -> None:
         check_key(session_id, "session_id")
         self._check()
         self._sessions.pop(session_id, None)
+        self._events.pop(session_id, None)
