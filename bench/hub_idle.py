@@ -8,6 +8,9 @@ The server runs in this process; clients run in child processes (each process ma
     python bench/hub_idle.py --bare   # the same load on a bare aiohttp WebSocket handler
     python bench/hub_idle.py --connections 5000 --modes bare,hub   # both, one after the other
 
+The hub's store is SQLite in a temporary folder (the default of ``bridge serve``) unless
+``--store memory`` keeps session headers in this process too.
+
 With ``--modes`` each server runs in a fresh process of its own (in turn), so one's freed memory
 cannot lower the other's RSS figure, and the hub/bare ratio comes from one invocation.
 """
@@ -22,6 +25,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
@@ -124,7 +128,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         max_connections_per_token=args.connections + 10,
         hello_timeout_s=120.0,
     )
-    hub = Hub(cfg, engine=FakeEngine(), store=MemoryStore(), metrics=Metrics())
+    store: Any = MemoryStore()
+    if args.store == "sqlite":  # the default store of `bridge serve`: session headers on disk
+        from bridge.store.sqlite import SqliteStore
+
+        folder = tempfile.mkdtemp(prefix="hub-idle-")
+        store = SqliteStore(f"sqlite:///{folder}/bridge.db")
+        await store.open()
+    hub = Hub(cfg, engine=FakeEngine(), store=store, metrics=Metrics())
     app = web.Application()
     if args.bare:
         app.router.add_get("/ws", bare_handler)
@@ -181,8 +192,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.bare:
         await hub.shutdown(grace_s=2.0)
     await runner.cleanup()
+    await store.close()
     return {
         "mode": "bare aiohttp" if args.bare else "hub",
+        "store": None if args.bare else args.store,
         "connections_requested": args.connections,
         "connections_open": open_conns,
         "nofile_limit": limit,
@@ -212,6 +225,12 @@ def main() -> None:
     parser.add_argument("--connect-deadline", type=float, default=180.0)
     parser.add_argument("--bare", action="store_true", help="bare aiohttp handler baseline")
     parser.add_argument("--modes", default=None, help="run each of bare,hub in its own process")
+    parser.add_argument(
+        "--store",
+        choices=("memory", "sqlite"),
+        default="sqlite",
+        help="the hub's store: sqlite (the default of `bridge serve`) or memory (in-process)",
+    )
     args = parser.parse_args()
     if args.modes is None:
         print(json.dumps(asyncio.run(run(args)), indent=2))
