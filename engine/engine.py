@@ -20,8 +20,9 @@ from engine.images import ImageLimits, load_image
 from engine.inspection import EngineInspection
 from engine.job import Dispatcher, Handle, Job
 from engine.lifecycle import ModelLoader, join_all
-from engine.loading import LoadCancelled, LoadProgress, ModelUnavailable
+from engine.loading import ModelUnavailable
 from engine.model import Replica
+from engine.progress import LoadCancelled, LoadProgress
 from engine.shared_cache import SharedAnswerCache, TieredAnswers
 from engine.stats import EngineStats
 from engine.types import (

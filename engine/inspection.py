@@ -6,7 +6,7 @@ from __future__ import annotations
 from engine.batcher import Batcher
 from engine.cache import AnswerCache
 from engine.config import EngineConfig
-from engine.loading import LoadProgress
+from engine.progress import LoadProgress
 from engine.shared_cache import TieredAnswers
 from engine.stats import EngineStats
 from engine.types import EngineStatus

@@ -13,8 +13,8 @@ import structlog
 
 from engine.config import EngineConfig
 from engine.continuous import choose_batching, warmup_continuous
-from engine.loading import LOG_EVERY_S, LoadCancelled, LoadProgress
 from engine.model import Replica, resolve_devices
+from engine.progress import LOG_EVERY_S, LoadCancelled, LoadProgress
 from engine.vision import VisionFeatures
 from engine.worker import Worker
 

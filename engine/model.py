@@ -26,9 +26,11 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from engine.images import pixel_budget_of
-from engine.loading import DownloadTracker, LoadProgress, resolve_model, tracking
+from engine.loading import resolve_model
+from engine.progress import LoadProgress
 from engine.sanitize import PromptGuard
 from engine.streamer import BatchStreamer
+from engine.trackers import DownloadTracker, tracking
 from engine.vision import VisionEncoder, VisionRef
 
 if TYPE_CHECKING:
