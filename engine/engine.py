@@ -13,9 +13,9 @@ import structlog
 
 from engine.admission import admit
 from engine.batcher import Batcher
+from engine.batching_mode import choose_batching
 from engine.cache import AnswerCache, cache_key
 from engine.config import EngineConfig
-from engine.continuous import choose_batching
 from engine.images import ImageLimits, load_image
 from engine.inspection import EngineInspection
 from engine.job import Dispatcher, Handle, Job

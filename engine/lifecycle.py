@@ -11,8 +11,9 @@ import uuid
 
 import structlog
 
+from engine.batching_mode import choose_batching
 from engine.config import EngineConfig
-from engine.continuous import choose_batching, warmup_continuous
+from engine.continuous import warmup_continuous
 from engine.model import Replica, resolve_devices
 from engine.progress import LOG_EVERY_S, LoadCancelled, LoadProgress
 from engine.vision import VisionFeatures
