@@ -31,8 +31,9 @@ from engine.batching_mode import (
     continuous_support,
 )
 from engine.kv_cache import cache_kwarg, layer_states, left_pad, left_pad_mask
-from engine.model import Replica, RowResult, RowSpec
+from engine.model import Replica
 from engine.mrope import mrope_positions, rope_index_of
+from engine.rows import RowResult, RowSpec
 from engine.streamer import RowDecoder
 
 #: Which models may run this loop lives in engine.batching_mode; re-exported here.

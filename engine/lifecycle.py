@@ -14,7 +14,8 @@ import structlog
 from engine.batching_mode import choose_batching
 from engine.config import EngineConfig
 from engine.continuous import warmup_continuous
-from engine.model import Replica, resolve_devices
+from engine.devices import resolve_devices
+from engine.model import Replica
 from engine.progress import LOG_EVERY_S, LoadCancelled, LoadProgress
 from engine.vision import VisionFeatures
 from engine.worker import Worker

@@ -11,7 +11,7 @@ import structlog
 from engine.batcher import Batcher
 from engine.cache import CachedAnswer
 from engine.job import Job
-from engine.model import RowResult, StepUsage
+from engine.rows import RowResult, StepUsage
 from engine.shared_cache import TieredAnswers
 from engine.stats import EngineStats
 from engine.types import EngineObserver
