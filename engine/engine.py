@@ -47,7 +47,10 @@ class Engine(EngineInspection, EngineWorkerHooks):
     """In-process inference worker pool with dynamic batching, streaming and backpressure.
 
     Construct, ``await start()``, then ``submit()`` jobs from the event loop thread. Every job's
-    event stream ends with exactly one ``Done`` or ``Failed``.
+    event stream ends with exactly one ``Done`` or ``Failed``. The model load runs in
+    :class:`~engine.lifecycle.ModelLoader`; what workers report is handled in
+    :mod:`engine.worker_hooks` and the read side (``status()``, statistics) is
+    :mod:`engine.inspection`.
     """
 
     def __init__(
@@ -108,7 +111,7 @@ class Engine(EngineInspection, EngineWorkerHooks):
 
         May be called again after it failed (the bridge's ``--model-load-retry``). The load runs
         on a daemon thread, so a process that stops meanwhile is never held by it: :meth:`stop`
-        cancels it at its next step (see :mod:`engine.loading`).
+        cancels it at its next step (see :mod:`engine.lifecycle` and :mod:`engine.progress`).
 
         Raises:
             EngineError: code ``internal`` when the model cannot be loaded (the message is one
