@@ -12,99 +12,40 @@ is a stack of ordinary ``DynamicLayer`` s. Qwen-VL's multimodal rope (mrope) is 
 each row's 3-D positions and its rope delta come from the model's ``get_rope_index`` at the row's
 own prefill, and every decode step passes explicit ``(3, rows, 1)`` positions (the row's real
 length plus its delta), so the model's batch-wide ``rope_deltas`` attribute is never relied on.
-:func:`continuous_support` says whether a model qualifies.
+:func:`~engine.batching_mode.continuous_support` says whether a model qualifies.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from PIL import Image
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from engine.model import Replica, RowResult, RowSpec
+from engine.batching_mode import (
+    KNOWN_GOOD_BACKBONES,
+    backbone_of,
+    choose_batching,
+    continuous_support,
+)
+from engine.kv_cache import cache_kwarg, layer_states, left_pad, left_pad_mask
+from engine.model import Replica
 from engine.mrope import mrope_positions, rope_index_of
+from engine.rows import RowResult, RowSpec
 from engine.streamer import RowDecoder
 
-# Text backbones on which continuous batching is verified token for token against ``generate``
-# (tests/engine/test_continuous.py); ``batching="auto"`` turns it on only for these.
-KNOWN_GOOD_BACKBONES = frozenset({"llama", "qwen2_5_vl_text", "qwen3_vl_text"})
-
-# Generation settings that make ``generate`` change logits in ways this loop does not reproduce.
-_LOGIT_SETTINGS = {
-    "repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0),
-    "encoder_no_repeat_ngram_size": (None, 0),
-    "bad_words_ids": (None,),
-    "min_length": (None, 0),
-    "min_new_tokens": (None, 0),
-    "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,),
-    "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,),
-    "sequence_bias": (None,),
-    "exponential_decay_length_penalty": (None,),
-}
-
-
-def continuous_support(model: Any, generation_config: Any) -> str | None:
-    """Why ``model`` cannot run continuous batching, or ``None`` when it can.
-
-    Refused: models keeping position state between calls that this loop cannot compute per
-    row (``rope_deltas`` or mrope without a ``get_rope_index``), encoder-decoders, caches that
-    are not plain dynamic layers (sliding window, linear attention), and generation settings
-    that alter logits (repetition penalty, n-gram bans, ...), which this greedy loop does not
-    apply.
-    """
-    config = model.config
-    if getattr(config, "is_encoder_decoder", False):
-        return "encoder-decoder models are not supported"
-    has_index = rope_index_of(model) is not None
-    for holder in (model, getattr(model, "model", None)):
-        if holder is not None and hasattr(holder, "rope_deltas") and not has_index:
-            return "the model keeps multimodal rope state between calls (rope_deltas)"
-    text = config.get_text_config(decoder=True)
-    for attr in ("rope_scaling", "rope_parameters"):
-        rope = getattr(text, attr, None)
-        is_mrope = isinstance(rope, dict) and (
-            "mrope_section" in rope or rope.get("type") == "mrope"
-        )
-        if is_mrope and not has_index:
-            return "the model uses multi-axis (mrope) positions without a get_rope_index"
-    try:
-        layers = DynamicCache(config=config).layers
-    except Exception as exc:  # an exotic config the cache cannot even describe
-        return f"cannot build a dynamic cache for the model: {type(exc).__name__}"
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        return "the model's cache has sliding-window or non-attention layers"
-    for name, neutral in _LOGIT_SETTINGS.items():
-        if getattr(generation_config, name, None) not in neutral:
-            return f"generation setting {name} is not applied by the continuous loop"
-    return None
-
-
-def cache_kwarg(model: Any) -> str:
-    """The forward keyword that takes the KV cache: ``cache`` in current transformers.
-
-    Transformers 5.x renamed ``past_key_values`` to ``cache`` and warns (``FutureWarning``) on
-    the old name; older releases know only ``past_key_values`` and would silently drop a
-    ``cache`` keyword into ``**kwargs``, so the name is read from the forward's signature.
-    """
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def backbone_of(model: Any) -> str:
-    """The ``model_type`` of the model's text decoder (``llama`` for the tiny LLaVA)."""
-    return str(getattr(model.config.get_text_config(decoder=True), "model_type", ""))
+#: Which models may run this loop lives in engine.batching_mode; re-exported here.
+__all__ = [
+    "KNOWN_GOOD_BACKBONES",
+    "RunningBatch",
+    "backbone_of",
+    "cache_kwarg",
+    "choose_batching",
+    "continuous_support",
+    "warmup_continuous",
+]
 
 
 @dataclass(slots=True)
@@ -299,7 +240,7 @@ class RunningBatch:
         Everything is computed before anything is assigned, so a failure leaves the batch as
         it was.
         """
-        new_layers = _states(cache)
+        new_layers = layer_states(cache)
         if self._cache is None or self._mask is None:
             layers, merged_mask = new_layers, mask
             merged_pos, merged_next, merged_deltas = positions, first, deltas
@@ -307,16 +248,16 @@ class RunningBatch:
             assert self._positions is not None and self._next is not None
             assert self._deltas is not None
             width = max(self._mask.shape[1], mask.shape[1])
-            old_layers = _states(self._cache)
+            old_layers = layer_states(self._cache)
             layers = [
                 (
-                    torch.cat([_left_pad(ok, width), _left_pad(nk, width)], dim=0),
-                    torch.cat([_left_pad(ov, width), _left_pad(nv, width)], dim=0),
+                    torch.cat([left_pad(ok, width), left_pad(nk, width)], dim=0),
+                    torch.cat([left_pad(ov, width), left_pad(nv, width)], dim=0),
                 )
                 for (ok, ov), (nk, nv) in zip(old_layers, new_layers, strict=True)
             ]
             merged_mask = torch.cat(
-                [_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)], dim=0
+                [left_pad_mask(self._mask, width), left_pad_mask(mask, width)], dim=0
             )
             merged_pos = torch.cat([self._positions, positions])
             merged_next = torch.cat([self._next, first])
@@ -347,58 +288,13 @@ class RunningBatch:
         start = int(used[0]) if used.numel() else 0
         layers = [
             (keys.index_select(0, index)[:, :, start:], values.index_select(0, index)[:, :, start:])
-            for keys, values in _states(self._cache)
+            for keys, values in layer_states(self._cache)
         ]
         self._cache = DynamicCache(ddp_cache_data=layers)
         self._mask = mask[:, start:]
         self._positions = self._positions.index_select(0, index)
         self._next = self._next.index_select(0, index)
         self._deltas = self._deltas.index_select(0, index)
-
-
-def _states(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's ``(keys, values)``; the cache must hold only filled dynamic layers."""
-    states = []
-    for layer in cache.layers:
-        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
-            raise RuntimeError(
-                f"unexpected cache layer {type(layer).__name__} for continuous batching"
-            )
-        states.append((layer.keys, layer.values))
-    return states
-
-
-def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero-pad ``[batch, heads, length, dim]`` key/value states on the left to ``width``."""
-    missing = width - states.shape[2]
-    if missing <= 0:
-        return states
-    pad = states.new_zeros((states.shape[0], states.shape[1], missing, states.shape[3]))
-    return torch.cat([pad, states], dim=2)
-
-
-def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """Pad a ``[batch, length]`` attention mask with zeros on the left to ``width``."""
-    missing = width - mask.shape[1]
-    if missing <= 0:
-        return mask
-    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
-
-
-def choose_batching(requested: str, replica: Replica) -> tuple[str, str | None]:
-    """The batching mode ``replica`` runs under for ``requested`` and, when it differs, why.
-
-    ``static`` stays static; ``continuous`` is honoured unless the model cannot support it;
-    ``auto`` also requires a text backbone in :data:`KNOWN_GOOD_BACKBONES`.
-    """
-    if requested == "static":
-        return "static", None
-    reason = continuous_support(replica.model, replica.generation_config)
-    if reason is not None:
-        return "static", reason
-    if requested == "auto" and backbone_of(replica.model) not in KNOWN_GOOD_BACKBONES:
-        return "static", f"continuous batching is not verified on {backbone_of(replica.model)!r}"
-    return "continuous", None
 
 
 def warmup_continuous(replica: Replica) -> None:

@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
 
+from engine.admission import admit
 from engine.batcher import Batcher
-from engine.cache import AnswerCache, CachedAnswer, cache_key
+from engine.batching_mode import choose_batching
+from engine.cache import AnswerCache, cache_key
 from engine.config import EngineConfig
-from engine.continuous import choose_batching, warmup_continuous
 from engine.images import ImageLimits, load_image
+from engine.inspection import EngineInspection
 from engine.job import Dispatcher, Handle, Job
-from engine.loading import LOG_EVERY_S, LoadCancelled, LoadProgress, ModelUnavailable
-from engine.model import Replica, RowResult, StepUsage, resolve_devices
-from engine.sanitize import is_valid_text
+from engine.lifecycle import ModelLoader, join_all
+from engine.loading import ModelUnavailable
+from engine.model import Replica
+from engine.progress import LoadCancelled, LoadProgress
 from engine.shared_cache import SharedAnswerCache, TieredAnswers
 from engine.stats import EngineStats
 from engine.types import (
@@ -29,7 +30,6 @@ from engine.types import (
     Done,
     EngineError,
     EngineObserver,
-    EngineStatus,
     Failed,
     JobRequest,
     Queued,
@@ -38,15 +38,19 @@ from engine.types import (
 from engine.vision import VisionContext, VisionFeatures
 from engine.vision_cache import VisionCache
 from engine.worker import Worker
+from engine.worker_hooks import EngineWorkerHooks
 
 log = structlog.get_logger(__name__)
 
 
-class Engine:
+class Engine(EngineInspection, EngineWorkerHooks):
     """In-process inference worker pool with dynamic batching, streaming and backpressure.
 
     Construct, ``await start()``, then ``submit()`` jobs from the event loop thread. Every job's
-    event stream ends with exactly one ``Done`` or ``Failed``.
+    event stream ends with exactly one ``Done`` or ``Failed``. The model load runs in
+    :class:`~engine.lifecycle.ModelLoader`; what workers report is handled in
+    :mod:`engine.worker_hooks` and the read side (``status()``, statistics) is
+    :mod:`engine.inspection`.
     """
 
     def __init__(
@@ -98,9 +102,7 @@ class Engine:
         self._swap_lock = asyncio.Lock()
         self._worker_seq = 0
         self._progress: LoadProgress | None = None
-        self._loader: threading.Thread | None = None
-        self._load_result: asyncio.Future[list[Replica]] | None = None
-        self.load_abandoned = False
+        self._loader = ModelLoader(config, self._vision)
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -109,7 +111,7 @@ class Engine:
 
         May be called again after it failed (the bridge's ``--model-load-retry``). The load runs
         on a daemon thread, so a process that stops meanwhile is never held by it: :meth:`stop`
-        cancels it at its next step (see :mod:`engine.loading`).
+        cancels it at its next step (see :mod:`engine.lifecycle` and :mod:`engine.progress`).
 
         Raises:
             EngineError: code ``internal`` when the model cannot be loaded (the message is one
@@ -127,7 +129,7 @@ class Engine:
         progress = self._progress = LoadProgress(self.config.model)
         self._reason = "loading model"
         try:
-            replicas = await self._load_in_thread(progress)
+            replicas = await self._loader.load_in_thread(progress)
         except LoadCancelled as exc:
             self._reason = "stopped"
             raise EngineError("cancelled", str(exc)) from exc
@@ -153,85 +155,18 @@ class Engine:
             dtype=self._dtype,
         )
 
-    async def _load_in_thread(self, progress: LoadProgress) -> list[Replica]:
-        """Run :meth:`_load_replicas` on a daemon thread, logging progress every few seconds.
-
-        Why not ``asyncio.to_thread``: the loop's default executor is joined when the loop closes,
-        so a load stuck in a network call would keep a stopping process alive.
-        """
-        loop = asyncio.get_running_loop()
-        result: asyncio.Future[list[Replica]] = loop.create_future()
-
-        def deliver(outcome: list[Replica] | BaseException) -> None:
-            if result.done():
-                return
-            if isinstance(outcome, BaseException):
-                result.set_exception(outcome)
-            else:
-                result.set_result(outcome)
-
-        def run() -> None:
-            outcome: list[Replica] | BaseException
-            try:
-                outcome = self._load_replicas(self.config.model, progress)
-                if progress.cancelled:  # loaded after all, but nobody wants it any more
-                    for replica in outcome:
-                        replica.close()
-                    outcome = LoadCancelled(f"the load of {self.config.model!r} was cancelled")
-            except BaseException as exc:  # delivered to the awaiting coroutine
-                outcome = exc
-            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
-                loop.call_soon_threadsafe(deliver, outcome)
-
-        thread = threading.Thread(target=run, name="engine-load", daemon=True)
-        self._loader, self._load_result = thread, result
-        thread.start()
-        try:
-            while True:
-                done, _ = await asyncio.wait({result}, timeout=LOG_EVERY_S)
-                if done:
-                    return result.result()
-                progress.maybe_log()
-        except asyncio.CancelledError:
-            progress.cancel()
-            raise
-
-    async def _abandon_load(self, grace_s: float) -> None:
-        """Cancel a load in progress and wait up to ``grace_s`` for its thread to end.
-
-        A load blocked inside a network call or a single huge read cannot see the cancel flag;
-        then :attr:`load_abandoned` is set and the caller exits without waiting for it.
-        """
-        thread, result, progress = self._loader, self._load_result, self._progress
-        if thread is None or result is None or result.done() or not thread.is_alive():
-            return
-        if progress is not None:
-            progress.cancel()
-        await asyncio.wait({result}, timeout=grace_s)
-        if not result.done():
-            self.load_abandoned = True
-            log.error(
-                "engine.load_abandoned",
-                model=self.config.model,
-                progress=progress.describe() if progress is not None else None,
-                grace_s=grace_s,
-                error="the model load did not stop within the grace period; "
-                "the process exits without waiting for it",
-            )
-        else:
-            log.info("engine.load_cancelled", model=self.config.model)
-
     async def stop(self, grace_s: float = 10.0) -> None:
         """Refuse new jobs, let running ones finish within ``grace_s``, cancel the rest.
 
-        A model load still in progress is cancelled (see :meth:`_abandon_load`).
+        A model load still in progress is cancelled (see
+        :meth:`engine.lifecycle.ModelLoader.abandon`).
         """
         if self._closing:
             return
         self._closing = True
         self._ready = False
         self._reason = "stopping"
-        await self._abandon_load(grace_s)
+        await self._loader.abandon(grace_s)
         if self._live:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
@@ -242,7 +177,7 @@ class Engine:
         workers = self._workers + self._retired
         for worker in workers:
             worker.retire()
-        await asyncio.to_thread(_join_all, workers, max(grace_s, 1.0))
+        await asyncio.to_thread(join_all, workers, max(grace_s, 1.0))
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -255,33 +190,10 @@ class Engine:
         self._reason = "stopped"
         log.info("engine.stopped", model=self._model_name)
 
-    def _load_replicas(self, model: str, progress: LoadProgress | None = None) -> list[Replica]:
-        """Load one replica per device (worker thread); close what was loaded if any fails."""
-        replicas: list[Replica] = []
-        tag = f"{model}#{uuid.uuid4().hex[:12]}"  # this load's features are its own
-        try:
-            for device in resolve_devices(self.config.device, self.config.device_map):
-                replica = Replica.load(
-                    model,
-                    device,
-                    self.config.dtype,
-                    self.config.device_map,
-                    self.config.ignore_eos,
-                    progress=progress,
-                )
-                replicas.append(replica)
-                self._vision.attach(replica, tag)
-                if self.config.warmup:
-                    if progress is not None:
-                        progress.set_phase("warming up", device)
-                    replica.warmup()
-                    if choose_batching(self.config.batching, replica)[0] == "continuous":
-                        warmup_continuous(replica)
-        except BaseException:
-            for replica in replicas:
-                replica.close()
-            raise
-        return replicas
+    @property
+    def load_abandoned(self) -> bool:
+        """True once :meth:`stop` gave up waiting for a model load that ignored its cancel."""
+        return self._loader.abandoned
 
     def _install(self, replicas: list[Replica], model: str) -> None:
         """Start workers for ``replicas`` and make them the ones serving new batches."""
@@ -333,7 +245,7 @@ class Engine:
         async with self._swap_lock:
             log.info("engine.swap_started", old=self._model_name, new=model)
             try:
-                replicas = await asyncio.to_thread(self._load_replicas, model)
+                replicas = await asyncio.to_thread(self._loader.load, model)
             except Exception as exc:
                 log.error("engine.swap_failed", old=self._model_name, new=model, error=str(exc))
                 raise EngineError("internal", f"cannot load model {model!r}: {exc}") from exc
@@ -348,7 +260,7 @@ class Engine:
 
     async def _reap(self, workers: list[Worker]) -> None:
         """Wait for retired workers to finish their batches, then free their models."""
-        while not await asyncio.to_thread(_join_all, workers, 1.0):
+        while not await asyncio.to_thread(join_all, workers, 1.0):
             pass
         for worker in workers:
             worker.replica.close()
@@ -371,30 +283,7 @@ class Engine:
         """
         if not self._ready or self._closing or self._loop is None or self._dispatcher is None:
             raise BusyError("the engine is not ready", self.config.busy_retry_after_s)
-        max_tokens = request.max_tokens
-        if max_tokens is None:
-            max_tokens = self.config.max_new_tokens
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise EngineError("bad_request", "max_tokens must be a positive integer")
-        max_tokens = min(max_tokens, self.config.max_new_tokens)
-        timeout = self.config.job_timeout_s if request.timeout_s is None else request.timeout_s
-        if not timeout > 0:
-            raise EngineError("bad_request", "timeout_s must be positive")
-        if not isinstance(request.prompt, str):
-            raise EngineError("bad_request", "prompt must be text")
-        if not is_valid_text(request.prompt):
-            # The edges refuse or repair such text; a caller that did neither gets told here
-            # instead of handing the tokenizer a string it cannot encode.
-            raise EngineError("bad_request", "prompt is not valid Unicode (lone surrogate)")
-        limits = self.config.limits
-        if len(request.prompt) > limits.max_prompt_chars:
-            raise EngineError(
-                "too_large", f"prompt is longer than {limits.max_prompt_chars} characters"
-            )
-        if not isinstance(request.image, bytes | bytearray | memoryview):
-            raise EngineError("bad_request", "image must be bytes")
-        if len(request.image) > limits.max_image_bytes:
-            raise EngineError("too_large", f"image is larger than {limits.max_image_bytes} bytes")
+        max_tokens, timeout = admit(request, self.config)
         position = self._batcher.reserve()
         job = Job(request, max_tokens, timeout, self._dispatcher, self._on_terminal)
         job.on_closed = self._on_closed
@@ -484,135 +373,3 @@ class Engine:
         self._live.discard(job)
         if not self._live:
             self._idle.set()
-
-    # -------------------------------------------------------------------- worker hooks (threads)
-
-    def on_batch(self, worker: Worker, size: int) -> None:
-        """A worker starts a generate call of ``size`` jobs."""
-        self._stats.batch(size)
-        if self._observer is not None:
-            self._observer.on_batch(size)
-
-    def on_batch_end(self, worker: Worker, usage: StepUsage) -> None:
-        """A generate call finished; record how many of its decode slots did useful work."""
-        self._stats.slots(usage.steps, usage.rows, usage.active_row_steps)
-
-    def on_row_end(self, worker: Worker, job: Job, result: RowResult) -> None:
-        """A job's row ended; finish it and remember the answer."""
-        self._stats.tokens(result.completion_tokens)
-        if result.reason == "stopped":
-            return  # cancelled or timed out: the job already has its outcome
-        job.prompt_tokens = result.prompt_tokens
-        job.completion_tokens = result.completion_tokens
-        if job.succeed() and job.cache_key is not None:
-            self._answers.put(
-                job.cache_key,
-                CachedAnswer(job.sent_text, result.prompt_tokens, result.completion_tokens),
-            )
-
-    def on_isolation(self, worker: Worker, jobs: list[Job], stage: str) -> None:
-        """A batch failed at ``stage`` for a reason other than memory; its jobs rerun alone."""
-        if self._observer is not None:
-            self._observer.on_batch_isolated(stage, len(jobs))
-
-    def on_exit(self, worker: Worker, error: BaseException | None) -> None:
-        """A worker thread ended; when it died, retry its jobs and restart it on the loop."""
-        if error is None or self._loop is None:
-            return
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._recover, worker)
-
-    def _recover(self, worker: Worker) -> None:
-        jobs, worker.in_flight = worker.in_flight, []
-        retry = []
-        for job in jobs:
-            job.attempts += 1
-            if job.finished:
-                continue
-            if job.attempts >= 2:
-                job.fail("internal", "the worker running this job failed twice")
-            else:
-                retry.append(job)
-        self._batcher.requeue(retry)
-        if not self._closing and not worker.retiring:
-            worker.restarts += 1
-            worker.start()
-            log.warning(
-                "engine.worker_restarted",
-                worker=worker.worker_id,
-                restarts=worker.restarts,
-                retried=[j.job_id for j in retry],
-            )
-
-    # -------------------------------------------------------------------------------- status
-
-    def status(self) -> EngineStatus:
-        """A snapshot for metrics, ``/readyz`` and the dashboard."""
-        memory: dict[str, int] = {}
-        for worker in self._workers:
-            memory.update(worker.replica.memory())
-        progress = self._progress
-        reason = self._reason
-        if progress is not None and not self._ready and not self._closing:
-            reason = progress.describe()
-        return EngineStatus(
-            ready=self._ready,
-            model=self._model_name,
-            dtype=self._dtype,
-            workers=tuple(w.status() for w in self._workers),
-            queue_depth=self._batcher.depth,
-            queue_capacity=self.config.queue_size,
-            batch_sizes=self._stats.batch_sizes(),
-            tokens_per_s=self._stats.tokens_per_s(),
-            gpu_memory=memory,
-            reason=reason,
-            loading=progress.snapshot() if progress is not None else None,
-            vision_cache=self._vision.status(),
-        )
-
-    @property
-    def cache(self) -> AnswerCache:
-        """The local answer cache (for inspection)."""
-        return self._cache
-
-    @property
-    def vision_cache(self) -> VisionCache:
-        """The vision-feature cache (for inspection)."""
-        return self._vision.cache
-
-    @property
-    def answers(self) -> TieredAnswers:
-        """Both answer cache tiers, with lookup counts by tier (for inspection)."""
-        return self._answers
-
-    def reset_stats(self) -> None:
-        """Start the batch-size, token-rate and occupancy figures afresh (benchmarks)."""
-        self._stats = EngineStats()
-
-    @property
-    def slot_occupancy(self) -> float:
-        """Share of computed decode row-steps that served a live row (1.0 = no padding waste)."""
-        return self._stats.slot_occupancy()
-
-    @property
-    def live_rows_per_step(self) -> float:
-        """Mean rows producing a token per decode step: the batch size decode really ran at."""
-        return self._stats.live_rows_per_step()
-
-    @property
-    def batching(self) -> str:
-        """The batching mode the serving workers run (``static`` or ``continuous``)."""
-        return self._workers[0].batching if self._workers else "static"
-
-    @property
-    def workers(self) -> tuple[Worker, ...]:
-        """The workers serving new batches."""
-        return tuple(self._workers)
-
-
-def _join_all(workers: list[Worker], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    ok = True
-    for worker in workers:
-        ok = worker.join(max(0.0, deadline - time.monotonic())) and ok
-    return ok

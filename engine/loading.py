@@ -8,32 +8,46 @@ minutes per file, and cannot be interrupted. Here we
   built-in ``tiny``, a local folder, or a Hugging Face id, which is looked up in the local cache
   and, unless ``HF_HUB_OFFLINE`` is set, checked with one quick hub request, so a model that
   cannot be fetched fails at once with one line saying what to do (:class:`ModelUnavailable`);
-* count progress (:class:`LoadProgress`): checkpoint shards and bytes, bytes downloaded, weights
-  materialised, elapsed seconds, fed by tqdm-compatible trackers that replace transformers' and the
-  hub's progress bars (:func:`tracking`);
+* count progress (:class:`LoadProgress`, in :mod:`engine.progress`): checkpoint shards and bytes,
+  bytes downloaded, weights materialised, elapsed seconds, fed by tqdm-compatible trackers that
+  replace transformers' and the hub's progress bars (:func:`tracking`, in :mod:`engine.trackers`);
 * let a load be cancelled: every tracker update checks :meth:`LoadProgress.cancel`'s flag and
   raises :class:`LoadCancelled`, which unwinds ``from_pretrained`` at its next step.
+
+This module holds the first point; the names of the other two are re-exported here.
 
 Nothing here imports torch or transformers at module level.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-import threading
-import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from engine.progress import LOG_EVERY_S, LoadCancelled, LoadProgress
+from engine.trackers import DownloadTracker, WeightsTracker, tracking
+
 log = structlog.get_logger(__name__)
 
-#: Seconds between two progress log lines while nothing else happens.
-LOG_EVERY_S = 5.0
+#: Progress, cancel and trackers live in engine.progress and engine.trackers; re-exported here.
+__all__ = [
+    "LOG_EVERY_S",
+    "DownloadTracker",
+    "LoadCancelled",
+    "LoadProgress",
+    "ModelSource",
+    "ModelUnavailable",
+    "WeightsTracker",
+    "checkpoint_files",
+    "local_model_problem",
+    "looks_like_repo_id",
+    "resolve_model",
+    "tracking",
+]
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
 
@@ -43,10 +57,6 @@ class ModelUnavailable(Exception):
 
     The message is one line that names the model and says what to do.
     """
-
-
-class LoadCancelled(Exception):
-    """The load was cancelled (the process is stopping); nothing of it is kept."""
 
 
 def looks_like_repo_id(name: str) -> bool:
@@ -87,304 +97,6 @@ class ModelSource:
     name: str
     path: str
     local_files_only: bool = False
-
-
-class LoadProgress:
-    """How far one model load has got; written by the loading thread, read from any thread.
-
-    ``cancel()`` asks the load to stop: the next tracker update raises :class:`LoadCancelled`.
-    """
-
-    def __init__(self, model: str, clock: Any = time.monotonic) -> None:
-        self.model = model
-        self._clock = clock
-        self.started = clock()
-        self._lock = threading.Lock()
-        self._cancel = threading.Event()
-        self.phase = "starting"
-        self.device: str | None = None
-        self.shards = 0
-        self.checkpoint_bytes = 0
-        self.download_total = 0
-        self.downloaded = 0
-        self.files_downloaded = 0
-        self.weights_done = 0
-        self.weights_total = 0
-        self._last_log = float("-inf")
-
-    # --- written by the loader ------------------------------------------------------------------
-    def set_phase(self, phase: str, device: str | None = None) -> None:
-        """Enter a new step of the load and log it; raises :class:`LoadCancelled` if cancelled."""
-        self.check()
-        with self._lock:
-            self.phase = phase
-            if device is not None:
-                self.device = device
-        self.log_now()
-
-    def set_checkpoint(self, shards: int, total_bytes: int) -> None:
-        """Record the checkpoint's weight files (count and bytes) once they are known."""
-        with self._lock:
-            self.shards, self.checkpoint_bytes = shards, total_bytes
-
-    def add_download(self, total: int) -> None:
-        """A file download of ``total`` bytes starts."""
-        with self._lock:
-            self.download_total += max(0, total)
-            if self.phase != "downloading":
-                self.phase = "downloading"
-
-    def advance_download(self, n: int) -> None:
-        """``n`` more bytes arrived."""
-        self.check()
-        with self._lock:
-            self.downloaded += max(0, n)
-        self.maybe_log()
-
-    def file_downloaded(self) -> None:
-        """A file download finished (logged: one line per file)."""
-        with self._lock:
-            self.files_downloaded += 1
-        self.log_now()
-
-    def set_weights_total(self, total: int) -> None:
-        """Materialising ``total`` weights starts."""
-        with self._lock:
-            self.weights_total, self.weights_done = max(0, total), 0
-            self.phase = "loading weights"
-
-    def advance_weights(self, n: int) -> None:
-        """``n`` more weights are in place."""
-        self.check()
-        with self._lock:
-            self.weights_done += max(0, n)
-        self.maybe_log()
-
-    # --- cancellation ---------------------------------------------------------------------------
-    def cancel(self) -> None:
-        """Ask the load to stop at its next step."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether :meth:`cancel` was called."""
-        return self._cancel.is_set()
-
-    def check(self) -> None:
-        """Raise :class:`LoadCancelled` when the load was cancelled."""
-        if self._cancel.is_set():
-            raise LoadCancelled(f"the load of {self.model!r} was cancelled")
-
-    # --- read by anyone -------------------------------------------------------------------------
-    @property
-    def elapsed_s(self) -> float:
-        """Seconds since the load started."""
-        return float(self._clock() - self.started)
-
-    def snapshot(self) -> dict[str, Any]:
-        """The figures as a JSON-ready dict, with ``text`` the one-line summary."""
-        with self._lock:
-            data: dict[str, Any] = {
-                "model": self.model,
-                "phase": self.phase,
-                "device": self.device,
-                "shards": self.shards,
-                "checkpoint_bytes": self.checkpoint_bytes,
-                "downloaded_bytes": self.downloaded,
-                "download_total_bytes": self.download_total,
-                "files_downloaded": self.files_downloaded,
-                "weights_done": self.weights_done,
-                "weights_total": self.weights_total,
-                "elapsed_s": round(self.elapsed_s, 1),
-            }
-        data["text"] = _describe(data)
-        return data
-
-    def describe(self) -> str:
-        """One line for ``/readyz``: ``loading model 'x': loading weights 10/20 (50%), 3.1 s``."""
-        return str(self.snapshot()["text"])
-
-    def log_now(self) -> None:
-        """Log the progress as ``engine.load_progress`` now."""
-        data = self.snapshot()
-        self._last_log = self._clock()
-        log.info("engine.load_progress", **{k: v for k, v in data.items() if k != "text"})
-
-    def maybe_log(self) -> None:
-        """Log the progress unless a line went out less than :data:`LOG_EVERY_S` ago."""
-        if self._clock() - self._last_log >= LOG_EVERY_S:
-            self.log_now()
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} GB"  # pragma: no cover - the loop always returns
-
-
-def _describe(d: dict[str, Any]) -> str:
-    parts = [str(d["phase"]) + (f" on {d['device']}" if d["device"] else "")]
-    if d["phase"] == "downloading" and d["download_total_bytes"]:
-        pct = 100 * d["downloaded_bytes"] / d["download_total_bytes"]
-        total = _size(d["download_total_bytes"])
-        parts[0] += f" {_size(d['downloaded_bytes'])}/{total} ({pct:.0f}%)"
-    elif d["phase"] == "loading weights" and d["weights_total"]:
-        pct = 100 * d["weights_done"] / d["weights_total"]
-        parts[0] += f" {d['weights_done']}/{d['weights_total']} ({pct:.0f}%)"
-    if d["shards"]:
-        noun = "shard" if d["shards"] == 1 else "shards"
-        parts.append(f"{d['shards']} {noun}, {_size(d['checkpoint_bytes'])}")
-    parts.append(f"{d['elapsed_s']:.1f} s")
-    return f"loading model {d['model']!r}: " + ", ".join(parts)
-
-
-# --- trackers: tqdm stand-ins that feed the active LoadProgress ---------------------------------
-
-_active_lock = threading.Lock()
-_active: LoadProgress | None = None
-
-
-@contextlib.contextmanager
-def tracking(progress: LoadProgress) -> Iterator[None]:
-    """Feed ``progress`` from transformers' progress bars while the block runs.
-
-    transformers' bars (e.g. "Loading weights") go through its tqdm hook, which is installed once
-    and looks up the progress active now; the hub's download bars are replaced by passing
-    :class:`DownloadTracker` as ``tqdm_class``. One load runs at a time per process.
-    """
-    global _active
-    _install_hook()
-    with _active_lock:
-        previous, _active = _active, progress
-    try:
-        yield
-    finally:
-        with _active_lock:
-            _active = previous
-
-
-def _current() -> LoadProgress | None:
-    with _active_lock:
-        return _active
-
-
-_hook_installed = False
-
-
-def _install_hook() -> None:
-    global _hook_installed
-    if _hook_installed:
-        return
-    from transformers.utils import logging as hf_logging
-
-    set_hook = getattr(hf_logging, "set_tqdm_hook", None)
-    if set_hook is not None:  # transformers >= 5
-        set_hook(_tqdm_hook)
-    _hook_installed = True
-
-
-def _tqdm_hook(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    progress = _current()
-    if progress is None:
-        return factory(*args, **kwargs)
-    return WeightsTracker(progress, *args, **kwargs)
-
-
-class WeightsTracker:
-    """A tqdm stand-in for transformers' loops: counts the "Loading weights" items done.
-
-    Bars of other loops are iterated without counting; every item checks the cancel flag.
-    """
-
-    def __init__(
-        self,
-        progress: LoadProgress,
-        iterable: Iterable[Any] | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> None:
-        self._progress = progress
-        self._iterable = iterable
-        desc = str(kwargs.get("desc") or "")
-        self._counts = not desc or "weight" in desc.lower()
-        total = kwargs.get("total")
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
-            total = len(iterable)  # type: ignore[arg-type]
-        progress.check()
-        if total and self._counts:
-            progress.set_weights_total(int(total))
-
-    def __iter__(self) -> Iterator[Any]:
-        for item in self._iterable or ():
-            yield item
-            self.update(1)
-
-    def update(self, n: int = 1) -> None:
-        """Count ``n`` more items (and stop here if the load was cancelled)."""
-        if self._counts:
-            self._progress.advance_weights(int(n))
-        else:
-            self._progress.check()
-
-    def __enter__(self) -> WeightsTracker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-    def __getattr__(self, name: str) -> Any:
-        # set_description, set_postfix, refresh, ...: accepted and ignored.
-        return lambda *args, **kwargs: None
-
-
-class DownloadTracker:
-    """A tqdm stand-in for the hub's per-file download bars (pass the class as ``tqdm_class``)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._progress = _current()
-        total = kwargs.get("total") or 0
-        if self._progress is not None:
-            self._progress.check()
-            self._progress.add_download(int(total) - int(kwargs.get("initial") or 0))
-        self._closed = False
-
-    def update(self, n: float | None = 1) -> None:
-        """``n`` more bytes arrived."""
-        if self._progress is not None and n:
-            self._progress.advance_download(int(n))
-
-    def close(self) -> None:
-        """The file is complete (or abandoned)."""
-        if self._progress is not None and not self._closed:
-            self._closed = True
-            self._progress.file_downloaded()
-
-    def __enter__(self) -> DownloadTracker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @classmethod
-    def get_lock(cls) -> threading.RLock:
-        """tqdm's class lock API, used by the hub's thread pools."""
-        return _TRACKER_LOCK
-
-    @classmethod
-    def set_lock(cls, lock: Any) -> None:
-        """tqdm's class lock API; the trackers need no shared lock."""
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
-
-
-_TRACKER_LOCK = threading.RLock()
 
 
 # --- resolving a model name ---------------------------------------------------------------------

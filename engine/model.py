@@ -10,7 +10,6 @@ import copy
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -25,26 +24,36 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from engine.devices import free_memory, is_oom, resolve_devices, resolve_dtype
 from engine.images import pixel_budget_of
-from engine.loading import DownloadTracker, LoadProgress, resolve_model, tracking
+from engine.loading import resolve_model
+from engine.progress import LoadProgress
+from engine.rows import RowResult, RowSpec, StepUsage, row_image, spec_of
 from engine.sanitize import PromptGuard
 from engine.streamer import BatchStreamer
-from engine.vision import VisionEncoder, VisionRef
+from engine.trackers import DownloadTracker, tracking
+from engine.vision import VisionEncoder
 
 if TYPE_CHECKING:
-    from engine.job import Job
+    pass
 
 log = structlog.get_logger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+#: Devices and dtypes live in engine.devices, row values in engine.rows; re-exported here.
+__all__ = [
+    "FaultHook",
+    "Replica",
+    "RowResult",
+    "RowSpec",
+    "StepUsage",
+    "free_memory",
+    "is_oom",
+    "resolve_devices",
+    "resolve_dtype",
+    "resolve_model_path",
+    "row_image",
+    "spec_of",
+]
 
 FaultHook = Callable[[int], None]
 """Called with the batch size right before ``generate``; tests raise from it to inject faults."""
@@ -57,54 +66,6 @@ def resolve_model_path(model: str) -> str:
 
         return str(ensure_tiny_model())
     return model
-
-
-def resolve_devices(device: str, device_map: str | None) -> list[str]:
-    """The devices to put one replica each on (or the single entry ``map`` for a device_map)."""
-    if device_map:
-        return ["map"]
-    if device == "auto":
-        if torch.cuda.is_available():
-            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        return ["cpu"]
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if device.startswith("cuda:"):
-        if not torch.cuda.is_available() or int(device[5:]) >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} is not available")
-        return [device]
-    if device == "cpu":
-        return ["cpu"]
-    raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` picks bf16 on a CUDA device that supports it, fp16 on older ones, fp32 on CPU."""
-    if dtype == "auto":
-        if device.startswith("cuda") or device == "map":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        choices = "auto, float32, float16 or bfloat16"
-        raise ValueError(f"unknown dtype {dtype!r}; use {choices}") from None
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error from any torch backend."""
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-@dataclass(slots=True)
-class RowResult:
-    """How one row of a batch ended."""
-
-    reason: str
-    prompt_tokens: int
-    completion_tokens: int
 
 
 class _StepCriteria(StoppingCriteria):  # type: ignore[misc]
@@ -120,49 +81,6 @@ class _StepCriteria(StoppingCriteria):  # type: ignore[misc]
         done = self._streamer.step(tokens)
         self._on_step()
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-@dataclass(frozen=True, slots=True)
-class StepUsage:
-    """How well one generate call used its decode slots.
-
-    ``active_row_steps / (steps * rows)`` is the share of computed row-steps that produced a
-    token for a live row; the rest is padding for rows that already ended, the waste continuous
-    batching would reclaim.
-    """
-
-    steps: int
-    active_row_steps: int
-    rows: int
-
-
-@dataclass(frozen=True, slots=True)
-class RowSpec:
-    """One row's inputs for :meth:`Replica.generate`.
-
-    ``image`` may be None when ``vision`` carries cached features; ``reload`` then decodes the
-    image again for a replica that cannot use them (another model after a hot swap).
-    """
-
-    image: Image.Image | None
-    prompt: str
-    max_tokens: int
-    vision: VisionRef | None = None
-    reload: Callable[[], Image.Image] | None = None
-
-
-def spec_of(job: Job) -> RowSpec:
-    """A job's row: its decoded image, or the cached features of it and a way to decode it."""
-    return RowSpec(job.image, job.request.prompt, job.max_tokens, job.vision, job.reload)
-
-
-def row_image(row: RowSpec) -> Image.Image:
-    """The row's decoded image, decoding it again when only cached features came with it."""
-    if row.image is not None:
-        return row.image
-    if row.reload is None:
-        raise RuntimeError("a row without an image has no way to decode it")
-    return row.reload()
 
 
 class Replica:
@@ -377,15 +295,6 @@ class Replica:
         """Drop the model so its memory can be reclaimed."""
         self.model = None
         free_memory()
-
-
-def free_memory() -> None:
-    """Return cached allocator blocks after an OOM or an unload."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _first_id(*ids: Any) -> int:

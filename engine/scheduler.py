@@ -17,8 +17,9 @@ import torch
 
 from engine.batcher import Batcher
 from engine.continuous import RunningBatch
+from engine.devices import free_memory, is_oom
 from engine.job import Dispatcher, Job
-from engine.model import RowResult, StepUsage, free_memory, is_oom, spec_of
+from engine.rows import RowResult, StepUsage, spec_of
 from engine.types import Started
 
 if TYPE_CHECKING:

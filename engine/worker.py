@@ -16,8 +16,10 @@ from typing import Literal, Protocol
 import structlog
 
 from engine.batcher import Batcher
+from engine.devices import free_memory, is_oom
 from engine.job import Dispatcher, Job
-from engine.model import Replica, RowResult, StepUsage, free_memory, is_oom, spec_of
+from engine.model import Replica
+from engine.rows import RowResult, StepUsage, spec_of
 from engine.scheduler import ContinuousScheduler
 from engine.types import Started, WorkerStatus
 

@@ -9,54 +9,30 @@ every route answers 404, so a bridge started without one exposes nothing.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
 
 import structlog
 from aiohttp import web
 
-from bridge.dashboard.auth import (
-    CSRF_COOKIE,
-    CSRF_HEADER,
-    SESSION_COOKIE,
-    AdminAuth,
-    LoginLimiter,
-    Session,
-)
+from bridge.dashboard.access import Access, Principal, check_same_origin
+from bridge.dashboard.auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, AdminAuth, LoginLimiter
+from bridge.dashboard.bodies import json_response, read_form, read_json, redirect
 from bridge.dashboard.errors import ApiError, dashboard_middleware
+from bridge.dashboard.pages import STATIC_DIR, Pages
 from bridge.dashboard.params import parse_query
 from bridge.dashboard.source import ConnectionQuery, OpsSource
 from bridge.dashboard.sse import EventStreams
 from engine.types import EngineError
 
+__all__ = ["DASHBOARD_KEY", "STATIC_DIR", "Dashboard", "Principal", "setup_dashboard"]
+
 log = structlog.get_logger(__name__)
 
-STATIC_DIR = Path(__file__).with_name("static")
-_STATIC_TYPES = {
-    ".js": "text/javascript",
-    ".css": "text/css",
-    ".svg": "image/svg+xml",
-    ".html": "text/html",
-}
-_MAX_FORM_BYTES = 4096
 _MAX_ID_CHARS = 128
 _MAX_MODEL_CHARS = 512
 _ERRORS_SHOWN = 20
-_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_LOGIN_ERROR_MARK = "<!--login-error-->"
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling: the Bearer token holder, or a browser with a dashboard session."""
-
-    kind: Literal["bearer", "cookie"]
-    session: Session | None = None
 
 
 class Dashboard:
@@ -75,59 +51,19 @@ class Dashboard:
         self.streams = streams
         self._clock = clock
         self._limiter = limiter
+        self._access = Access(auth)
+        self._pages = Pages()
         self._swap_lock = asyncio.Lock()
-        self._static = _load_static()
 
-    # -- authentication -------------------------------------------------------------------
+    # -- authentication (bridge.dashboard.access) -----------------------------------------
 
     def principal(self, request: web.Request) -> Principal | None:
-        """The caller, or ``None`` when it brought no credentials.
-
-        Raises:
-            ApiError: 401 when an ``Authorization`` header is present but wrong.
-        """
-        header = request.headers.get("Authorization")
-        if header is not None:
-            scheme, _, credential = header.strip().partition(" ")
-            if scheme.lower() != "bearer" or not self.auth.check_token(credential.strip()):
-                raise ApiError(
-                    401,
-                    "unauthorized",
-                    "invalid admin token",
-                    {"WWW-Authenticate": 'Bearer realm="bridge", error="invalid_token"'},
-                )
-            return Principal("bearer")
-        session = self.auth.verify(request.cookies.get(SESSION_COOKIE))
-        return Principal("cookie", session) if session is not None else None
+        """The caller, or ``None`` when it brought no credentials (see :class:`Access`)."""
+        return self._access.principal(request)
 
     def require(self, request: web.Request) -> Principal:
-        """The authenticated caller; cookie callers of unsafe methods must pass the CSRF checks.
-
-        Raises:
-            ApiError: 401 without valid credentials, 403 when a CSRF check fails.
-        """
-        principal = self.principal(request)
-        if principal is None:
-            raise ApiError(
-                401,
-                "unauthorized",
-                "admin token required (Authorization: Bearer, or log in at /dashboard)",
-                {"WWW-Authenticate": 'Bearer realm="bridge"'},
-            )
-        if principal.session is not None and request.method in _UNSAFE_METHODS:
-            self._check_same_origin(request)
-            token = request.headers.get(CSRF_HEADER)
-            if not self.auth.check_csrf(principal.session, token):
-                raise ApiError(403, "csrf_failed", f"missing or wrong {CSRF_HEADER} header")
-        return principal
-
-    @staticmethod
-    def _check_same_origin(request: web.Request) -> None:
-        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-            raise ApiError(403, "csrf_failed", "cross-site request refused")
-        origin = request.headers.get("Origin")
-        if origin is not None and (origin == "null" or urlsplit(origin).netloc != request.host):
-            raise ApiError(403, "csrf_failed", "cross-origin request refused")
+        """The authenticated caller, CSRF-checked for cookie callers (see :class:`Access`)."""
+        return self._access.require(request)
 
     # -- pages ----------------------------------------------------------------------------
 
@@ -135,30 +71,30 @@ class Dashboard:
         """``GET /dashboard``: the live page, or a redirect to the login form."""
         if self.principal(request) is None:
             raise web.HTTPSeeOther("/dashboard/login")
-        return self._html("dashboard.html")
+        return self._pages.html("dashboard.html")
 
     async def login_form(self, request: web.Request) -> web.StreamResponse:
         """``GET /dashboard/login``: the token form (straight to the page when logged in)."""
         if self.auth.verify(request.cookies.get(SESSION_COOKIE)) is not None:
             raise web.HTTPSeeOther("/dashboard")
-        return self._html("login.html")
+        return self._pages.html("login.html")
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         """``POST /dashboard/login``: check the token, set the session and CSRF cookies."""
         remote = request.remote or "unknown"
-        self._check_same_origin(request)
+        check_same_origin(request)
         if self._limiter.blocked(remote):
             log.warning("dashboard_login_throttled", remote=remote)
-            return self._html("login.html", 429, "Too many failed attempts. Wait a minute.")
-        fields = await _read_form(request)
+            return self._pages.html("login.html", 429, "Too many failed attempts. Wait a minute.")
+        fields = await read_form(request)
         candidate = fields.get("token", "")
         if not candidate or not self.auth.check_token(candidate):
             self._limiter.failed(remote)
             log.warning("dashboard_login_failed", remote=remote)
-            return self._html("login.html", 401, "Wrong admin token.")
+            return self._pages.html("login.html", 401, "Wrong admin token.")
         self._limiter.succeeded(remote)
         cookie, session = self.auth.issue()
-        response = _redirect("/dashboard")
+        response = redirect("/dashboard")
         max_age = max(1, int(session.expires_at - self._clock()))
         common: dict[str, Any] = {
             "path": "/",
@@ -176,36 +112,21 @@ class Dashboard:
         """``POST /dashboard/logout``: revoke the session (form field ``csrf`` or the header)."""
         session = self.auth.verify(request.cookies.get(SESSION_COOKIE))
         if session is not None:
-            self._check_same_origin(request)
-            fields = await _read_form(request, required=False)
+            check_same_origin(request)
+            fields = await read_form(request, required=False)
             token = request.headers.get(CSRF_HEADER) or fields.get("csrf")
             if not self.auth.check_csrf(session, token):
                 raise ApiError(403, "csrf_failed", "missing or wrong CSRF token")
             self.auth.revoke(session)
             log.info("dashboard_logout", remote=request.remote)
-        response = _redirect("/dashboard/login")
+        response = redirect("/dashboard/login")
         response.del_cookie(SESSION_COOKIE, path="/")
         response.del_cookie(CSRF_COOKIE, path="/")
         return response
 
     async def static(self, request: web.Request) -> web.StreamResponse:
         """``GET /dashboard/static/{name}``: one of the bundled assets (no listing, no paths)."""
-        name = request.match_info["name"]
-        asset = None if name.endswith(".html") else self._static.get(name)
-        if asset is None:
-            raise ApiError(404, "not_found", "no such asset")
-        body, content_type = asset
-        return web.Response(
-            body=body, content_type=content_type, headers={"Cache-Control": "no-cache"}
-        )
-
-    def _html(self, name: str, status: int = 200, error: str | None = None) -> web.Response:
-        body, _ = self._static[name]
-        # Only fixed server-side sentences ever go into the page, never request data.
-        notice = f'<p class="login-error" role="alert">{error}</p>' if error else ""
-        text = body.decode("utf-8").replace(_LOGIN_ERROR_MARK, notice)
-        headers = {"Cache-Control": "no-store"}
-        return web.Response(text=text, status=status, content_type="text/html", headers=headers)
+        return self._pages.asset(request.match_info["name"])
 
     # -- API ------------------------------------------------------------------------------
 
@@ -217,7 +138,7 @@ class Dashboard:
         """
         self.require(request)
         query = parse_query(request.query, default_limit=None)
-        return _json(self.source.connections(query).to_json(query))
+        return json_response(self.source.connections(query).to_json(query))
 
     async def kick(self, request: web.Request) -> web.StreamResponse:
         """``DELETE /api/connections/{id}``: close that connection with code 4000."""
@@ -228,13 +149,13 @@ class Dashboard:
         if not await self.source.kick(conn_id):
             raise ApiError(404, "not_found", "no open connection with that id")
         log.info("dashboard_kick", conn_id=conn_id, by=principal.kind, remote=request.remote)
-        return _json({"id": conn_id, "closed": True, "code": 4000})
+        return json_response({"id": conn_id, "closed": True, "code": 4000})
 
     async def status(self, request: web.Request) -> web.StreamResponse:
         """``GET /api/status``: engine, adapters, recent errors, timeline and connection counts."""
         self.require(request)
         counts = self.source.connections(ConnectionQuery(limit=1)).counts
-        return _json({"now": self._clock(), "counts": counts, **self._panels()})
+        return json_response({"now": self._clock(), "counts": counts, **self._panels()})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """``GET /api/events``: server-sent ``snapshot`` events of the page and panels."""
@@ -255,7 +176,7 @@ class Dashboard:
     async def swap_model(self, request: web.Request) -> web.StreamResponse:
         """``POST /api/admin/model`` with ``{"model": NAME}``: hot-swap the engine's model."""
         principal = self.require(request)
-        body = await _read_json(request)
+        body = await read_json(request)
         name = body.get("model")
         if not isinstance(name, str) or not name.strip() or len(name) > _MAX_MODEL_CHARS:
             raise ApiError(400, "bad_request", "'model' must be a non-empty string")
@@ -271,7 +192,7 @@ class Dashboard:
                 raise ApiError(409, exc.code, exc.message) from exc
             except ValueError as exc:
                 raise ApiError(400, "bad_request", str(exc)[:300]) from exc
-        return _json({"model": name.strip(), **result})
+        return json_response({"model": name.strip(), **result})
 
     def _panels(self) -> dict[str, Any]:
         return {
@@ -294,63 +215,6 @@ def _http_jobs(source: OpsSource) -> dict[str, Any]:
     """The HTTP API's jobs, when the source serves that API (fakes and older sources do not)."""
     board = getattr(source, "http_jobs", None)
     return dict(board()) if board is not None else {"live": 0, "jobs": []}
-
-
-def _redirect(location: str) -> web.Response:
-    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
-    return web.Response(
-        text=text,
-        status=status,
-        content_type="application/json",
-        headers={"Cache-Control": "no-store"},
-    )
-
-
-async def _read_body(request: web.Request) -> bytes:
-    if request.content_length is not None and request.content_length > _MAX_FORM_BYTES:
-        raise ApiError(413, "too_large", f"request body over {_MAX_FORM_BYTES} bytes")
-    body = await request.content.read(_MAX_FORM_BYTES + 1)
-    if len(body) > _MAX_FORM_BYTES:
-        raise ApiError(413, "too_large", f"request body over {_MAX_FORM_BYTES} bytes")
-    return body
-
-
-async def _read_form(request: web.Request, required: bool = True) -> dict[str, str]:
-    if request.content_type != "application/x-www-form-urlencoded":
-        if not required and not request.can_read_body:
-            return {}
-        raise ApiError(415, "unsupported_media_type", "send application/x-www-form-urlencoded")
-    body = await _read_body(request)
-    try:
-        parsed = parse_qs(body.decode("utf-8"), max_num_fields=8, strict_parsing=False)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ApiError(400, "bad_request", "malformed form body") from exc
-    return {key: values[0] for key, values in parsed.items() if values}
-
-
-async def _read_json(request: web.Request) -> dict[str, Any]:
-    if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "send application/json")
-    body = await _read_body(request)
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ApiError(400, "bad_request", "malformed JSON body") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, "bad_request", "the body must be a JSON object")
-    return data
-
-
-def _load_static() -> dict[str, tuple[bytes, str]]:
-    assets: dict[str, tuple[bytes, str]] = {}
-    for path in sorted(STATIC_DIR.iterdir()):
-        if path.is_file() and path.suffix in _STATIC_TYPES:
-            assets[path.name] = (path.read_bytes(), _STATIC_TYPES[path.suffix])
-    return assets
 
 
 async def _disabled(_request: web.Request) -> web.StreamResponse:

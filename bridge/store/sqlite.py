@@ -22,6 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
+from bridge.store import sqlite_inbox as inbox
+from bridge.store import sqlite_sessions as sessions
 from bridge.store.base import (
     INBOX_DONE_RETENTION_S,
     InboxEntry,
@@ -206,7 +208,7 @@ class SqliteStore:
     async def claim(self, key: str, ttl_s: float) -> bool:
         check_key(key)
         check_ttl(ttl_s)
-        return await self._call(lambda conn, now: _claim(conn, now, key, ttl_s))
+        return await self._call(lambda conn, now: inbox.claim(conn, now, key, ttl_s))
 
     async def release(self, key: str) -> None:
         check_key(key)
@@ -252,77 +254,34 @@ class SqliteStore:
 
         return await self._call(op)
 
-    # --- the IM inbox ------------------------------------------------------------------------
+    # --- the IM inbox (statements in bridge.store.sqlite_inbox) ------------------------------
     async def inbox_add(self, entry: InboxEntry) -> None:
         check_entry(entry)
-        await self._call(lambda conn, now: _inbox_add(conn, entry))
+        await self._call(lambda conn, now: inbox.inbox_add(conn, entry))
 
     async def accept_entry(self, entry: InboxEntry, keys: Sequence[str], ttl_s: float) -> bool:
         check_entry(entry)
         for key in keys:
             check_key(key)
         check_ttl(ttl_s)
-
-        def op(conn: sqlite3.Connection, now: float) -> bool:
-            _inbox_add(conn, entry)
-            return all([_claim(conn, now, key, ttl_s) for key in keys])
-
-        return await self._call(op)
+        return await self._call(lambda conn, now: inbox.accept_entry(conn, now, entry, keys, ttl_s))
 
     async def inbox_attempt(self, entry_id: str) -> int:
         check_key(entry_id, "entry_id")
-
-        def op(conn: sqlite3.Connection, now: float) -> int:
-            row = conn.execute(
-                "UPDATE inbox SET attempts = attempts + 1"
-                " WHERE entry_id = ? AND completed_at IS NULL RETURNING attempts",
-                (entry_id,),
-            ).fetchone()
-            return 0 if row is None else int(row[0])
-
-        return await self._call(op)
+        return await self._call(lambda conn, now: inbox.inbox_attempt(conn, entry_id))
 
     async def inbox_pending(self, limit: int = 100) -> list[InboxEntry]:
         check_limit(limit)
-
-        def op(conn: sqlite3.Connection, now: float) -> list[InboxEntry]:
-            rows = conn.execute(
-                "SELECT entry_id, payload, accepted_at, attempts FROM inbox"
-                " WHERE completed_at IS NULL ORDER BY accepted_at, rowid LIMIT ?",
-                (limit,),
-            ).fetchall()
-            return [InboxEntry(str(r[0]), bytes(r[1]), float(r[2]), int(r[3])) for r in rows]
-
-        return await self._call(op)
+        return await self._call(lambda conn, now: inbox.inbox_pending(conn, limit))
 
     async def inbox_complete(self, entry_id: str) -> None:
         check_key(entry_id, "entry_id")
-        await self._call(
-            lambda conn, now: conn.execute(
-                "INSERT INTO inbox (entry_id, payload, accepted_at, completed_at)"
-                " VALUES (?, x'', ?, ?) ON CONFLICT (entry_id) DO UPDATE"
-                " SET completed_at = excluded.completed_at, payload = x''"
-                " WHERE completed_at IS NULL",
-                (entry_id, now, now),
-            )
-        )
+        await self._call(lambda conn, now: inbox.inbox_complete(conn, now, entry_id))
 
-    # --- sessions and replay -----------------------------------------------------------------
+    # --- sessions and replay (statements in bridge.store.sqlite_sessions) ---------------------
     async def load_session(self, session_id: str) -> SessionRecord | None:
         check_key(session_id, "session_id")
-
-        def op(conn: sqlite3.Connection, now: float) -> SessionRecord | None:
-            rec = _live_session(conn, session_id, now)
-            if rec is None:
-                return None
-            rows = conn.execute(
-                "SELECT seq, ts, frame FROM events WHERE session_id = ? AND seq >= ? ORDER BY seq",
-                (session_id, rec.first_seq),
-            ).fetchall()
-            rec.events = [StoredEvent(int(r[0]), float(r[1]), str(r[2])) for r in rows]
-            return rec
-
-        return await self._call(op)
+        return await self._call(lambda conn, now: sessions.load_session(conn, now, session_id))
 
     async def save_session(self, record: SessionRecord, ttl_s: float) -> None:
         check_key(record.session_id, "session_id")
@@ -331,28 +290,9 @@ class SqliteStore:
         check_ttl(ttl_s)
         topics = json.dumps(list(record.topics))
         open_jobs = json.dumps(list(record.open_jobs))
-
-        def op(conn: sqlite3.Connection, now: float) -> None:
-            sid = record.session_id
-            _live_session(conn, sid, now)  # drops an expired one with its events
-            conn.execute(
-                "INSERT OR REPLACE INTO sessions (session_id, last_seq, first_seq, topics,"
-                " updated_at, expires_at, open_jobs) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    sid,
-                    record.last_seq,
-                    record.first_seq,
-                    topics,
-                    record.updated_at,
-                    now + ttl_s,
-                    open_jobs,
-                ),
-            )
-            conn.execute(
-                "DELETE FROM events WHERE session_id = ? AND seq < ?", (sid, record.first_seq)
-            )
-
-        await self._call(op)
+        await self._call(
+            lambda conn, now: sessions.save_session(conn, now, record, ttl_s, topics, open_jobs)
+        )
 
     async def append_events(
         self, session_id: str, events: Sequence[StoredEvent], ttl_s: float
@@ -361,77 +301,18 @@ class SqliteStore:
         check_events(events)
         check_ttl(ttl_s)
         batch = list(events)
-
-        def op(conn: sqlite3.Connection, now: float) -> None:
-            rec = _live_session(conn, session_id, now)
-            if rec is None:
-                rec = SessionRecord(session_id=session_id)
-                conn.execute(
-                    "INSERT INTO sessions (session_id, last_seq, first_seq, topics, updated_at,"
-                    " expires_at) VALUES (?, 0, 1, '[]', ?, ?)",
-                    (session_id, now, now + ttl_s),
-                )
-            fresh = [(session_id, e.seq, e.ts, e.frame) for e in batch if e.seq > rec.last_seq]
-            conn.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)", fresh)
-            last = fresh[-1][1] if fresh else rec.last_seq
-            conn.execute(
-                "UPDATE sessions SET last_seq = ?, updated_at = ?, expires_at = ?"
-                " WHERE session_id = ?",
-                (last, now, now + ttl_s, session_id),
-            )
-
-        await self._call(op)
+        await self._call(
+            lambda conn, now: sessions.append_events(conn, now, session_id, batch, ttl_s)
+        )
 
     async def trim_events(self, session_id: str, through_seq: int) -> None:
         check_key(session_id, "session_id")
         check_seq(through_seq, "through_seq")
-
-        def op(conn: sqlite3.Connection, now: float) -> None:
-            rec = _live_session(conn, session_id, now)
-            if rec is None:
-                return
-            conn.execute(
-                "DELETE FROM events WHERE session_id = ? AND seq <= ?", (session_id, through_seq)
-            )
-            first = max(rec.first_seq, min(through_seq, rec.last_seq) + 1)
-            conn.execute(
-                "UPDATE sessions SET first_seq = ? WHERE session_id = ?", (first, session_id)
-            )
-
-        await self._call(op)
+        await self._call(lambda conn, now: sessions.trim_events(conn, now, session_id, through_seq))
 
     async def delete_session(self, session_id: str) -> None:
         check_key(session_id, "session_id")
-
-        def op(conn: sqlite3.Connection, now: float) -> None:
-            conn.execute("DELETE FROM events WHERE session_id = ?", (session_id,))
-            conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
-
-        await self._call(op)
-
-
-def _live_session(conn: sqlite3.Connection, session_id: str, now: float) -> SessionRecord | None:
-    """The session's header if alive; an expired one is deleted with its events and gives None."""
-    row = conn.execute(
-        "SELECT last_seq, first_seq, topics, updated_at, expires_at, open_jobs FROM sessions"
-        " WHERE session_id = ?",
-        (session_id,),
-    ).fetchone()
-    if row is None:
-        return None
-    if row[4] <= now:
-        conn.execute("DELETE FROM events WHERE session_id = ?", (session_id,))
-        conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
-        return None
-    topics = json.loads(row[2])
-    return SessionRecord(
-        session_id=session_id,
-        last_seq=int(row[0]),
-        first_seq=int(row[1]),
-        topics=[str(t) for t in topics],
-        updated_at=float(row[3]),
-        open_jobs=[str(j) for j in json.loads(row[5])],
-    )
+        await self._call(lambda conn, now: sessions.delete_session(conn, now, session_id))
 
 
 def _purge(conn: sqlite3.Connection, now: float) -> None:
@@ -449,19 +330,3 @@ def _purge(conn: sqlite3.Connection, now: float) -> None:
         (now,),
     )
     conn.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
-
-
-def _claim(conn: sqlite3.Connection, now: float, key: str, ttl_s: float) -> bool:
-    row = conn.execute("SELECT expires_at FROM claims WHERE key = ?", (key,)).fetchone()
-    if row is not None and row[0] > now:
-        return False
-    conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?)", (key, now + ttl_s))
-    return True
-
-
-def _inbox_add(conn: sqlite3.Connection, entry: InboxEntry) -> None:
-    conn.execute(
-        "INSERT OR IGNORE INTO inbox (entry_id, payload, accepted_at, attempts)"
-        " VALUES (?, ?, ?, ?)",
-        (entry.entry_id, entry.payload, entry.accepted_at, entry.attempts),
-    )
