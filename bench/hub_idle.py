@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
@@ -149,6 +150,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     gc.collect()
     await asyncio.sleep(0.5)
+    if args.trace:
+        tracemalloc.start(args.trace)
+        traced_before = tracemalloc.take_snapshot()
     rss_before = rss_bytes()
     ctx = mp.get_context("spawn")
     per = [args.connections // args.procs] * args.procs
@@ -173,6 +177,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     gc.collect()
     await asyncio.sleep(1.0)
     rss_after = rss_bytes()
+    top: list[str] = []
+    if args.trace:
+        diff = tracemalloc.take_snapshot().compare_to(traced_before, "traceback")
+        tracemalloc.stop()
+        for stat in diff[: args.trace_top]:
+            frame = stat.traceback[-1]
+            where = f"{frame.filename.rpartition('site-packages/')[2]}:{frame.lineno}"
+            top.append(f"{stat.size_diff / max(1, open_conns):7.1f} B/conn  {where}")
     cpu0, w0 = cpu_s(), time.monotonic()
     fired0 = hub._timer.fired if hub._timer else 0
     await asyncio.sleep(args.window)
@@ -195,6 +207,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await store.close()
     return {
         "mode": "bare aiohttp" if args.bare else "hub",
+        **({"traced_per_connection": top} if top else {}),
         "store": None if args.bare else args.store,
         "connections_requested": args.connections,
         "connections_open": open_conns,
@@ -225,6 +238,13 @@ def main() -> None:
     parser.add_argument("--connect-deadline", type=float, default=180.0)
     parser.add_argument("--bare", action="store_true", help="bare aiohttp handler baseline")
     parser.add_argument("--modes", default=None, help="run each of bare,hub in its own process")
+    parser.add_argument(
+        "--trace",
+        type=int,
+        default=0,
+        help="with N > 0: tracemalloc (N frames) names the top allocation sites per connection",
+    )
+    parser.add_argument("--trace-top", type=int, default=25, help="allocation sites listed")
     parser.add_argument(
         "--store",
         choices=("memory", "sqlite"),

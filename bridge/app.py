@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, cast
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -28,13 +28,15 @@ from aiohttp import web
 from adapters.base import Adapter
 from bridge.cluster import Bus, JobQueue
 from bridge.cluster.eventlog import EventLog
+from bridge.components import engine_config, hub_config, shared_answer_cache
 from bridge.config import Settings
 from bridge.errors import error_response, json_errors
 from bridge.fanout import ClusterFanout
 from bridge.health import Readiness, add_health_routes
 from bridge.heap import freeze_heap
-from bridge.hub import Hub, HubConfig
+from bridge.hub import Hub
 from bridge.jobs.runner import JobRunner, JobSpec
+from bridge.listen import bind_sockets, safe_url, site_urls
 from bridge.logs import add_tap, remove_tap
 from bridge.metrics import CONTENT_TYPE, Metrics
 from bridge.observers import EngineMetrics
@@ -42,12 +44,13 @@ from bridge.platforms import Handler, webhook_routes
 from bridge.relay import Publisher, Relay
 from bridge.store import Store, StoreInUse, StoreUnavailable, open_store
 from bridge.store.backoff import Backoff
-from engine import Engine, EngineConfig
+from engine import Engine
 from engine.load import LoadMonitor, LoadReport, MemInfo, cuda_mem_info
-from engine.shared_cache import SharedAnswerCache
 from engine.types import EngineLike
 
 log = structlog.get_logger(__name__)
+
+__all__ = ["BridgeApp", "engine_config", "hub_config", "serve", "shared_answer_cache"]
 
 MAX_BODY_BYTES = 16 * 2**20
 EXIT_FAILED = 1
@@ -55,54 +58,6 @@ EXIT_STORE_IN_USE = 2
 #: Delays between model load attempts under ``--model-load-retry``.
 MODEL_RETRY_INITIAL_S = 1.0
 MODEL_RETRY_CAP_S = 60.0
-
-
-def engine_config(settings: Settings) -> EngineConfig:
-    """The engine's settings derived from the process settings."""
-    return EngineConfig(
-        model=settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        max_batch=settings.max_batch,
-        batch_wait_ms=settings.batch_wait_ms,
-        batching=cast(Literal["static", "continuous", "auto"], settings.batching),
-        queue_size=settings.queue_size,
-        max_new_tokens=settings.max_new_tokens,
-        job_timeout_s=settings.job_timeout,
-        vision_cache_bytes=settings.vision_cache_bytes,
-        limits=settings.limits,
-    )
-
-
-def shared_answer_cache(settings: Settings, store: Store) -> SharedAnswerCache | None:
-    """The cluster-wide answer cache on the Redis store's client; None for other stores or
-    when ``--shared-cache-ttl`` is 0."""
-    from bridge.store.redis import RedisStore
-
-    if not isinstance(store, RedisStore) or settings.shared_cache_ttl <= 0:
-        return None
-    from bridge.store.redis_answers import RedisAnswerCache
-
-    return RedisAnswerCache(
-        store, ttl_s=settings.shared_cache_ttl, max_bytes=settings.shared_cache_max_bytes
-    )
-
-
-def hub_config(settings: Settings) -> HubConfig:
-    """The hub's settings derived from the process settings."""
-    admin = frozenset({settings.admin_token}) if settings.admin_token else frozenset()
-    return HubConfig(
-        tokens=frozenset(settings.token) | admin,
-        admin_tokens=admin,
-        heartbeat_s=settings.heartbeat,
-        heartbeat_timeout_s=settings.heartbeat_timeout,
-        token_submit_rate=settings.token_submit_rate,
-        topic_grants=settings.topic_grant,
-        max_inflight_bytes=settings.max_inflight_bytes,
-        max_frame_bytes=settings.limits.max_frame_bytes,
-        max_image_bytes=settings.limits.max_image_bytes,
-        max_prompt_chars=settings.limits.max_prompt_chars,
-    )
 
 
 class BridgeApp:
@@ -300,13 +255,13 @@ class BridgeApp:
             OSError: the port cannot be bound (nothing else was touched).
             StoreInUse: another process uses the SQLite file (the port is released again).
         """
-        sockets = _bind(self.settings.host, self.settings.port)
+        sockets = bind_sockets(self.settings.host, self.settings.port)
         try:
             await self.store.open()
         except StoreUnavailable as exc:
             # Redis may come later; readiness says why until it does.
             log.warning(
-                "store_unavailable_at_start", store=_safe_url(self.store.url), error=str(exc)
+                "store_unavailable_at_start", store=safe_url(self.store.url), error=str(exc)
             )
         except BaseException:
             for sock in sockets:
@@ -319,7 +274,7 @@ class BridgeApp:
         await self._runner.setup()
         for sock in sockets:
             await web.SockSite(self._runner, sock).start()
-        self.urls = _site_urls(self._runner, self.settings.host)
+        self.urls = site_urls(self._runner, self.settings.host)
         self.spawn(self._start_engine(), "engine-start")
 
     async def _start_engine(self) -> None:
@@ -394,54 +349,6 @@ class BridgeApp:
         log.info("shutdown_done")
 
 
-def _bind(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for ``host:port`` (every address it resolves to), as asyncio would bind.
-
-    Why bind before anything else: a process that cannot listen must fail before it opens (and,
-    for SQLite, locks) the store another process may be using.
-
-    Raises:
-        OSError: the address is in use, not local, or does not resolve.
-    """
-    infos = socket.getaddrinfo(
-        host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    sockets: list[socket.socket] = []
-    try:
-        for family, kind, proto, _name, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(128)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
-
-
-def _site_urls(runner: web.AppRunner, host: str) -> list[str]:
-    urls = []
-    for addr in runner.addresses:
-        if isinstance(addr, tuple):
-            h, p = addr[0], addr[1]
-            h = f"[{h}]" if ":" in h else h
-            urls.append(f"http://{h}:{p}")
-    return urls or [f"http://{host}"]
-
-
-def _safe_url(url: str) -> str:
-    """A store URL without any password in it."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 async def serve(settings: Settings) -> int:
     """Run the bridge until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
     app = BridgeApp(settings)
@@ -468,7 +375,7 @@ async def serve(settings: Settings) -> int:
         dashboard=(base + "/dashboard") if settings.admin_token else None,
         webhooks=[base + path for _, path, _ in webhook_routes(app.adapters, settings)],
         model=settings.model,
-        store=_safe_url(settings.store),
+        store=safe_url(settings.store),
     )
     signalled = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(app.failed.wait())

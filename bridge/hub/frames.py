@@ -16,7 +16,7 @@ from aiohttp import WSMsgType
 from bridge.hub import protocol as p
 from bridge.hub.config import HubConfig
 from bridge.hub.connection import Phase
-from bridge.hub.inflight import RETRY_AFTER_S, Refused
+from bridge.hub.frame_gate import RETRY_AFTER_S, Refused
 from bridge.hub.jobs import SessionJobs
 from bridge.hub.liveness import Liveness
 from bridge.hub.persist import WriteBehind

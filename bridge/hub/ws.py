@@ -19,7 +19,8 @@ from aiohttp import web
 
 from bridge.hub import protocol as p
 from bridge.hub.connection import ConnectionCore
-from bridge.hub.inflight import FrameGate, InflightBudget
+from bridge.hub.frame_gate import FrameGate
+from bridge.hub.inflight import InflightBudget
 
 if TYPE_CHECKING:
     from bridge.hub.session import Session
@@ -53,7 +54,7 @@ def text_frame(text: str) -> bytes:
 
 class HubWebSocket(web.WebSocketResponse):
     """aiohttp's WebSocket response with our close code for oversized frames (4004, not 1009)
-    and, given a budget, a :class:`~bridge.hub.inflight.FrameGate` in front of its parser.
+    and, given a budget, a :class:`~bridge.hub.frame_gate.FrameGate` in front of its parser.
 
     Args:
         budget: the process's inbound-bytes budget (None: no gate).

@@ -11,7 +11,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.hub.inflight import SMALL_FRAME_BYTES, FrameGate, InflightBudget, Refused
+from bridge.hub.frame_gate import SMALL_FRAME_BYTES, FrameGate, Refused
+from bridge.hub.inflight import InflightBudget
 from tests.hub.conftest import TOKEN, StartHub, eventually
 from tests.hub.rawws import CONTINUATION, PING, TEXT, RawClient, frame
 

@@ -12,7 +12,8 @@ import pytest
 
 from bridge.hub.config import HubConfig
 from bridge.hub.connection import ConnectionCore
-from bridge.hub.inflight import FrameGate, InflightBudget
+from bridge.hub.frame_gate import FrameGate
+from bridge.hub.inflight import InflightBudget
 from bridge.hub.persist import FLUSH_CONCURRENCY, WriteBehind
 from bridge.hub.replay import ReplayBuffer
 from bridge.hub.session import Session
