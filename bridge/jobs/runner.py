@@ -259,8 +259,8 @@ class JobRunner:
                 await self._sleep(delay)
 
     def _enter(self, job: Job) -> None:
+        # No log line here: each entry point logs its own (ws_job_submitted, im_accepted...).
         self._live.setdefault(job.spec.id, []).append(job)
-        log.info("job_submitted", job_id=job.spec.id, origin=job.spec.origin, owner=job.spec.owner)
 
     async def _stream(self, job: Job) -> str:
         """Deliver the engine's events until the terminal one; always end the job once."""
@@ -270,7 +270,8 @@ class JobRunner:
         ended = False
         try:
             await self._deliver(job, None)
-            async for event in handle.events():
+            events = handle.events()
+            async for event in events:
                 terminal = event.kind in TERMINAL_KINDS
                 if held and (terminal or event.kind == "started"):
                     held = self._release(spec, held)
@@ -285,6 +286,11 @@ class JobRunner:
                     ended = True
                     job.outcome = _outcome(event)
                     break
+            # Close the stream here: left to the loop's finalizer, an unfinished async generator
+            # costs a task per job (its aclose scheduled on the loop).
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                await aclose()
         except asyncio.CancelledError:
             handle.cancel()
             if not ended and spec.end_on_stop:
