@@ -221,7 +221,7 @@ class Hub:
         else:
             await asyncio.gather(self.runner.stop(left), drain(max(0.0, left)))
         if self._moves is not None:
-            # After the jobs, so their last events forwarded to moved sessions go out too.
+            # After the jobs, so the releases they raced with finish too.
             await self._moves.stop(min(2.0, deadline - self._clock()))
         if self.fanout is not None:  # last: it carries the final events of jobs and the relay
             await self.fanout.stop()

@@ -128,7 +128,7 @@ class SessionMoves:
         self.released = 0
 
     async def start(self) -> None:
-        """Start listening for claims and forwarded events."""
+        """Start listening for claims (logged events come through the cluster fan-out)."""
         await self.handoff.start()
 
     async def stop(self, timeout_s: float) -> None:

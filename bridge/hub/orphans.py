@@ -27,7 +27,7 @@ log = structlog.get_logger(__name__)
 ORPHAN_CODE = "internal"
 ORPHAN_MESSAGE = "the node running this job stopped before it finished; submit it again"
 #: What a terminal tail must contain (JSON escapes every quote inside strings, so these can only
-#: be the ``kind`` member): a cheap test before parsing a forwarded tail.
+#: be the ``kind`` member): a cheap test before parsing a logged tail.
 _TERMINAL_MARKS = ('"kind":"done"', '"kind":"error"')
 
 #: ``is_live(session_id, job_id)``: whether this node runs that job of that session now.
@@ -37,8 +37,8 @@ IsLive = Callable[[str, str], bool]
 def closed_job(tail: str) -> str | None:
     """The client id of the own job whose terminal event ``tail`` is, else None.
 
-    For events forwarded from another node, which arrive as bare tails; local jobs pass their id
-    along instead, so the hot path never parses. Topic events close nothing.
+    For a moved session's events read from the cluster log, which arrive as bare tails; local
+    jobs pass their id along instead, so the hot path never parses. Topic events close nothing.
     """
     if not any(mark in tail for mark in _TERMINAL_MARKS):
         return None
