@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from adapters.dingtalk.config import DingTalkConfig
 from adapters.dingtalk.openapi import DingTalkApi, DingTalkApiError
 from adapters.dingtalk.protocol import CallbackDelivery, DisconnectRequested, StreamProtocol
+from adapters.reconnecting import ReconnectingClient
 from adapters.retry import Backoff
 from adapters.status import StatusTracker
 
@@ -56,8 +57,10 @@ def refusal(exc: DingTalkApiError) -> bool:
     return 400 <= exc.http_status < 500 and exc.http_status != 429
 
 
-class StreamClient:
+class StreamClient(ReconnectingClient):
     """Keeps one stream connection to DingTalk up until :meth:`stop`."""
+
+    loop_name = "dingtalk-stream"
 
     def __init__(
         self,
@@ -84,24 +87,6 @@ class StreamClient:
         self._connected_at: float | None = None
         self.connections = 0
         self.acked = 0
-
-    def start(self) -> None:
-        """Start the connect/reconnect loop in the background."""
-        if self._task is None:
-            self._stopping = False
-            self._task = asyncio.create_task(self._run(), name="dingtalk-stream")
-
-    async def stop(self, timeout_s: float = 5.0) -> None:
-        """Close the connection and cancel every task this client started."""
-        self._stopping = True
-        tasks = [t for t in (self._task, *self._handlers) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
-        self._task = None
-        self._handlers.clear()
-        self._status.set_state("stopped")
 
     async def _run(self) -> None:
         """Connect, and after every loss try again (with backoff) until :meth:`stop`."""

@@ -27,6 +27,7 @@ from adapters.feishu.longconn.protocol import (
     LongConnProtocol,
 )
 from adapters.feishu.openapi import FeishuApiError, OpenApiClient, WsEndpoint
+from adapters.reconnecting import ReconnectingClient
 from adapters.retry import Backoff
 from adapters.status import StatusTracker
 
@@ -81,8 +82,10 @@ def refusal(exc: FeishuApiError) -> bool:
     return exc.code > 0 and exc.code not in RETRYABLE_ENDPOINT_CODES
 
 
-class LongConnClient:
+class LongConnClient(ReconnectingClient):
     """Keeps one long connection to Feishu's event gateway up until :meth:`stop`."""
+
+    loop_name = "feishu-longconn"
 
     def __init__(
         self,
@@ -121,24 +124,6 @@ class LongConnClient:
     def client_config(self) -> ClientConfig:
         """The ClientConfig now in force (ours until Feishu sends one)."""
         return self._client_config
-
-    def start(self) -> None:
-        """Start the connect/reconnect loop in the background."""
-        if self._task is None:
-            self._stopping = False
-            self._task = asyncio.create_task(self._run(), name="feishu-longconn")
-
-    async def stop(self, timeout_s: float = 5.0) -> None:
-        """Close the connection and cancel every task this client started."""
-        self._stopping = True
-        tasks = [t for t in (self._task, *self._handlers) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
-        self._task = None
-        self._handlers.clear()
-        self._status.set_state("stopped")
 
     async def _run(self) -> None:
         """Connect, and after every loss try again until :meth:`stop` or giving up.
